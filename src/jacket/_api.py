@@ -1,0 +1,458 @@
+"""The public engine: `jacobian`, `jacobian_fn`, `jvp`, `vjp`.
+
+Data flows one way: the call is checked and its inputs normalised (`_model`), the plan decides how to
+compute (`_plan`), a compiled backend kernel runs the passes (`_kernels` on `backends`), and the result
+gets back the structure of the model's outputs and inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from . import _kernels, backends
+from ._errors import CouplingError, JacketTypeError, JacketValueError
+from ._model import Inputs, Leaf, check_model, output_leaves, pack, prepare_inputs, skeleton
+from ._plan import DEFAULT_MEMORY_BUDGET, Plan, make_plan
+
+MODES = ("auto", "reverse", "forward")
+
+__all__ = ["jacobian", "jacobian_fn", "JacobianFn", "jvp", "vjp"]
+
+
+# --------------------------------------------------------------------------------------- public API
+
+
+def jacobian(
+    model,
+    x,
+    *,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    flatten: bool = False,
+    per_sample: bool = True,
+    training: bool = False,
+):
+    """Per-sample Jacobian of `model` at `x`.
+
+    Args:
+      model: A Keras model or layer (Sequential, Functional, subclassed) mapping `(batch, *in_shape)`
+        to `(batch, *out_shape)`, or any callable doing so with the backend's tensors.
+      x: Input of shape `(batch, *in_shape)`: a NumPy array or backend tensor, or a list/tuple/dict of
+        them for a model with several inputs. Integer arrays are cast to the model's float dtype.
+      mode: "reverse" (one pass per output, VJPs), "forward" (one pass per input, JVPs) or "auto"
+        (reverse when `out_size <= in_size`). The result does not depend on it.
+      chunk_size: Seeds (output rows or input columns) pushed per pass; bounds memory. Default: as
+        many as fit a working-memory budget of 1 GiB.
+      flatten: Return `(batch, out_size, in_size)` instead of `(batch, *out_shape, *in_shape)`.
+      per_sample: With `False`, the full Jacobian of the batch, `(batch, *out_shape, batch,
+        *in_shape)`, for models whose samples interact (BatchNormalization in training mode).
+      training: Call the model in training mode. The model itself is never changed.
+
+    Returns:
+      A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
+      `J[b, i..., j...] = d model(x)[b, i...] / d x[b, j...]`. For several inputs or outputs, the
+      model's output structure of its input structure: `J["score"]["image"]`, `J[0][1]`.
+
+    Raises:
+      CouplingError: if `per_sample=True` and the model's outputs for one sample depend on other
+        samples' inputs (the batch-sum trick would give wrong numbers); use `per_sample=False`.
+      JacketValueError, JacketTypeError: for bad arguments, with the received value and the fix.
+
+    Example:
+      >>> J = jacket.jacobian(keras.layers.Dense(3), np.ones((2, 4), "float32"))
+      >>> tuple(J.shape)
+      (2, 3, 4)
+    """
+    options = _Options.checked("jacobian", mode, chunk_size, flatten, per_sample, training)
+    return _jacobian("jacobian", model, x, options)
+
+
+def jacobian_fn(
+    model,
+    *,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    flatten: bool = False,
+    per_sample: bool = True,
+    training: bool = False,
+) -> JacobianFn:
+    """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
+
+    The options are those of `jacket.jacobian`. The compiled kernels live with the model, so
+    `jacobian` with the same model and options shares them: repeated calls never re-trace.
+
+    Example:
+      >>> jac = jacket.jacobian_fn(model, flatten=True)
+      >>> J = jac(x)                      # traces and compiles
+      >>> J = jac(x + 1.0)                # same signature: runs the compiled kernel
+    """
+    check_model("jacobian_fn", model)
+    options = _Options.checked("jacobian_fn", mode, chunk_size, flatten, per_sample, training)
+    return JacobianFn(model, options)
+
+
+def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
+    """Jacobian-vector product `J v`, per sample, without building `J`.
+
+    Args:
+      model: As in `jacket.jacobian`.
+      x: Input `(batch, *in_shape)` (or a structure of them).
+      v: Tangent with the structure and shapes of `x`.
+      per_sample: Check (once per model and shape) that samples do not interact, so that the result
+        is `J_b v_b` for every sample `b`. With `False`, the product of the batch's full Jacobian.
+      training: Call the model in training mode.
+
+    Returns:
+      `(batch, *out_shape)` (the model's output structure): `out[b] = J_b @ v[b]`.
+    """
+    _check_flag("jvp", "per_sample", per_sample)
+    _check_flag("jvp", "training", training)
+    check_model("jvp", model)
+    engine = _engine(model, training)
+    inputs = prepare_inputs("jvp", model, x)
+    tangents = _like("jvp", "v", v, inputs)
+    entry = engine.entry("jvp", inputs)
+    if per_sample:
+        engine.check_independent("jvp", inputs, entry)
+    outs = engine.kernel(("jvp", inputs.signature), lambda: _kernels.jvp_kernel(engine.backend, inputs.structure))(
+        inputs.tensors, tangents
+    )
+    return pack(entry.y_structure, list(outs))
+
+
+def vjp(model, x, u, *, per_sample: bool = True, training: bool = False):
+    """Vector-Jacobian product `u^T J`, per sample, without building `J`.
+
+    Args:
+      model: As in `jacket.jacobian`.
+      x: Input `(batch, *in_shape)` (or a structure of them).
+      u: Cotangent with the structure and shapes of the model's output, `(batch, *out_shape)`.
+      per_sample: As in `jacket.jvp`.
+      training: Call the model in training mode.
+
+    Returns:
+      `(batch, *in_shape)` (the structure of `x`): `out[b] = u[b] @ J_b`.
+    """
+    _check_flag("vjp", "per_sample", per_sample)
+    _check_flag("vjp", "training", training)
+    check_model("vjp", model)
+    engine = _engine(model, training)
+    inputs = prepare_inputs("vjp", model, x)
+    entry = engine.entry("vjp", inputs)
+    cotangents = _like_leaves("vjp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
+    if per_sample:
+        engine.check_independent("vjp", inputs, entry)
+    grads = engine.vjp(inputs)(inputs.tensors, cotangents)
+    return inputs.pack(list(grads))
+
+
+class JacobianFn:
+    """`jacobian(model, x, **options)` as a reusable callable; see `jacket.jacobian_fn`."""
+
+    def __init__(self, model, options: _Options):
+        self.model = model
+        self.options = options
+
+    def __call__(self, x):
+        return _jacobian("jacobian_fn", self.model, x, self.options)
+
+    def plan(self, x) -> Plan:
+        """The plan this callable follows for inputs like `x` (mode, chunks, strategy)."""
+        inputs = prepare_inputs("jacobian_fn", self.model, x, check_finite=False)
+        engine = _engine(self.model, self.options.training)
+        return engine.plan(inputs, engine.entry("jacobian_fn", inputs), self.options)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times this model's kernels were traced (for TensorFlow and JAX)."""
+        return _engine(self.model, self.options.training).traces
+
+    def __repr__(self) -> str:
+        return f"JacobianFn({type(self.model).__name__}, {self.options})"
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def _check_flag(fn_name: str, name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise JacketTypeError(
+            f"{fn_name}: `{name}` must be True or False. Received: {name}={value!r}."
+        )
+
+
+@dataclass(frozen=True)
+class _Options:
+    mode: str = "auto"
+    chunk_size: int | None = None
+    flatten: bool = False
+    per_sample: bool = True
+    training: bool = False
+
+    @classmethod
+    def checked(cls, fn_name, mode, chunk_size, flatten, per_sample, training) -> _Options:
+        if not isinstance(mode, str) or mode not in MODES:
+            raise JacketValueError(
+                f"{fn_name}: `mode` must be one of {', '.join(map(repr, MODES))}. "
+                f"Received: mode={mode!r}."
+            )
+        if chunk_size is not None:
+            if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(
+                chunk_size, (int, np.integer)
+            ):
+                raise JacketTypeError(
+                    f"{fn_name}: `chunk_size` must be a positive integer or None. "
+                    f"Received: chunk_size={chunk_size!r} of type {type(chunk_size).__name__}."
+                )
+            if chunk_size <= 0:
+                raise JacketValueError(
+                    f"{fn_name}: `chunk_size` must be a positive integer. "
+                    f"Received: chunk_size={chunk_size}. Pass None to choose it from memory."
+                )
+            chunk_size = int(chunk_size)
+        for name, value in (("flatten", flatten), ("per_sample", per_sample), ("training", training)):
+            _check_flag(fn_name, name, value)
+        return cls(mode, chunk_size, bool(flatten), bool(per_sample), bool(training))
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What one forward pass on an input signature told us about the model's outputs."""
+
+    y_structure: Any
+    out_leaves: list[Leaf]
+    activation_size: int | None
+
+
+class _Engine:
+    """Everything jacket keeps for one model (and `training` flag): compiled kernels, output
+    descriptions and coupling-probe results, each per input signature.
+
+    It lives on the model object itself (see `_engine`), so it goes when the model goes.
+    """
+
+    def __init__(self, model, training: bool):
+        self.model = model
+        self.training = training
+        self.backend = backends.current()
+        self.traces = 0
+        self._kernels: dict = {}
+        self._entries: dict = {}
+        self._independent: dict = {}
+
+    def kernel(self, key, build):
+        compiled = self._kernels.get(key)
+        if compiled is None:
+            kernel = build()
+
+            def counted(call, *args):
+                self.traces += 1  # runs when traced (TensorFlow, JAX), every call on PyTorch
+                return kernel(call, *args)
+
+            compiled = self.backend.compile(counted, self.model, self.training)
+            self._kernels[key] = compiled
+        return compiled
+
+    def vjp(self, inputs: Inputs):
+        return self.kernel(
+            ("vjp", inputs.signature),
+            lambda: _kernels.vjp_kernel(self.backend, inputs.structure, inputs.leaves),
+        )
+
+    def entry(self, fn_name: str, inputs: Inputs) -> _Entry:
+        entry = self._entries.get(inputs.signature)
+        if entry is None:
+            state = None
+            if self.training and isinstance(self.model, keras.Layer):
+                state = [v.value for v in self.model.variables]
+            from ._model import make_call
+
+            y = make_call(self.model, self.training, state)(inputs.pack(inputs.tensors))
+            entry = _Entry(skeleton(y), output_leaves(fn_name, y, inputs.batch), _activation_size(self.model))
+            self._entries[inputs.signature] = entry
+        return entry
+
+    def plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+        itemsize = np.dtype(_numpy_dtype(_kernels.result_dtype(inputs.leaves + entry.out_leaves))).itemsize
+        return make_plan(
+            mode=options.mode,
+            chunk_size=options.chunk_size,
+            per_sample=options.per_sample,
+            training=options.training,
+            batch=inputs.batch,
+            in_size=sum(leaf.size for leaf in inputs.leaves),
+            out_size=sum(leaf.size for leaf in entry.out_leaves),
+            itemsize=itemsize,
+            activation_size=entry.activation_size,
+            memory_budget=DEFAULT_MEMORY_BUDGET,
+        )
+
+    def check_independent(self, fn_name: str, inputs: Inputs, entry: _Entry) -> None:
+        """Raise `CouplingError` if one sample's outputs depend on another sample's inputs.
+
+        NOTE: [The coupling probe]
+        The batch-sum trick is exact iff `d y_b / d x_c = 0` for `b != c`. For each bit of the sample
+        index, split the batch into the samples with that bit set (S) and the rest, and pull a random
+        cotangent on S back: any nonzero gradient outside S means some output in S depends on an
+        input outside S. Both halves of every bit: every pair of samples differs in some bit, so any
+        coupling between two samples is caught, with `2 * ceil(log2(batch))` VJPs, once per input
+        signature. Gradients across samples that do not interact are exact zeros, not rounding noise.
+        """
+        key = inputs.signature
+        if key not in self._independent:
+            self._independent[key] = self._probe(inputs, entry)
+        if not self._independent[key]:
+            raise CouplingError(
+                f"{fn_name}: the model's output for one sample depends on other samples in the "
+                f"batch (batch size {inputs.batch}), so per-sample Jacobians would be wrong. "
+                "Received: a model that mixes samples (BatchNormalization with training=True, or a "
+                "layer that reduces over the batch). Pass `per_sample=False` for the full "
+                "`(batch, *out_shape, batch, *in_shape)` Jacobian, or `training=False`."
+            )
+
+    def _probe(self, inputs: Inputs, entry: _Entry) -> bool:
+        batch = inputs.batch
+        if batch == 1:
+            return True
+        vjp = self.vjp(inputs)
+        rng = np.random.default_rng(0)
+        index = np.arange(batch)
+        for bit in range(math.ceil(math.log2(batch))):
+            chosen = ((index >> bit) & 1).astype(bool)
+            for inside in (chosen, ~chosen):
+                cts = []
+                for leaf in entry.out_leaves:
+                    u = rng.standard_normal((batch,) + leaf.shape)
+                    u *= inside.reshape((batch,) + (1,) * len(leaf.shape))
+                    cts.append(keras.ops.convert_to_tensor(u.astype(_numpy_dtype(leaf.dtype))))
+                grads = vjp(inputs.tensors, cts)
+                size = np.zeros(batch)
+                for g in grads:
+                    g = np.abs(np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(g, "float64"))))
+                    size = np.maximum(size, g.reshape(batch, -1).max(axis=1, initial=0.0))
+                if not np.all(np.isfinite(size)):
+                    continue  # overflow in a low-precision model: no evidence either way
+                eps = float(np.finfo(_numpy_dtype(inputs.leaves[0].dtype)).eps)
+                if size[~inside].max(initial=0.0) > eps * size[inside].max(initial=0.0) or (
+                    size[inside].max(initial=0.0) == 0.0 and size[~inside].max(initial=0.0) > 0.0
+                ):
+                    return False
+        return True
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _activation_size(model) -> int | None:
+    """Elements of all layer outputs for one sample, where the model's graph says (Functional)."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    try:
+        for layer in layers:
+            for out in keras.tree.flatten(layer.output):
+                total += math.prod(int(d) for d in out.shape[1:])
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return total or None
+
+
+_ATTRIBUTE = "_jacket_engines"
+
+
+def _engine(model, training: bool) -> _Engine:
+    """The model's engine, kept on the model (bypassing Keras's attribute tracking)."""
+    engines = getattr(model, _ATTRIBUTE, None)
+    if engines is None:
+        engines = {}
+        try:
+            object.__setattr__(model, _ATTRIBUTE, engines)
+        except (AttributeError, TypeError):
+            pass  # an object that takes no attributes: nothing is cached between calls
+    if training not in engines:
+        engines[training] = _Engine(model, training)
+    return engines[training]
+
+
+# --------------------------------------------------------------------------------------- jacobian
+
+
+def _jacobian(fn_name: str, model, x, options: _Options):
+    check_model(fn_name, model)
+    inputs = prepare_inputs(fn_name, model, x)
+    engine = _engine(model, options.training)
+    entry = engine.entry(fn_name, inputs)
+    plan = engine.plan(inputs, entry, options)
+    if plan.per_sample:
+        engine.check_independent(fn_name, inputs, entry)
+    kernel = engine.kernel(
+        ("jacobian", inputs.signature, plan),
+        lambda: _kernels.jacobian_kernel(
+            engine.backend, plan, inputs.structure, inputs.leaves, entry.out_leaves, inputs.batch
+        ),
+    )
+    blocks = [
+        kernel(inputs.tensors, keras.ops.convert_to_tensor(np.int32(start)))
+        for start in range(0, plan.rows, plan.chunk)
+    ]
+    in_size = sum(leaf.size for leaf in inputs.leaves)
+    out_size = sum(leaf.size for leaf in entry.out_leaves)
+    flat = _kernels.assemble(blocks, plan, inputs.batch, out_size, in_size)
+    blocks = _kernels.split_blocks(
+        flat, plan.per_sample, inputs.batch, inputs.leaves, entry.out_leaves, options.flatten
+    )
+    return pack(entry.y_structure, [inputs.pack(row) for row in blocks])
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _like(fn_name: str, name: str, value, inputs: Inputs) -> list:
+    """`value` checked to have the structure and shapes of `x`, as tensors of x's dtypes."""
+    return _like_leaves(fn_name, name, value, inputs.structure, inputs.leaves, inputs.batch)
+
+
+def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int) -> list:
+    from ._model import flatten_with_labels, is_leaf_structure
+
+    if value is None:
+        raise JacketTypeError(f"{fn_name}: `{name}` must be given. Received: {name}=None.")
+    if is_leaf_structure(structure):
+        flat = [(name, value)] if is_leaf_structure(value) else None
+    else:
+        try:
+            keras.tree.assert_same_structure(structure, skeleton(value))
+            flat = flatten_with_labels(value, name)
+        except (ValueError, TypeError):
+            flat = None
+    if flat is None or len(flat) != len(leaves):
+        raise JacketValueError(
+            f"{fn_name}: `{name}` must have the structure of "
+            f"{'x' if name == 'v' else 'the model output'} ({len(leaves)} array(s): "
+            f"{', '.join(leaf.label for leaf in leaves)}). Received: {type(value).__name__}."
+        )
+    out = []
+    for (label, item), leaf in zip(flat, leaves):
+        tensor = item if keras.ops.is_tensor(item) else keras.ops.convert_to_tensor(np.asarray(item))
+        shape = tuple(int(d) for d in tensor.shape)
+        if shape != (batch,) + leaf.shape:
+            raise JacketValueError(
+                f"{fn_name}: `{label}` must have shape {(batch,) + leaf.shape}, like "
+                f"`{leaf.label}`. Received: {label}.shape={shape}."
+            )
+        out.append(keras.ops.cast(tensor, leaf.dtype))
+    return out

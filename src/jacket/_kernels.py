@@ -1,0 +1,153 @@
+"""The passes, written once in `keras.ops` on the backend primitives (`jacket.backends`).
+
+A kernel is a function `kernel(call, *args)` that a backend compiles (`backend.compile`): `call` is the
+model as a function of its input structure. Shapes and sizes are Python ints fixed when the kernel is
+built, so a compiled kernel is traced once per input signature.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from ._model import Leaf, pack
+from ._plan import Plan
+
+ops = keras.ops
+
+
+def model_function(call, in_structure):
+    """`call` as a function of a flat list of inputs returning a flat list of outputs."""
+
+    def f(flat_xs):
+        ys = call(pack(in_structure, flat_xs))
+        return keras.tree.flatten(ys) if not ops.is_tensor(ys) else [ys]
+
+    return f
+
+
+def result_dtype(leaves: list[Leaf]) -> str:
+    return keras.backend.result_type(*[leaf.dtype for leaf in leaves])
+
+
+def _flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
+    """Concatenate tensors `(*leading, *leaf.shape)` into one `(*leading, sum of sizes)`."""
+    parts = [ops.cast(ops.reshape(t, leading + (leaf.size,)), dtype) for t, leaf in zip(tensors, leaves)]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+
+def _split(flat, leading: tuple[int, ...], leaves: list[Leaf]):
+    """The inverse of `_flat`: `(*leading, sum of sizes)` into tensors `(*leading, *leaf.shape)`."""
+    out, offset = [], 0
+    for leaf in leaves:
+        part = flat[..., offset : offset + leaf.size]
+        out.append(ops.cast(ops.reshape(part, leading + leaf.shape), leaf.dtype))
+        offset += leaf.size
+    return out
+
+
+def _tile(x, k: int):
+    """`(batch, *s)` -> `(k * batch, *s)`: the batch repeated `k` times."""
+    if k == 1:
+        return x
+    return ops.reshape(ops.broadcast_to(x[None], (k,) + tuple(x.shape)), (-1,) + tuple(x.shape[1:]))
+
+
+def jacobian_kernel(
+    backend, plan: Plan, in_structure, in_leaves: list[Leaf], out_leaves: list[Leaf], batch: int
+):
+    """`kernel(call, xs, start) -> (k, batch, other_size)`: seeds `start .. start + k` pushed through.
+
+    A seed is a one-hot over the output rows (reverse) or input columns (forward) of one sample,
+    broadcast over the batch (per-sample), or a one-hot over the whole batch (`per_sample=False`).
+    """
+    reverse = plan.mode == "reverse"
+    seed_leaves, other_leaves = (out_leaves, in_leaves) if reverse else (in_leaves, out_leaves)
+    seed_size = sum(leaf.size for leaf in seed_leaves)
+    k, B = plan.chunk, batch
+    other_dtype = result_dtype(other_leaves)
+    seed_dtype = result_dtype(seed_leaves)
+
+    def kernel(call, xs, start):
+        f = model_function(call, in_structure)
+        width = seed_size if plan.per_sample else B * seed_size
+        rows = ops.expand_dims(ops.arange(k, dtype="int32") + start, 1)
+        basis = ops.cast(ops.equal(rows, ops.arange(width, dtype="int32")[None]), seed_dtype)
+        if plan.per_sample:
+            seeds = [
+                ops.broadcast_to(s, (k, B) + leaf.shape)
+                for s, leaf in zip(_split(basis, (k, 1), seed_leaves), seed_leaves)
+            ]
+        else:
+            seeds = _split(ops.reshape(basis, (k, B, seed_size)), (k, B), seed_leaves)
+
+        if plan.strategy == "replicate":
+            tiled = [_tile(x, k) for x in xs]
+            flat_seeds = [ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)]
+            push = backend.vjp if reverse else backend.jvp
+            outs = push(f, tiled, flat_seeds)
+        elif reverse:
+            _, pullback = backend.linearize_vjp(f, xs)
+            outs = backend.vmap(pullback, seeds)
+        else:
+            outs = backend.vmap(lambda ts: backend.jvp(f, xs, ts), seeds)
+        return _flat(outs, (k, B), other_leaves, other_dtype)
+
+    return kernel
+
+
+def vjp_kernel(backend, in_structure, in_leaves: list[Leaf]):
+    """`kernel(call, xs, cts) -> grads`: one VJP of the batched model."""
+
+    def kernel(call, xs, cts):
+        return backend.vjp(model_function(call, in_structure), xs, cts)
+
+    return kernel
+
+
+def jvp_kernel(backend, in_structure):
+    """`kernel(call, xs, ts) -> tangents`: one JVP of the batched model."""
+
+    def kernel(call, xs, ts):
+        return backend.jvp(model_function(call, in_structure), xs, ts)
+
+    return kernel
+
+
+def assemble(blocks, plan: Plan, batch: int, out_size: int, in_size: int):
+    """Kernel blocks `(k, batch, other)` -> the flat Jacobian.
+
+    Per-sample: `(batch, out_size, in_size)`; full: `(batch, out_size, batch, in_size)`.
+    """
+    full = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
+    full = full[: plan.rows]
+    if plan.per_sample:
+        # reverse: (out, B, in) ; forward: (in, B, out)
+        return ops.transpose(full, (1, 0, 2) if plan.mode == "reverse" else (1, 2, 0))
+    if plan.mode == "reverse":
+        return ops.reshape(full, (batch, out_size, batch, in_size))
+    return ops.transpose(ops.reshape(full, (batch, in_size, batch, out_size)), (2, 3, 0, 1))
+
+
+def split_blocks(J, per_sample: bool, batch: int, in_leaves, out_leaves, flatten: bool):
+    """The flat Jacobian -> `blocks[j][i]` for output leaf j and input leaf i."""
+    blocks = []
+    o = 0
+    for out in out_leaves:
+        row = []
+        n = 0
+        for inp in in_leaves:
+            if per_sample:
+                block = J[:, o : o + out.size, n : n + inp.size]
+                shape = (batch, out.size, inp.size) if flatten else (batch,) + out.shape + inp.shape
+            else:
+                block = J[:, o : o + out.size, :, n : n + inp.size]
+                shape = (
+                    (batch, out.size, batch, inp.size)
+                    if flatten
+                    else (batch,) + out.shape + (batch,) + inp.shape
+                )
+            row.append(ops.reshape(block, shape))
+            n += inp.size
+        blocks.append(row)
+        o += out.size
+    return blocks

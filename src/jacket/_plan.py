@@ -1,0 +1,88 @@
+"""The plan: which passes compute a Jacobian, how many seeds go through each, and how they are batched.
+
+NOTE: [How the plan decides]
+- Mode. A Jacobian with `m` outputs and `n` inputs per sample costs `m` reverse passes (VJPs, one per
+  output row) or `n` forward passes (JVPs, one per input column). `mode="auto"` takes reverse when
+  `m <= n`, forward otherwise.
+- Per-sample Jacobians use the batch-sum trick: sample `b`'s output depends on sample `b`'s input only,
+  so one pass whose seed is the same one-hot for every sample gives row (column) `i` of every `J_b` at
+  once: `m` passes over the batch instead of `batch * m`. That is only true when samples do not
+  interact, which `jacket._api` checks with a probe before trusting it.
+- Strategy. "replicate": the batch is tiled `k` times and `k` seeds go through one ordinary forward and
+  backward pass of batch `k * batch`: big matrix products, no vectorising map. Used for per-sample
+  Jacobians in inference. "vmap": one forward pass on the batch as given and `k` pullbacks (or
+  pushforwards) mapped over it: used whenever the forward pass must see the batch exactly as given
+  (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
+  statistics must be the same for every seed).
+- Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
+  estimated working memory (`k * batch` copies of the model's activations and of the result rows)
+  within `memory_budget`; the chunks run one after the other through one compiled kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one pass (activations and result rows)
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "reverse" pushes output rows (VJPs); "forward" pushes input columns (JVPs)
+    per_sample: bool
+    strategy: str  # "replicate" or "vmap"
+    chunk: int  # seeds per pass
+    rows: int  # seeds in all: out_size or in_size, times batch when not per-sample
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.rows / self.chunk)
+
+    def describe(self) -> str:
+        return (
+            f"{self.mode} mode, {self.rows} seeds in {self.n_chunks} pass(es) of {self.chunk}, "
+            f"{self.strategy}, {'per-sample' if self.per_sample else 'full'}"
+        )
+
+
+def choose_mode(mode: str, out_size: int, in_size: int) -> str:
+    if mode == "auto":
+        return "reverse" if out_size <= in_size else "forward"
+    return mode
+
+
+def make_plan(
+    *,
+    mode: str,
+    chunk_size: int | None,
+    per_sample: bool,
+    training: bool,
+    batch: int,
+    in_size: int,
+    out_size: int,
+    itemsize: int,
+    activation_size: int | None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Plan:
+    """Decide how to compute one Jacobian (see the NOTE at the top of this module).
+
+    Args:
+      in_size, out_size: per-sample sizes (all inputs, all outputs).
+      itemsize: bytes per element of the result.
+      activation_size: elements of all intermediate activations of one sample, when known.
+    """
+    mode = choose_mode(mode, out_size, in_size)
+    seeds = out_size if mode == "reverse" else in_size
+    other = in_size if mode == "reverse" else out_size
+    rows = seeds if per_sample else batch * seeds
+    strategy = "replicate" if per_sample and not training else "vmap"
+    if chunk_size is not None:
+        chunk = min(chunk_size, rows)
+    else:
+        activations = activation_size if activation_size else 4 * (in_size + out_size)
+        # forward activations kept for the backward pass, their cotangents, and the result rows
+        per_seed = batch * itemsize * (2 * activations + in_size + out_size + other)
+        chunk = max(1, min(rows, memory_budget // max(per_seed, 1)))
+        chunk = math.ceil(rows / math.ceil(rows / chunk))  # even passes: no mostly-empty last one
+    return Plan(mode=mode, per_sample=per_sample, strategy=strategy, chunk=chunk, rows=rows)

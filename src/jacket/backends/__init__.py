@@ -1,0 +1,44 @@
+"""One module per Keras backend, each with the same few primitives; the only place a framework is
+imported.
+
+Every backend module defines:
+
+- `NAME`: the Keras backend name.
+- `compile(kernel, model, training)`: a callable `(*args) -> kernel(call, *args)`, compiled and traced
+  once per argument signature (`tf.function`, `jax.jit`; PyTorch runs eagerly). `call` maps the model's
+  input structure to its output structure and reads the model's current weights on every run.
+- `vjp(f, xs, cts)`: `cts^T df(xs)`: one reverse pass; `f` maps a list of tensors to a list of tensors.
+- `jvp(f, xs, ts)`: `df(xs) ts`: one forward-mode pass.
+- `linearize_vjp(f, xs)`: `(ys, pullback)`, one forward pass whose pullback may be called many times.
+- `vmap(fn, stacked)`: `fn` mapped over axis 0 of a list of tensors, results stacked on axis 0.
+
+Jacobians, chunking, coupling probes and everything above them are written once on these
+(`jacket._kernels`, `jacket._api`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .._errors import JacketError
+
+_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def current() -> ModuleType:
+    """The backend module for the active Keras backend (`keras.backend.backend()`)."""
+    import keras
+
+    name = keras.backend.backend()
+    if name not in _EXTRAS:
+        raise JacketError(
+            f"jacket supports the Keras backends {sorted(_EXTRAS)}. Received: KERAS_BACKEND={name!r}. "
+            "Set KERAS_BACKEND to one of them."
+        )
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as error:  # pragma: no cover - depends on what is installed
+        raise JacketError(
+            f"The '{name}' backend needs {_EXTRAS[name]}: pip install \"jacket[{name}]\" ({error})"
+        ) from error

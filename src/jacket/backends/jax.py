@@ -1,0 +1,43 @@
+"""JAX primitives: `jax.vjp`, `jax.jvp`, `jax.vmap`, `jax.jit` over a stateless model call."""
+
+from __future__ import annotations
+
+import jax
+
+from .._model import make_call
+
+NAME = "jax"
+
+
+def compile(kernel, model, training):
+    """`jax.jit` over `kernel(call, *args)`, the model's variables passed as arguments.
+
+    Passing the weights as arguments (through `keras.StatelessScope`) keeps the trace valid when the
+    weights change, and leaves the model itself untouched.
+    """
+    if not hasattr(model, "variables"):
+        return jax.jit(lambda *args: kernel(model, *args))
+
+    def pure(state, *args):
+        return kernel(make_call(model, training, state), *args)
+
+    jitted = jax.jit(pure)
+    return lambda *args: jitted([v.value for v in model.variables], *args)
+
+
+def vjp(f, xs, cts):
+    _, pullback = jax.vjp(f, list(xs))
+    return pullback(list(cts))[0]
+
+
+def jvp(f, xs, ts):
+    return jax.jvp(f, (list(xs),), (list(ts),))[1]
+
+
+def linearize_vjp(f, xs):
+    ys, pullback = jax.vjp(f, list(xs))
+    return ys, lambda cts: pullback(list(cts))[0]
+
+
+def vmap(fn, stacked):
+    return jax.vmap(lambda args: fn(list(args)))(list(stacked))

@@ -1,0 +1,89 @@
+"""PyTorch primitives on plain autograd (no `torch.func`), run eagerly.
+
+NOTE: [Why no torch.func here]
+`torch.func.functional_call` ignores its parameters for Keras models (Keras reads its own variables),
+`vmap` through Keras's Conv2D fails on inputs with several channels ("Tensor.clone(memory_format)
+inside vmap"), and forward-mode AD fails through max pooling. Plain autograd works for every layer:
+a JVP is the derivative of a VJP with respect to its cotangent (the "double-backward" trick), and
+several cotangents are pulled back through one retained graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._model import make_call
+
+NAME = "torch"
+
+
+def compile(kernel, model, training):
+    """Eager: the kernel runs as written, with autograd on (even inside `torch.no_grad()`)."""
+    stateless = training and hasattr(model, "variables")
+
+    def run(*args):
+        with torch.enable_grad():
+            state = [v.value for v in model.variables] if stateless else None
+            return kernel(make_call(model, training, state), *args)
+
+    return run
+
+
+def _watched(xs):
+    return [x.detach().requires_grad_(True) for x in xs]
+
+
+def _grad(ys, xs, cts, **kwargs):
+    grads = torch.autograd.grad(ys, xs, cts, allow_unused=True, **kwargs)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+
+
+def vjp(f, xs, cts):
+    with torch.enable_grad():
+        xs = _watched(xs)
+        ys = f(xs)
+        pairs = [(y, c) for y, c in zip(ys, cts) if y.requires_grad]
+        if not pairs:
+            return [torch.zeros_like(x) for x in xs]
+        return _grad([y for y, _ in pairs], xs, [c for _, c in pairs])
+
+
+def jvp(f, xs, ts):
+    with torch.enable_grad():
+        xs = _watched(xs)
+        ys = f(xs)
+        out = []
+        for y in ys:
+            if not y.requires_grad:
+                out.append(torch.zeros_like(y))
+                continue
+            u = torch.zeros_like(y, requires_grad=True)
+            grads = torch.autograd.grad(y, xs, u, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(grads, ts) if g is not None and g.requires_grad]
+            if not pairs:
+                out.append(torch.zeros_like(y))
+                continue
+            (d,) = torch.autograd.grad(
+                [g for g, _ in pairs], u, [t for _, t in pairs], allow_unused=True
+            )
+            out.append(torch.zeros_like(y) if d is None else d)
+        return out
+
+
+def linearize_vjp(f, xs):
+    with torch.enable_grad():
+        xs = _watched(xs)
+        ys = f(xs)
+    live = [i for i, y in enumerate(ys) if y.requires_grad]
+
+    def pullback(cts):
+        if not live:
+            return [torch.zeros_like(x) for x in xs]
+        return _grad([ys[i] for i in live], xs, [cts[i] for i in live], retain_graph=True)
+
+    return [y.detach() for y in ys], pullback
+
+
+def vmap(fn, stacked):
+    results = [fn([s[i] for s in stacked]) for i in range(stacked[0].shape[0])]
+    return [torch.stack([r[j] for r in results]) for j in range(len(results[0]))]
