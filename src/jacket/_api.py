@@ -293,6 +293,7 @@ class _Engine:
             itemsize=itemsize,
             activation_size=entry.activation_size,
             memory_budget=DEFAULT_MEMORY_BUDGET,
+            preferred=self.backend.PER_SAMPLE_STRATEGY,
         )
 
     def check_independent(self, fn_name: str, inputs: Inputs, entry: _Entry) -> None:

@@ -26,7 +26,14 @@ def model_function(call, in_structure):
 
 
 def result_dtype(leaves: list[Leaf]) -> str:
-    return keras.backend.result_type(*[leaf.dtype for leaf in leaves])
+    """The widest float dtype among the leaves (Keras's own promotion maps float64 to float32 on
+    JAX and PyTorch, which would lose precision here)."""
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if "float64" in dtypes:
+        return "float64"
+    return "float32"
 
 
 def _flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
@@ -85,11 +92,13 @@ def jacobian_kernel(
             flat_seeds = [ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)]
             push = backend.vjp if reverse else backend.jvp
             outs = push(f, tiled, flat_seeds)
-        elif reverse:
-            _, pullback = backend.linearize_vjp(f, xs)
-            outs = backend.vmap(pullback, seeds)
         else:
-            outs = backend.vmap(lambda ts: backend.jvp(f, xs, ts), seeds)
+            over = backend.vmap if plan.strategy == "vmap" else backend.loop
+            if reverse:
+                _, pullback = backend.linearize_vjp(f, xs)
+                outs = over(pullback, seeds)
+            else:
+                outs = over(lambda ts: backend.jvp(f, xs, ts), seeds)
         return _flat(outs, (k, B), other_leaves, other_dtype)
 
     return kernel

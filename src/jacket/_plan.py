@@ -9,11 +9,13 @@ NOTE: [How the plan decides]
   once: `m` passes over the batch instead of `batch * m`. That is only true when samples do not
   interact, which `jacket._api` checks with a probe before trusting it.
 - Strategy. "replicate": the batch is tiled `k` times and `k` seeds go through one ordinary forward and
-  backward pass of batch `k * batch`: big matrix products, no vectorising map. Used for per-sample
-  Jacobians in inference. "vmap": one forward pass on the batch as given and `k` pullbacks (or
-  pushforwards) mapped over it: used whenever the forward pass must see the batch exactly as given
+  backward pass of batch `k * batch`: big matrix products, no vectorising map. "vmap": one forward
+  pass on the batch as given and `k` pullbacks (or pushforwards) mapped over it. "loop": the same,
+  one seed after the other (unrolled in the graph on TensorFlow). Per-sample Jacobians in inference
+  take the backend's measured preference (`PER_SAMPLE_STRATEGY`: TensorFlow "loop", JAX
+  "replicate", PyTorch "loop"); whenever the forward pass must see the batch exactly as given
   (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
-  statistics must be the same for every seed).
+  statistics must be the same for every seed) the plan never replicates.
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
   within `memory_budget`; the chunks run one after the other through one compiled kernel.
@@ -25,13 +27,14 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one pass (activations and result rows)
+MAX_UNROLLED = 32  # seeds per pass when the backend unrolls a "loop" into its graph
 
 
 @dataclass(frozen=True)
 class Plan:
     mode: str  # "reverse" pushes output rows (VJPs); "forward" pushes input columns (JVPs)
     per_sample: bool
-    strategy: str  # "replicate" or "vmap"
+    strategy: str  # "replicate", "vmap" or "loop"
     chunk: int  # seeds per pass
     rows: int  # seeds in all: out_size or in_size, times batch when not per-sample
 
@@ -64,6 +67,7 @@ def make_plan(
     itemsize: int,
     activation_size: int | None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    preferred: str = "replicate",
 ) -> Plan:
     """Decide how to compute one Jacobian (see the NOTE at the top of this module).
 
@@ -71,12 +75,16 @@ def make_plan(
       in_size, out_size: per-sample sizes (all inputs, all outputs).
       itemsize: bytes per element of the result.
       activation_size: elements of all intermediate activations of one sample, when known.
+      preferred: the backend's strategy for per-sample Jacobians in inference.
     """
     mode = choose_mode(mode, out_size, in_size)
     seeds = out_size if mode == "reverse" else in_size
     other = in_size if mode == "reverse" else out_size
     rows = seeds if per_sample else batch * seeds
-    strategy = "replicate" if per_sample and not training else "vmap"
+    if per_sample and not training:
+        strategy = preferred
+    else:
+        strategy = "loop" if preferred == "loop" else "vmap"
     if chunk_size is not None:
         chunk = min(chunk_size, rows)
     else:
@@ -84,5 +92,7 @@ def make_plan(
         # forward activations kept for the backward pass, their cotangents, and the result rows
         per_seed = batch * itemsize * (2 * activations + in_size + out_size + other)
         chunk = max(1, min(rows, memory_budget // max(per_seed, 1)))
+        if strategy == "loop":
+            chunk = min(chunk, MAX_UNROLLED)
         chunk = math.ceil(rows / math.ceil(rows / chunk))  # even passes: no mostly-empty last one
     return Plan(mode=mode, per_sample=per_sample, strategy=strategy, chunk=chunk, rows=rows)

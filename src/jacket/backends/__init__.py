@@ -11,6 +11,9 @@ Every backend module defines:
 - `jvp(f, xs, ts)`: `df(xs) ts`: one forward-mode pass.
 - `linearize_vjp(f, xs)`: `(ys, pullback)`, one forward pass whose pullback may be called many times.
 - `vmap(fn, stacked)`: `fn` mapped over axis 0 of a list of tensors, results stacked on axis 0.
+- `loop(fn, stacked)`: the same, one element after the other (unrolled, `lax.map`, a Python loop).
+- `PER_SAMPLE_STRATEGY`: how per-sample seeds are best batched on this backend in inference
+  ("replicate", "vmap" or "loop"; see `jacket._plan`).
 
 Jacobians, chunking, coupling probes and everything above them are written once on these
 (`jacket._kernels`, `jacket._api`).

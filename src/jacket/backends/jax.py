@@ -7,6 +7,7 @@ import jax
 from .._model import make_call
 
 NAME = "jax"
+PER_SAMPLE_STRATEGY = "replicate"
 
 
 def compile(kernel, model, training):
@@ -41,3 +42,7 @@ def linearize_vjp(f, xs):
 
 def vmap(fn, stacked):
     return jax.vmap(lambda args: fn(list(args)))(list(stacked))
+
+
+def loop(fn, stacked):
+    return jax.lax.map(lambda args: fn(list(args)), list(stacked))
