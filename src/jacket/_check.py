@@ -46,11 +46,17 @@ class CheckReport:
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         b, i, j = self.worst
+        hint = (
+            ""
+            if self.ok
+            else " A mismatch at a kink (ReLU at 0, tied max-pooling inputs) is where no derivative "
+            "exists, not an error of J: move x off it to tell."
+        )
         return (
             f"Jacobian check {verdict}: max abs error {self.max_abs_error:.3g}, max rel error "
             f"{self.max_rel_error:.3g} (tolerance {self.rtol:.3g}) over {self.shape[0]} sample(s) of "
             f"{self.shape[1]} x {self.shape[2]}; worst at sample {b}, output {i}, input {j}; "
-            f"reference: central differences (eps={self.eps:.3g}) on the {self.reference}."
+            f"reference: central differences (eps={self.eps:.3g}) on the {self.reference}.{hint}"
         )
 
 

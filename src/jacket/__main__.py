@@ -1,0 +1,5 @@
+"""`python -m jacket`: the command line."""
+
+from .cli import main
+
+main()
