@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import ml_dtypes
 import numpy as np
 
 from . import _kernels, backends
@@ -341,7 +342,7 @@ class _Engine:
                     size = np.maximum(size, g.reshape(batch, -1).max(axis=1, initial=0.0))
                 if not np.all(np.isfinite(size)):
                     continue  # overflow in a low-precision model: no evidence either way
-                eps = float(np.finfo(_numpy_dtype(inputs.leaves[0].dtype)).eps)
+                eps = float(ml_dtypes.finfo(_numpy_dtype(inputs.leaves[0].dtype)).eps)
                 if size[~inside].max(initial=0.0) > eps * size[inside].max(initial=0.0) or (
                     size[inside].max(initial=0.0) == 0.0 and size[~inside].max(initial=0.0) > 0.0
                 ):
@@ -350,11 +351,7 @@ class _Engine:
 
 
 def _numpy_dtype(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
 def _activation_size(model) -> int | None:

@@ -12,8 +12,8 @@ NOTE: [How the plan decides]
   backward pass of batch `k * batch`: big matrix products, no vectorising map. "vmap": one forward
   pass on the batch as given and `k` pullbacks (or pushforwards) mapped over it. "loop": the same,
   one seed after the other (unrolled in the graph on TensorFlow). Per-sample Jacobians in inference
-  take the backend's measured preference (`PER_SAMPLE_STRATEGY`: TensorFlow "loop", JAX
-  "replicate", PyTorch "loop"); whenever the forward pass must see the batch exactly as given
+  take the backend's measured preference in reverse mode (`PER_SAMPLE_STRATEGY`: TensorFlow "loop",
+  JAX "replicate", PyTorch "loop") and "replicate" in forward mode; whenever the forward pass must see the batch exactly as given
   (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
   statistics must be the same for every seed) the plan never replicates.
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
@@ -82,7 +82,9 @@ def make_plan(
     other = in_size if mode == "reverse" else out_size
     rows = seeds if per_sample else batch * seeds
     if per_sample and not training:
-        strategy = preferred
+        # a "loop" shares one forward pass among its pullbacks; pushforwards share nothing, so the
+        # replicated batch (one pass of k * batch) is the better forward-mode form everywhere
+        strategy = preferred if mode == "reverse" else "replicate"
     else:
         strategy = "loop" if preferred == "loop" else "vmap"
     if chunk_size is not None:

@@ -33,9 +33,31 @@ def vjp(f, xs, cts):
 
 
 def jvp(f, xs, ts):
-    with tf.autodiff.ForwardAccumulator(xs, ts) as accumulator:
-        ys = f(xs)
-    return [accumulator.jvp(y, unconnected_gradients=_ZERO) for y in ys]
+    """Forward mode where TensorFlow has it; the transpose of a VJP where it has not.
+
+    `tf.autodiff.ForwardAccumulator` fails to trace some layers (the `while_loop` of an LSTM, whose
+    TensorLists it cannot carry tangents through); there the JVP is the derivative of a VJP with
+    respect to its cotangent, `J v = d/du <u^T J, v>`, which needs reverse mode only.
+    """
+    try:
+        with tf.autodiff.ForwardAccumulator(xs, ts) as accumulator:
+            ys = f(xs)
+        return [accumulator.jvp(y, unconnected_gradients=_ZERO) for y in ys]
+    except (TypeError, ValueError, NotImplementedError, LookupError):
+        return _jvp_by_double_vjp(f, xs, ts)
+
+
+def _jvp_by_double_vjp(f, xs, ts):
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            for x in xs:
+                inner.watch(x)
+            ys = f(xs)
+        us = [tf.zeros_like(y) for y in ys]
+        for u in us:
+            outer.watch(u)
+        grads = inner.gradient(ys, xs, output_gradients=us, unconnected_gradients=_ZERO)
+    return outer.gradient(grads, us, output_gradients=list(ts), unconnected_gradients=_ZERO)
 
 
 def linearize_vjp(f, xs):

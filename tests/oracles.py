@@ -1,0 +1,94 @@
+"""Independent oracles for the tests: float64 central differences, and each framework's own Jacobian.
+
+Nothing here calls jacket.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def to_numpy(t) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64")))
+
+
+def forward(model, x, training=False) -> np.ndarray:
+    """The model on a NumPy batch, as float64 NumPy."""
+    y = model(x, training=training) if isinstance(model, keras.Layer) else model(x)
+    return to_numpy(y)
+
+
+def central_differences(model, x: np.ndarray, *, eps: float = 1e-6, per_sample: bool = True):
+    """Per-sample `(B, *out, *in)` (or full `(B, *out, B, *in)`) Jacobian by central differences.
+
+    `x` is float64; every perturbation is one forward pass of the whole batch.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    B, in_shape = x.shape[0], x.shape[1:]
+    n = int(np.prod(in_shape))
+    y0 = forward(model, x)
+    out_shape = y0.shape[1:]
+    flat = x.reshape(B, n)
+    if per_sample:
+        # every column's +h and -h moves of every sample, evaluated 512 columns at a time
+        J = np.zeros((B,) + out_shape + (n,))
+        for start in range(0, n, 512):
+            cols = np.arange(start, min(n, start + 512))
+            h = eps * np.maximum(1.0, np.abs(flat[:, cols]))  # (B, c)
+            moved = np.broadcast_to(flat, (2, len(cols), B, n)).copy()
+            c_idx, b_idx = np.arange(len(cols))[:, None], np.arange(B)[None]
+            moved[0, c_idx, b_idx, cols[:, None]] += h.T
+            moved[1, c_idx, b_idx, cols[:, None]] -= h.T
+            y = forward(model, moved.reshape((-1,) + in_shape)).reshape((2, len(cols), B) + out_shape)
+            d = (y[0] - y[1]) / (2 * h.T.reshape((len(cols), B) + (1,) * len(out_shape)))
+            J[..., cols] = np.moveaxis(d, 0, -1)
+        return J.reshape((B,) + out_shape + in_shape)
+    J = np.zeros((B,) + out_shape + (B, n))
+    for b in range(B):
+        for j in range(n):
+            h = eps * max(1.0, abs(flat[b, j]))
+            up, down = flat.copy(), flat.copy()
+            up[b, j] += h
+            down[b, j] -= h
+            d = forward(model, up.reshape(x.shape)) - forward(model, down.reshape(x.shape))
+            J[..., b, j] = d / (2 * h)
+    return J.reshape((B,) + out_shape + (B,) + in_shape)
+
+
+def native_jacobian(model, x: np.ndarray) -> np.ndarray:
+    """Per-sample Jacobian by the active framework's own machinery (single input and output)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = model(xt, training=False)
+        return to_numpy(tape.batch_jacobian(y, xt))
+    if backend == "jax":
+        import jax
+
+        def one(xi):
+            return model(xi[None], training=False)[0]
+
+        return to_numpy(jax.vmap(jax.jacrev(one))(keras.ops.convert_to_tensor(x)))
+    import torch
+
+    xt = torch.as_tensor(x)
+    full = torch.autograd.functional.jacobian(lambda t: model(t, training=False), xt)
+    full = full.detach().cpu().numpy()  # (B, *out, B, *in)
+    B = x.shape[0]
+    out_nd = full.ndim - x.ndim - 1
+    moved = np.moveaxis(full, 1 + out_nd, 1)  # (B, B, *out, *in)
+    return np.stack([moved[b, b] for b in range(B)])
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, scale: bool = True):
+    """`|actual - expected| <= atol + rtol * max|expected|` (relative to the Jacobian's scale)."""
+    actual, expected = to_numpy(actual), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    bound = atol + rtol * (np.abs(expected).max() if scale else np.abs(expected))
+    error = np.abs(actual - expected)
+    assert np.all(error <= bound), f"max error {error.max():.3g} > bound {np.max(bound):.3g}"

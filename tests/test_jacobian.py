@@ -1,0 +1,264 @@
+"""jacket.jacobian against float64 central differences and the framework's own Jacobian."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from oracles import assert_close, central_differences, native_jacobian, to_numpy
+from scenarios import SCENARIOS, dict_inputs, dict_model, seed_cnn, seed_mlp
+
+import jacket
+
+IDS = [s.name for s in SCENARIOS]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
+def test_matches_float64_central_differences(scenario, rng):
+    model = scenario.build("float64")
+    x = rng.uniform(-1, 1, size=(scenario.batch,) + scenario.in_shape)
+    J = jacket.jacobian(model, x)
+    assert tuple(J.shape) == (scenario.batch,) + scenario.out_shape + scenario.in_shape
+    assert keras.backend.standardize_dtype(J.dtype) == "float64"
+    assert_close(J, central_differences(model, x), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
+def test_matches_framework_jacobian(scenario, rng):
+    model = scenario.build("float32")
+    x = rng.uniform(-1, 1, size=(scenario.batch,) + scenario.in_shape).astype("float32")
+    J = jacket.jacobian(model, x)
+    assert keras.backend.standardize_dtype(J.dtype) == "float32"
+    assert_close(J, native_jacobian(model, x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
+def test_strategies_agree(scenario, rng):
+    """forward = reverse = chunked, and flatten is a reshape."""
+    model = scenario.build("float64")
+    x = rng.uniform(-1, 1, size=(scenario.batch,) + scenario.in_shape)
+    reference = to_numpy(jacket.jacobian(model, x, mode="reverse"))
+    for options in (
+        {"mode": "forward"},
+        {"mode": "reverse", "chunk_size": 1},
+        {"mode": "forward", "chunk_size": 3},
+        {"mode": "auto", "chunk_size": 2},
+    ):
+        assert_close(jacket.jacobian(model, x, **options), reference, rtol=1e-12, atol=1e-13)
+    flat = jacket.jacobian(model, x, flatten=True)
+    out_size, in_size = int(np.prod(scenario.out_shape)), int(np.prod(scenario.in_shape))
+    assert tuple(flat.shape) == (scenario.batch, out_size, in_size)
+    assert_close(flat, reference.reshape(scenario.batch, out_size, in_size), rtol=0)
+
+
+def test_dense_is_exactly_the_kernel_transposed(rng):
+    layer = keras.layers.Dense(3)
+    x = rng.normal(size=(4, 5)).astype("float32")
+    J = to_numpy(jacket.jacobian(layer, x))
+    W = to_numpy(layer.kernel)
+    for b in range(4):
+        np.testing.assert_array_equal(J[b], W.T)
+
+
+def test_elementwise_activation_is_diagonal(rng):
+    x = rng.normal(size=(3, 6))
+    J = to_numpy(jacket.jacobian(keras.layers.Activation("tanh", dtype="float64"), x))
+    for b in range(3):
+        np.testing.assert_allclose(J[b], np.diag(1 - np.tanh(x[b]) ** 2), rtol=1e-12, atol=1e-15)
+
+
+def test_conv1d_is_banded(rng):
+    model = keras.Sequential([keras.Input((10, 1)), keras.layers.Conv1D(1, 3, padding="same")])
+    J = to_numpy(jacket.jacobian(model, rng.normal(size=(2, 10, 1)).astype("float32")))[:, :, 0, :, 0]
+    i, j = np.indices((10, 10))
+    assert np.all(J[:, np.abs(i - j) > 1] == 0)
+    assert np.all(J[:, np.abs(i - j) <= 1] != 0)
+
+
+# ------------------------------------------------------------------------------ the seed's examples
+
+
+def test_seed_example_1_mlp_batch_1(rng):
+    J = jacket.jacobian(seed_mlp(), rng.random((1, 5)).astype("float32"))
+    assert tuple(J.shape) == (1, 2, 5)
+
+
+def test_seed_example_2_mlp_batch_3_reads_each_row(rng):
+    """The seed's batch loop read `gradient(...)[0]`, sample 0's row, for every sample."""
+    model = seed_mlp("float64")
+    x = rng.random((3, 5))
+    J = to_numpy(jacket.jacobian(model, x))
+    assert J.shape == (3, 2, 5)
+    for b in range(3):
+        assert_close(J[b], central_differences(model, x[b : b + 1])[0], rtol=1e-6, atol=1e-9)
+
+
+def test_seed_example_3_cnn(rng):
+    model = seed_cnn()
+    x = rng.random((1, 28, 28, 1)).astype("float32")
+    assert tuple(jacket.jacobian(model, x).shape) == (1, 10, 28, 28, 1)
+    assert tuple(jacket.jacobian(model, x, flatten=True).shape) == (1, 10, 784)
+
+
+# ------------------------------------------------------------------------- structure, full Jacobian
+
+
+def test_dict_model_tree_of_blocks(rng):
+    model = dict_model("float64")
+    x = dict_inputs(rng)
+    J = jacket.jacobian(model, x)
+    assert set(J) == {"score", "parts"}
+    assert set(J["score"]) == {"image", "meta"}
+    assert tuple(J["score"]["image"].shape) == (2, 1, 4, 4, 1)
+    assert tuple(J["parts"]["meta"].shape) == (2, 5, 3)
+
+    # every block against central differences of one output w.r.t. one input, the other held fixed
+    for out_name in ("score", "parts"):
+        for in_name in ("image", "meta"):
+
+            def f(v, out_name=out_name, in_name=in_name):
+                return model({**x, in_name: v})[out_name]
+
+            expected = central_differences(f, x[in_name])
+            assert_close(J[out_name][in_name], expected, rtol=1e-6, atol=1e-9)
+    for mode in ("forward", "reverse"):
+        other = jacket.jacobian(model, x, mode=mode, chunk_size=4)
+        for o in J:
+            for i in J[o]:
+                assert_close(other[o][i], to_numpy(J[o][i]), rtol=1e-12, atol=1e-14)
+
+
+def test_list_inputs_and_outputs(rng):
+    a, b = keras.Input((3,)), keras.Input((2,))
+    h = keras.layers.Concatenate()([a, b])
+    model = keras.Model([a, b], [keras.layers.Dense(4)(h), keras.layers.Dense(1)(h)])
+    x = [rng.normal(size=(2, 3)).astype("float32"), rng.normal(size=(2, 2)).astype("float32")]
+    J = jacket.jacobian(model, x)
+    assert isinstance(J, list) and len(J) == 2 and len(J[0]) == 2
+    assert tuple(J[0][1].shape) == (2, 4, 2)
+    assert tuple(J[1][0].shape) == (2, 1, 3)
+    W = to_numpy(model.layers[3].kernel)  # Dense(4): rows 0..2 see `a`, 3..4 see `b`
+    assert_close(J[0][1][0], W[3:].T, rtol=1e-6)
+
+
+def test_full_jacobian_off_diagonal_blocks_are_zero(rng):
+    model = seed_mlp("float64")
+    x = rng.random((3, 5))
+    full = to_numpy(jacket.jacobian(model, x, per_sample=False))
+    assert full.shape == (3, 2, 3, 5)
+    per = to_numpy(jacket.jacobian(model, x))
+    for b in range(3):
+        for c in range(3):
+            if b == c:
+                np.testing.assert_allclose(full[b, :, c], per[b], rtol=1e-12)
+            else:
+                assert np.all(full[b, :, c] == 0)
+    for mode in ("forward", "reverse"):
+        assert_close(jacket.jacobian(model, x, per_sample=False, mode=mode, chunk_size=4), full, rtol=1e-12)
+    flat = jacket.jacobian(model, x, per_sample=False, flatten=True)
+    assert tuple(flat.shape) == (3, 2, 3, 5)
+
+
+def test_coupled_samples_are_detected_and_the_full_jacobian_is_right(rng):
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), keras.layers.BatchNormalization(dtype="float64"),
+         keras.layers.Dense(2, dtype="float64")]
+    )
+    x = rng.normal(size=(5, 4))
+    with pytest.raises(jacket.CouplingError, match="per_sample=False"):
+        jacket.jacobian(model, x, training=True)
+    with pytest.raises(jacket.CouplingError):
+        jacket.vjp(model, x, np.ones((5, 2)), training=True)
+    mean_before = to_numpy(model.layers[0].moving_mean)
+    full = jacket.jacobian(model, x, training=True, per_sample=False)
+    # jacket never changes the model: BatchNormalization's statistics are untouched
+    np.testing.assert_array_equal(to_numpy(model.layers[0].moving_mean), mean_before)
+
+    def batch_fn(v):  # (this oracle does update the statistics, which the output does not use)
+        return model(v, training=True)
+
+    assert_close(full, central_differences(batch_fn, x, per_sample=False), rtol=1e-6, atol=1e-9)
+    # in inference mode the same model is per-sample
+    assert tuple(jacket.jacobian(model, x).shape) == (5, 2, 4)
+
+
+def test_layer_averaging_over_the_batch_is_detected(rng):
+    def batch_mean(x):
+        return x - keras.ops.mean(x, axis=0, keepdims=True)
+
+    x = rng.normal(size=(8, 3)).astype("float32")
+    with pytest.raises(jacket.CouplingError, match="depends on other samples"):
+        jacket.jacobian(batch_mean, x)
+    # a coupling between two samples only (3 and 6) is found too
+    def pair(x):
+        return x + keras.ops.where(
+            keras.ops.arange(8)[:, None] == 3, x[6:7] * 0.5, keras.ops.zeros_like(x)
+        )
+
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(pair, x)
+
+
+def test_dropout_in_training_gives_the_jacobian_of_one_mask(rng):
+    """training=True: each sample's rows come from one and the same dropout mask."""
+    model = keras.Sequential(
+        [keras.Input((6,), dtype="float64"), keras.layers.Dropout(0.5, dtype="float64")]
+    )
+    x = rng.normal(size=(2, 6))
+    J = to_numpy(jacket.jacobian(model, x, training=True))
+    for b in range(2):
+        diagonal = np.diag(J[b])
+        assert np.allclose(J[b], np.diag(diagonal))  # elementwise
+        assert set(np.round(diagonal, 12)) <= {0.0, 2.0}
+    eval_J = to_numpy(jacket.jacobian(model, x))
+    np.testing.assert_array_equal(eval_J, np.stack([np.eye(6)] * 2))
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float16", 2e-2), ("bfloat16", 8e-2), ("float32", 1e-5)])
+def test_low_precision_models_keep_their_dtype(dtype, rtol, rng):
+    if dtype == "float16" and keras.backend.backend() == "torch":
+        pytest.skip("PyTorch has no float16 matmul on the CPU (Keras runs it in float32)")
+    model64 = seed_mlp("float64")
+    model = seed_mlp(dtype)
+    model.set_weights(model64.get_weights())
+    x = rng.random((3, 5))
+    J = jacket.jacobian(model, x.astype("float32"))
+    assert keras.backend.standardize_dtype(J.dtype) == dtype
+    assert_close(J, to_numpy(jacket.jacobian(model64, x)), rtol=rtol)
+
+
+def test_integer_arrays_are_cast_like_keras_casts_them():
+    model = seed_mlp("float32")
+    x_int = np.arange(10).reshape(2, 5)
+    J = jacket.jacobian(model, x_int)
+    assert keras.backend.standardize_dtype(J.dtype) == "float32"
+    assert_close(J, to_numpy(jacket.jacobian(model, x_int.astype("float32"))), rtol=0)
+
+
+def test_backend_tensors_are_accepted(rng):
+    model = seed_mlp()
+    x = rng.random((2, 5)).astype("float32")
+    assert_close(jacket.jacobian(model, keras.ops.convert_to_tensor(x)), to_numpy(jacket.jacobian(model, x)), rtol=0)
+
+
+def test_any_callable(rng):
+    def f(x):
+        return keras.ops.stack([keras.ops.sum(x**2, axis=1), keras.ops.prod(x, axis=1)], axis=1)
+
+    x = rng.normal(size=(3, 4))
+    J = to_numpy(jacket.jacobian(f, x))
+    expected = np.stack([2 * x, np.prod(x, axis=1, keepdims=True) / x], axis=1)
+    np.testing.assert_allclose(J, expected, rtol=1e-10)
+
+
+def test_result_follows_weight_updates(rng):
+    """Compiled kernels read the weights at run time: no stale weights after an update."""
+    layer = keras.layers.Dense(2)
+    x = rng.normal(size=(1, 3)).astype("float32")
+    jacket.jacobian(layer, x)
+    layer.kernel.assign(np.full((3, 2), 7.0, dtype="float32"))
+    np.testing.assert_array_equal(to_numpy(jacket.jacobian(layer, x))[0], np.full((2, 3), 7.0))
+
