@@ -20,7 +20,10 @@ def test_matches_float64_central_differences(scenario, rng):
     J = jacket.jacobian(model, x)
     assert tuple(J.shape) == (scenario.batch,) + scenario.out_shape + scenario.in_shape
     assert keras.backend.standardize_dtype(J.dtype) == "float64"
-    assert_close(J, central_differences(model, x), rtol=1e-6, atol=1e-9)
+    if keras.backend.backend() in scenario.float32_inside:
+        assert_close(J, central_differences(model, x, eps=1e-3), rtol=1e-3, atol=1e-6)
+    else:
+        assert_close(J, central_differences(model, x), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=IDS)
@@ -38,13 +41,14 @@ def test_strategies_agree(scenario, rng):
     model = scenario.build("float64")
     x = rng.uniform(-1, 1, size=(scenario.batch,) + scenario.in_shape)
     reference = to_numpy(jacket.jacobian(model, x, mode="reverse"))
+    rtol = 1e-6 if keras.backend.backend() in scenario.float32_inside else 1e-12
     for options in (
         {"mode": "forward"},
         {"mode": "reverse", "chunk_size": 1},
         {"mode": "forward", "chunk_size": 3},
         {"mode": "auto", "chunk_size": 2},
     ):
-        assert_close(jacket.jacobian(model, x, **options), reference, rtol=1e-12, atol=1e-13)
+        assert_close(jacket.jacobian(model, x, **options), reference, rtol=rtol, atol=rtol / 10)
     flat = jacket.jacobian(model, x, flatten=True)
     out_size, in_size = int(np.prod(scenario.out_shape)), int(np.prod(scenario.in_shape))
     assert tuple(flat.shape) == (scenario.batch, out_size, in_size)

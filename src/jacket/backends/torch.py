@@ -10,6 +10,8 @@ several cotangents are pulled back through one retained graph.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._model import make_call
@@ -51,8 +53,17 @@ def vjp(f, xs, cts):
         return _grad([y for y, _ in pairs], xs, [c for _, c in pairs])
 
 
+def _math_attention():
+    """Attention by its plain formula: the fused CPU kernels have no double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def jvp(f, xs, ts):
-    with torch.enable_grad():
+    with torch.enable_grad(), _math_attention():
         xs = _watched(xs)
         ys = f(xs)
         out = []
