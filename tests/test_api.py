@@ -1,0 +1,120 @@
+"""jvp, vjp, the prepared function and its cache, check()."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from oracles import assert_close, to_numpy
+from scenarios import dict_inputs, dict_model, seed_cnn, seed_mlp
+
+import jacket
+
+
+def test_jvp_and_vjp_match_the_dense_jacobian(rng):
+    model = seed_cnn("float64")
+    x = rng.random((3, 28, 28, 1))
+    J = to_numpy(jacket.jacobian(model, x, flatten=True))  # (3, 10, 784)
+    v = rng.normal(size=x.shape)
+    u = rng.normal(size=(3, 10))
+    jv = to_numpy(jacket.jvp(model, x, v))
+    uj = to_numpy(jacket.vjp(model, x, u))
+    assert jv.shape == (3, 10) and uj.shape == (3, 28, 28, 1)
+    assert_close(jv, np.einsum("bij,bj->bi", J, v.reshape(3, -1)), rtol=1e-10)
+    assert_close(uj.reshape(3, -1), np.einsum("bi,bij->bj", u, J), rtol=1e-10)
+    # the dot-product test: <J v, u> == <v, J^T u>
+    np.testing.assert_allclose(np.sum(jv * u), np.sum(v * uj), rtol=1e-10)
+
+
+def test_jvp_and_vjp_keep_structures(rng):
+    model = dict_model("float64")
+    x = dict_inputs(rng)
+    J = jacket.jacobian(model, x, flatten=True)
+    v = {k: rng.normal(size=a.shape) for k, a in x.items()}
+    jv = jacket.jvp(model, x, v)
+    assert set(jv) == {"score", "parts"}
+    for out in jv:
+        expected = sum(
+            np.einsum("bij,bj->bi", to_numpy(J[out][k]), v[k].reshape(2, -1)) for k in x
+        )
+        assert_close(jv[out], expected, rtol=1e-10)
+    u = {"score": rng.normal(size=(2, 1)), "parts": rng.normal(size=(2, 5))}
+    uj = jacket.vjp(model, x, u)
+    assert set(uj) == {"image", "meta"}
+    for k in x:
+        expected = sum(np.einsum("bi,bij->bj", u[o], to_numpy(J[o][k])) for o in u)
+        assert_close(to_numpy(uj[k]).reshape(2, -1), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_second_call_does_not_retrace(backend, rng):
+    if keras.backend.backend() != backend:
+        pytest.skip(f"{backend} only")
+    model = seed_mlp()
+    jac = jacket.jacobian_fn(model)
+    x = rng.random((4, 5)).astype("float32")
+    jac(x)
+    traces = jac.trace_count
+    assert traces >= 1
+    jac(x + 1.0)
+    jacket.jacobian(model, x * 2.0)  # the one-shot form shares the cache
+    assert jac.trace_count == traces
+    jac(rng.random((6, 5)).astype("float32"))  # a new signature traces once more
+    assert jac.trace_count > traces
+
+
+def test_prepared_function_matches_one_shot(rng):
+    model = seed_mlp()
+    x = rng.random((3, 5)).astype("float32")
+    jac = jacket.jacobian_fn(model, mode="forward", flatten=True)
+    np.testing.assert_array_equal(to_numpy(jac(x)), to_numpy(jacket.jacobian(model, x, mode="forward", flatten=True)))
+    plan = jac.plan(x)
+    assert plan.mode == "forward" and plan.per_sample and plan.rows == 5
+    assert "forward mode" in plan.describe()
+    assert "JacobianFn(Sequential" in repr(jac)
+
+
+def test_auto_mode_follows_the_shape(rng):
+    wide = keras.Sequential([keras.Input((50,)), keras.layers.Dense(3)])
+    tall = keras.Sequential([keras.Input((3,)), keras.layers.Dense(50)])
+    assert jacket.jacobian_fn(wide).plan(np.ones((1, 50))).mode == "reverse"
+    assert jacket.jacobian_fn(tall).plan(np.ones((1, 3))).mode == "forward"
+
+
+def test_chunking_bounds_the_passes(rng):
+    model = seed_mlp()
+    plan = jacket.jacobian_fn(model, mode="forward", chunk_size=2).plan(np.ones((1, 5)))
+    assert plan.chunk == 2 and plan.n_chunks == 3
+
+
+def test_check_reports_ok_on_a_correct_jacobian(rng):
+    report = jacket.check(seed_mlp(), rng.random((2, 5)).astype("float32"))
+    assert report.ok
+    assert report.max_rel_error < 1e-4
+    assert report.shape == (2, 2, 5)
+    assert report.reference == "float64 copy of the model"
+    assert str(report).startswith("Jacobian check OK")
+
+
+def test_check_catches_a_wrong_gradient(rng):
+    """A model whose gradient lies (`stop_gradient` hides the square): check must fail."""
+
+    def lying(x):
+        return x + keras.ops.stop_gradient(x * x - x)  # value x^2, gradient 1 instead of 2x
+
+    report = jacket.check(lying, rng.uniform(1, 2, size=(2, 3)))
+    assert not report.ok
+    assert report.max_rel_error > 0.1
+    assert "FAILED" in str(report)
+
+
+def test_check_on_a_multi_input_model(rng):
+    report = jacket.check(dict_model(), dict_inputs(rng, dtype="float32"))
+    assert report.ok, str(report)
+    assert report.shape == (2, 6, 19)
+
+
+def test_check_on_a_float32_callable_uses_its_own_dtype(rng):
+    report = jacket.check(lambda x: keras.ops.tanh(x) * 3, rng.normal(size=(2, 4)).astype("float32"))
+    assert report.ok, str(report)
+    assert report.reference == "model in float32"
