@@ -40,7 +40,9 @@ def central_differences(model, x: np.ndarray, *, eps: float = 1e-6, per_sample: 
             c_idx, b_idx = np.arange(len(cols))[:, None], np.arange(B)[None]
             moved[0, c_idx, b_idx, cols[:, None]] += h.T
             moved[1, c_idx, b_idx, cols[:, None]] -= h.T
-            y = forward(model, moved.reshape((-1,) + in_shape)).reshape((2, len(cols), B) + out_shape)
+            y = forward(model, moved.reshape((-1,) + in_shape)).reshape(
+                (2, len(cols), B) + out_shape
+            )
             d = (y[0] - y[1]) / (2 * h.T.reshape((len(cols), B) + (1,) * len(out_shape)))
             J[..., cols] = np.moveaxis(d, 0, -1)
         return J.reshape((B,) + out_shape + in_shape)

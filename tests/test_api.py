@@ -34,9 +34,7 @@ def test_jvp_and_vjp_keep_structures(rng):
     jv = jacket.jvp(model, x, v)
     assert set(jv) == {"score", "parts"}
     for out in jv:
-        expected = sum(
-            np.einsum("bij,bj->bi", to_numpy(J[out][k]), v[k].reshape(2, -1)) for k in x
-        )
+        expected = sum(np.einsum("bij,bj->bi", to_numpy(J[out][k]), v[k].reshape(2, -1)) for k in x)
         assert_close(jv[out], expected, rtol=1e-10)
     u = {"score": rng.normal(size=(2, 1)), "parts": rng.normal(size=(2, 5))}
     uj = jacket.vjp(model, x, u)
@@ -67,7 +65,9 @@ def test_prepared_function_matches_one_shot(rng):
     model = seed_mlp()
     x = rng.random((3, 5)).astype("float32")
     jac = jacket.jacobian_fn(model, mode="forward", flatten=True)
-    np.testing.assert_array_equal(to_numpy(jac(x)), to_numpy(jacket.jacobian(model, x, mode="forward", flatten=True)))
+    np.testing.assert_array_equal(
+        to_numpy(jac(x)), to_numpy(jacket.jacobian(model, x, mode="forward", flatten=True))
+    )
     plan = jac.plan(x)
     assert plan.mode == "forward" and plan.per_sample and plan.rows == 5
     assert "forward mode" in plan.describe()
@@ -115,6 +115,8 @@ def test_check_on_a_multi_input_model(rng):
 
 
 def test_check_on_a_float32_callable_uses_its_own_dtype(rng):
-    report = jacket.check(lambda x: keras.ops.tanh(x) * 3, rng.normal(size=(2, 4)).astype("float32"))
+    report = jacket.check(
+        lambda x: keras.ops.tanh(x) * 3, rng.normal(size=(2, 4)).astype("float32")
+    )
     assert report.ok, str(report)
     assert report.reference == "model in float32"

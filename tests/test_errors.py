@@ -48,7 +48,9 @@ def test_scalar_input(mlp):
 
 
 def test_output_without_batch_axis():
-    with pytest.raises(jacket.JacketValueError, match=r"`y` must start with the batch axis of size 3"):
+    with pytest.raises(
+        jacket.JacketValueError, match=r"`y` must start with the batch axis of size 3"
+    ):
         jacket.jacobian(lambda x: keras.ops.sum(x), np.ones((3, 2), "float32"))
 
 
@@ -56,27 +58,33 @@ def test_output_without_batch_axis():
 def test_chunk_size_not_positive(mlp, chunk_size):
     with pytest.raises(jacket.JacketValueError) as info:
         jacket.jacobian(mlp, np.ones((1, 5), "float32"), chunk_size=chunk_size)
-    assert f"jacobian: `chunk_size` must be a positive integer. Received: chunk_size={chunk_size}" in str(
-        info.value
+    assert (
+        f"jacobian: `chunk_size` must be a positive integer. Received: chunk_size={chunk_size}"
+        in str(info.value)
     )
 
 
 @pytest.mark.parametrize("chunk_size", [2.5, "4", True])
 def test_chunk_size_wrong_type(mlp, chunk_size):
-    with pytest.raises(jacket.JacketTypeError, match="`chunk_size` must be a positive integer or None"):
+    with pytest.raises(
+        jacket.JacketTypeError, match="`chunk_size` must be a positive integer or None"
+    ):
         jacket.jacobian(mlp, np.ones((1, 5), "float32"), chunk_size=chunk_size)
 
 
 def test_unknown_mode(mlp):
     with pytest.raises(jacket.JacketValueError) as info:
         jacket.jacobian_fn(mlp, mode="fwd")
-    assert "jacobian_fn: `mode` must be one of 'auto', 'reverse', 'forward'. Received: mode='fwd'." in str(
-        info.value
+    assert (
+        "jacobian_fn: `mode` must be one of 'auto', 'reverse', 'forward'. Received: mode='fwd'."
+        in str(info.value)
     )
 
 
 def test_flags_must_be_booleans(mlp):
-    with pytest.raises(jacket.JacketTypeError, match="`flatten` must be True or False. Received: flatten='yes'"):
+    with pytest.raises(
+        jacket.JacketTypeError, match="`flatten` must be True or False. Received: flatten='yes'"
+    ):
         jacket.jacobian(mlp, np.ones((1, 5), "float32"), flatten="yes")
 
 
@@ -109,7 +117,9 @@ def test_nan_names_the_sample(mlp):
 def test_nan_in_a_named_input(rng):
     x = dict_inputs(rng, dtype="float32")
     x["meta"][1, 0] = np.nan
-    with pytest.raises(jacket.JacketValueError, match=r"`x\['meta'\]` contains NaN or inf in sample\(s\) 1"):
+    with pytest.raises(
+        jacket.JacketValueError, match=r"`x\['meta'\]` contains NaN or inf in sample\(s\) 1"
+    ):
         jacket.jacobian(dict_model(), x)
 
 
@@ -144,7 +154,10 @@ def test_x_none(mlp):
 
 
 def test_model_not_callable():
-    with pytest.raises(jacket.JacketTypeError, match="`model` must be a Keras model or layer.*Received: model of type int"):
+    with pytest.raises(
+        jacket.JacketTypeError,
+        match="`model` must be a Keras model or layer.*Received: model of type int",
+    ):
         jacket.jacobian(3, np.ones((1, 2)))
 
 
@@ -172,10 +185,14 @@ def test_jvp_tangent_shape(mlp):
 
 def test_vjp_cotangent_structure(rng):
     x = dict_inputs(rng, dtype="float32")
-    with pytest.raises(jacket.JacketValueError, match="`u` must have the structure of the model output"):
+    with pytest.raises(
+        jacket.JacketValueError, match="`u` must have the structure of the model output"
+    ):
         jacket.vjp(dict_model(), x, np.ones((2, 1), "float32"))
 
 
 def test_check_rejects_bad_eps(mlp):
-    with pytest.raises(jacket.JacketValueError, match="check: `eps` must be a positive finite number"):
+    with pytest.raises(
+        jacket.JacketValueError, match="check: `eps` must be a positive finite number"
+    ):
         jacket.check(mlp, np.ones((1, 5), "float32"), eps=0.0)

@@ -73,7 +73,9 @@ def test_elementwise_activation_is_diagonal(rng):
 
 def test_conv1d_is_banded(rng):
     model = keras.Sequential([keras.Input((10, 1)), keras.layers.Conv1D(1, 3, padding="same")])
-    J = to_numpy(jacket.jacobian(model, rng.normal(size=(2, 10, 1)).astype("float32")))[:, :, 0, :, 0]
+    J = to_numpy(jacket.jacobian(model, rng.normal(size=(2, 10, 1)).astype("float32")))[
+        :, :, 0, :, 0
+    ]
     i, j = np.indices((10, 10))
     assert np.all(J[:, np.abs(i - j) > 1] == 0)
     assert np.all(J[:, np.abs(i - j) <= 1] != 0)
@@ -160,15 +162,20 @@ def test_full_jacobian_off_diagonal_blocks_are_zero(rng):
             else:
                 assert np.all(full[b, :, c] == 0)
     for mode in ("forward", "reverse"):
-        assert_close(jacket.jacobian(model, x, per_sample=False, mode=mode, chunk_size=4), full, rtol=1e-12)
+        assert_close(
+            jacket.jacobian(model, x, per_sample=False, mode=mode, chunk_size=4), full, rtol=1e-12
+        )
     flat = jacket.jacobian(model, x, per_sample=False, flatten=True)
     assert tuple(flat.shape) == (3, 2, 3, 5)
 
 
 def test_coupled_samples_are_detected_and_the_full_jacobian_is_right(rng):
     model = keras.Sequential(
-        [keras.Input((4,), dtype="float64"), keras.layers.BatchNormalization(dtype="float64"),
-         keras.layers.Dense(2, dtype="float64")]
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.BatchNormalization(dtype="float64"),
+            keras.layers.Dense(2, dtype="float64"),
+        ]
     )
     x = rng.normal(size=(5, 4))
     with pytest.raises(jacket.CouplingError, match="per_sample=False"):
@@ -195,6 +202,7 @@ def test_layer_averaging_over_the_batch_is_detected(rng):
     x = rng.normal(size=(8, 3)).astype("float32")
     with pytest.raises(jacket.CouplingError, match="depends on other samples"):
         jacket.jacobian(batch_mean, x)
+
     # a coupling between two samples only (3 and 6) is found too
     def pair(x):
         return x + keras.ops.where(
@@ -247,7 +255,11 @@ def test_integer_arrays_are_cast_like_keras_casts_them():
 def test_backend_tensors_are_accepted(rng):
     model = seed_mlp()
     x = rng.random((2, 5)).astype("float32")
-    assert_close(jacket.jacobian(model, keras.ops.convert_to_tensor(x)), to_numpy(jacket.jacobian(model, x)), rtol=0)
+    assert_close(
+        jacket.jacobian(model, keras.ops.convert_to_tensor(x)),
+        to_numpy(jacket.jacobian(model, x)),
+        rtol=0,
+    )
 
 
 def test_any_callable(rng):
@@ -267,4 +279,3 @@ def test_result_follows_weight_updates(rng):
     jacket.jacobian(layer, x)
     layer.kernel.assign(np.full((3, 2), 7.0, dtype="float32"))
     np.testing.assert_array_equal(to_numpy(jacket.jacobian(layer, x))[0], np.full((2, 3), 7.0))
-

@@ -120,9 +120,9 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     entry = engine.entry("jvp", inputs)
     if per_sample:
         engine.check_independent("jvp", inputs, entry)
-    outs = engine.kernel(("jvp", inputs.signature), lambda: _kernels.jvp_kernel(engine.backend, inputs.structure))(
-        inputs.tensors, tangents
-    )
+    outs = engine.kernel(
+        ("jvp", inputs.signature), lambda: _kernels.jvp_kernel(engine.backend, inputs.structure)
+    )(inputs.tensors, tangents)
     return pack(entry.y_structure, list(outs))
 
 
@@ -216,7 +216,11 @@ class _Options:
                     f"Received: chunk_size={chunk_size}. Pass None to choose it from memory."
                 )
             chunk_size = int(chunk_size)
-        for name, value in (("flatten", flatten), ("per_sample", per_sample), ("training", training)):
+        for name, value in (
+            ("flatten", flatten),
+            ("per_sample", per_sample),
+            ("training", training),
+        ):
             _check_flag(fn_name, name, value)
         return cls(mode, chunk_size, bool(flatten), bool(per_sample), bool(training))
 
@@ -277,12 +281,16 @@ class _Engine:
             from ._model import make_call
 
             y = make_call(self.model, self.training, state)(inputs.pack(inputs.tensors))
-            entry = _Entry(skeleton(y), output_leaves(fn_name, y, inputs.batch), _activation_size(self.model))
+            entry = _Entry(
+                skeleton(y), output_leaves(fn_name, y, inputs.batch), _activation_size(self.model)
+            )
             self._entries[inputs.signature] = entry
         return entry
 
     def plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
-        itemsize = np.dtype(_numpy_dtype(_kernels.result_dtype(inputs.leaves + entry.out_leaves))).itemsize
+        itemsize = np.dtype(
+            _numpy_dtype(_kernels.result_dtype(inputs.leaves + entry.out_leaves))
+        ).itemsize
         return make_plan(
             mode=options.mode,
             chunk_size=options.chunk_size,
@@ -445,7 +453,9 @@ def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int
         )
     out = []
     for (label, item), leaf in zip(flat, leaves):
-        tensor = item if keras.ops.is_tensor(item) else keras.ops.convert_to_tensor(np.asarray(item))
+        tensor = (
+            item if keras.ops.is_tensor(item) else keras.ops.convert_to_tensor(np.asarray(item))
+        )
         shape = tuple(int(d) for d in tensor.shape)
         if shape != (batch,) + leaf.shape:
             raise JacketValueError(

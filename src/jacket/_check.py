@@ -157,7 +157,9 @@ def _to_float64(obj):
         ):
             return {**obj, "config": {**obj["config"], "name": "float64"}}
         return {
-            key: "float64" if key == "dtype" and value in ("float16", "bfloat16", "float32") else _to_float64(value)
+            key: "float64"
+            if key == "dtype" and value in ("float16", "bfloat16", "float32")
+            else _to_float64(value)
             for key, value in obj.items()
         }
     if isinstance(obj, list):
@@ -220,7 +222,9 @@ def _keras_float64():
 def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: str) -> np.ndarray:
     """`(batch, out_size, in_size)`: `(f(x + h e_j) - f(x - h e_j)) / 2h` for every input column."""
     B = inputs.batch
-    xs = [np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64"))) for t in inputs.tensors]
+    xs = [
+        np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64"))) for t in inputs.tensors
+    ]
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     sizes = [leaf.size for leaf in inputs.leaves]
     N = flat.shape[1]
@@ -231,12 +235,21 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
         parts, offset = [], 0
         for leaf, size in zip(inputs.leaves, sizes):
             part = flat_batch[:, offset : offset + size].reshape((-1,) + leaf.shape)
-            parts.append(keras.ops.convert_to_tensor(part.astype(fd_dtype if fd_dtype != "bfloat16" else "float32"), dtype=fd_dtype))
+            parts.append(
+                keras.ops.convert_to_tensor(
+                    part.astype(fd_dtype if fd_dtype != "bfloat16" else "float32"), dtype=fd_dtype
+                )
+            )
             offset += size
         ys = call(inputs.pack(parts))
         ys = keras.tree.flatten(ys) if not keras.ops.is_tensor(ys) else [ys]
         return np.concatenate(
-            [np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(y, "float64"))).reshape(len(flat_batch), -1) for y in ys],
+            [
+                np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(y, "float64"))).reshape(
+                    len(flat_batch), -1
+                )
+                for y in ys
+            ],
             axis=1,
         )
 

@@ -38,7 +38,9 @@ def result_dtype(leaves: list[Leaf]) -> str:
 
 def _flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
     """Concatenate tensors `(*leading, *leaf.shape)` into one `(*leading, sum of sizes)`."""
-    parts = [ops.cast(ops.reshape(t, leading + (leaf.size,)), dtype) for t, leaf in zip(tensors, leaves)]
+    parts = [
+        ops.cast(ops.reshape(t, leading + (leaf.size,)), dtype) for t, leaf in zip(tensors, leaves)
+    ]
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
@@ -89,7 +91,9 @@ def jacobian_kernel(
 
         if plan.strategy == "replicate":
             tiled = [_tile(x, k) for x in xs]
-            flat_seeds = [ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)]
+            flat_seeds = [
+                ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)
+            ]
             push = backend.vjp if reverse else backend.jvp
             outs = push(f, tiled, flat_seeds)
         else:

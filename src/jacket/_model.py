@@ -37,7 +37,9 @@ class Inputs:
     """`x` after the checks: its structure, its leaves as backend tensors, and their description."""
 
     structure: Any  # x's own structure, leaves replaced by None
-    tensors: list  # backend tensors, each `(batch, *shape)`, cast to the dtype the model computes in
+    tensors: (
+        list  # backend tensors, each `(batch, *shape)`, cast to the dtype the model computes in
+    )
     leaves: list[Leaf]
     batch: int
 

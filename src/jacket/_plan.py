@@ -26,7 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for one pass (activations and result rows)
+DEFAULT_MEMORY_BUDGET = (
+    1 << 30
+)  # bytes of working memory for one pass (activations and result rows)
 MAX_UNROLLED = 32  # seeds per pass when the backend unrolls a "loop" into its graph
 
 

@@ -43,7 +43,9 @@ def _set_backend(backend: str | None) -> None:
         import keras
 
         if keras.backend.backend() != backend:
-            errors.print(f"[red]error:[/red] Keras is already loaded with {keras.backend.backend()}.")
+            errors.print(
+                f"[red]error:[/red] Keras is already loaded with {keras.backend.backend()}."
+            )
             raise typer.Exit(1)
     os.environ["KERAS_BACKEND"] = backend
 
@@ -71,9 +73,9 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the array and the figure.")] = Path(
-        "jacket-demo"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the array and the figure.")
+    ] = Path("jacket-demo"),
     batch: Annotated[int, typer.Option(min=1, max=360, help="Test digits in the batch.")] = 32,
     backend: BackendOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead.")] = False,
@@ -102,7 +104,9 @@ def demo(
     if as_json:
         print(json.dumps(summary))
     else:
-        table = Table(title="jacket demo: digits classifier (8x8 images, 10 classes)", show_header=False)
+        table = Table(
+            title="jacket demo: digits classifier (8x8 images, 10 classes)", show_header=False
+        )
         table.add_row("backend", result.backend)
         table.add_row("test accuracy", f"{result.accuracy:.1%}")
         table.add_row("Jacobian", f"{result.jacobian_shape}  (batch, classes, 8, 8, 1)")

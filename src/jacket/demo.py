@@ -94,7 +94,9 @@ class DemoResult:
     predictions: list = field(default_factory=list)
 
 
-def run_demo(out_dir: str | Path = "jacket-demo", *, batch: int = 32, repeats: int = 5) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "jacket-demo", *, batch: int = 32, repeats: int = 5
+) -> DemoResult:
     """Per-sample Jacobians of the bundled classifier on `batch` test digits.
 
     Writes `jacobians.npy` (`(batch, 10, 8, 8, 1)`) and `jacobian_rows.png` (each class's row of
@@ -133,9 +135,7 @@ def run_demo(out_dir: str | Path = "jacket-demo", *, batch: int = 32, repeats: i
         J[:shown],
         images=x[:shown],
         row_labels=[f"d logit {c}" for c in range(10)],
-        sample_labels=[
-            f"digit {y_test[b]} (pred {logits[b].argmax()})" for b in range(shown)
-        ],
+        sample_labels=[f"digit {y_test[b]} (pred {logits[b].argmax()})" for b in range(shown)],
     )
     figure.savefig(figure_path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt

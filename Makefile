@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything goes into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of PyTorch (on these machines it lies on local disk; elsewhere pip fetches it).
+TORCH := torch==2.13.0
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: demo test test-tensorflow test-jax test-torch test-slow lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.demo.stamp: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e ".[tensorflow,demo]"
+	touch $@
+
+$(VENV)/.test.stamp: pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[tensorflow,jax,torch,test]"
+	touch $@ $(VENV)/.demo.stamp
+
+demo: $(VENV)/.demo.stamp
+	$(VENV)/bin/jacket demo
+
+# The suite once per Keras backend, each in its own process (Keras fixes the backend per process).
+test: $(VENV)/.test.stamp
+	$(VENV)/bin/ruff check src tests
+	KERAS_BACKEND=tensorflow $(PYTEST) -m "not slow"
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PYTEST) -m "not slow"
+	KERAS_BACKEND=torch $(PYTEST) -m "not slow"
+
+test-tensorflow test-jax test-torch: test-%: $(VENV)/.test.stamp
+	KERAS_BACKEND=$* $(PYTEST)
+
+lint: $(VENV)/.test.stamp
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) jacket-demo .pytest_cache build *.egg-info src/*.egg-info
