@@ -17,7 +17,18 @@ import numpy as np
 
 from . import _kernels, backends
 from ._errors import CouplingError, JacketTypeError, JacketValueError
-from ._model import Inputs, Leaf, check_model, output_leaves, pack, prepare_inputs, skeleton
+from ._model import (
+    Inputs,
+    Leaf,
+    check_model,
+    flatten_with_labels,
+    is_leaf_structure,
+    make_call,
+    output_leaves,
+    pack,
+    prepare_inputs,
+    skeleton,
+)
 from ._plan import DEFAULT_MEMORY_BUDGET, Plan, make_plan
 
 MODES = ("auto", "reverse", "forward")
@@ -120,9 +131,7 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     entry = engine.entry("jvp", inputs)
     if per_sample:
         engine.check_independent("jvp", inputs, entry)
-    outs = engine.kernel(
-        ("jvp", inputs.signature), lambda: _kernels.jvp_kernel(engine.backend, inputs.structure)
-    )(inputs.tensors, tangents)
+    outs = engine.jvp(inputs)(inputs.tensors, tangents)
     return pack(entry.y_structure, list(outs))
 
 
@@ -269,7 +278,13 @@ class _Engine:
     def vjp(self, inputs: Inputs):
         return self.kernel(
             ("vjp", inputs.signature),
-            lambda: _kernels.vjp_kernel(self.backend, inputs.structure, inputs.leaves),
+            lambda: _kernels.vjp_kernel(self.backend, inputs.structure),
+        )
+
+    def jvp(self, inputs: Inputs):
+        return self.kernel(
+            ("jvp", inputs.signature),
+            lambda: _kernels.jvp_kernel(self.backend, inputs.structure),
         )
 
     def entry(self, fn_name: str, inputs: Inputs) -> _Entry:
@@ -278,8 +293,6 @@ class _Engine:
             state = None
             if self.training and isinstance(self.model, keras.Layer):
                 state = [v.value for v in self.model.variables]
-            from ._model import make_call
-
             y = make_call(self.model, self.training, state)(inputs.pack(inputs.tensors))
             entry = _Entry(
                 skeleton(y), output_leaves(fn_name, y, inputs.batch), _activation_size(self.model)
@@ -433,8 +446,6 @@ def _like(fn_name: str, name: str, value, inputs: Inputs) -> list:
 
 
 def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int) -> list:
-    from ._model import flatten_with_labels, is_leaf_structure
-
     if value is None:
         raise JacketTypeError(f"{fn_name}: `{name}` must be given. Received: {name}=None.")
     if is_leaf_structure(structure):

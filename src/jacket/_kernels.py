@@ -108,7 +108,7 @@ def jacobian_kernel(
     return kernel
 
 
-def vjp_kernel(backend, in_structure, in_leaves: list[Leaf]):
+def vjp_kernel(backend, in_structure):
     """`kernel(call, xs, cts) -> grads`: one VJP of the batched model."""
 
     def kernel(call, xs, cts):

@@ -1,0 +1,66 @@
+"""`make bench`: the anchor benchmark on every installed backend, one process each, one table.
+
+Writes `bench-results/anchors-<backend>.json` and prints jacket's time next to each anchor's, and the
+ratio to the best anchor that agrees with jacket (below 1.0: jacket is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="*", default=list(FRAMEWORK))
+    parser.add_argument("--cases", nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    results = []
+    for backend in args.backends:
+        if importlib.util.find_spec(FRAMEWORK[backend]) is None:
+            print(f"[skip] {backend}: not installed")
+            continue
+        path = out / f"anchors-{backend}.json"
+        command = [sys.executable, str(HERE / "anchors.py"), "--json", str(path)]
+        command += ["--repeats", str(args.repeats)]
+        if args.cases:
+            command += ["--cases", *args.cases]
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        subprocess.run(command, check=True, env=env)
+        results.append(json.loads(path.read_text()))
+
+    print()
+    print(f"{'backend':<11}{'case':<14}{'jacket ms':>10}{'first s':>9}  {'anchor':<42}{'ms':>9}{'first s':>9}  agree")
+    for result in results:
+        for row in result["rows"]:
+            anchors = row["anchors"] or {"-": {}}
+            for k, (name, a) in enumerate(anchors.items()):
+                left = (
+                    f"{row['backend']:<11}{row['case']:<14}{row['jacket_ms']:>10.2f}{row['jacket_first_s']:>9.2f}"
+                    if k == 0
+                    else " " * 44
+                )
+                if "ms" in a:
+                    right = f"{name:<42}{a['ms']:>9.2f}{a['first_s']:>9.2f}  {'yes' if a['agrees'] else 'NO'}"
+                else:
+                    right = f"{name:<42}{a.get('error', '')}"
+                print(f"{left}  {right}")
+            if row["ratio_to_best"] is not None:
+                print(f"{'':<44}  {'jacket / best anchor':<42}{row['ratio_to_best']:>9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
