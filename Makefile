@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-tensorflow test-jax test-torch test-slow lint clean
+.PHONY: demo test test-tensorflow test-jax test-torch bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ test: $(VENV)/.test.stamp
 
 test-tensorflow test-jax test-torch: test-%: $(VENV)/.test.stamp
 	KERAS_BACKEND=$* $(PYTEST)
+
+bench: $(VENV)/.test.stamp
+	$(PY) benchmarks/run.py
 
 lint: $(VENV)/.test.stamp
 	$(VENV)/bin/ruff check src tests

@@ -42,7 +42,9 @@ def main(argv=None):
         results.append(json.loads(path.read_text()))
 
     print()
-    print(f"{'backend':<11}{'case':<14}{'jacket ms':>10}{'first s':>9}  {'anchor':<42}{'ms':>9}{'first s':>9}  agree")
+    print(
+        f"{'backend':<11}{'case':<14}{'jacket ms':>10}{'first s':>9}  {'anchor':<42}{'ms':>9}{'first s':>9}  agree"
+    )
     for result in results:
         for row in result["rows"]:
             anchors = row["anchors"] or {"-": {}}

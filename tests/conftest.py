@@ -30,8 +30,9 @@ if BACKEND != "tensorflow":
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
         for name in ("tensorflow", "jax", "torch"):
-            if name in item.keywords and BACKEND != name:
+            if name in marks and BACKEND != name:
                 item.add_marker(pytest.mark.skip(reason=f"{name} only (backend is {BACKEND})"))
 
 
