@@ -20,6 +20,7 @@ from ._errors import CouplingError, JacketTypeError, JacketValueError
 from ._model import (
     Inputs,
     Leaf,
+    check_finite_samples,
     check_model,
     flatten_with_labels,
     is_leaf_structure,
@@ -261,6 +262,7 @@ class _Engine:
         self._kernels: dict = {}
         self._entries: dict = {}
         self._independent: dict = {}
+        self._plans: dict = {}
 
     def kernel(self, key, build):
         compiled = self._kernels.get(key)
@@ -301,6 +303,13 @@ class _Engine:
         return entry
 
     def plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+        key = (inputs.signature, options)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(inputs, entry, options)
+        return plan
+
+    def _make_plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
         itemsize = np.dtype(
             _numpy_dtype(_kernels.result_dtype(inputs.leaves + entry.out_leaves))
         ).itemsize
@@ -412,29 +421,47 @@ def _engine(model, training: bool) -> _Engine:
 
 def _jacobian(fn_name: str, model, x, options: _Options):
     check_model(fn_name, model)
-    inputs = prepare_inputs(fn_name, model, x)
+    inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
     engine = _engine(model, options.training)
     entry = engine.entry(fn_name, inputs)
     plan = engine.plan(inputs, entry, options)
     if plan.per_sample:
         engine.check_independent(fn_name, inputs, entry)
+    whole = plan.n_chunks == 1  # one compiled call does everything, assembly included
     kernel = engine.kernel(
-        ("jacobian", inputs.signature, plan),
+        ("jacobian", inputs.signature, plan, options.flatten if whole else None),
         lambda: _kernels.jacobian_kernel(
-            engine.backend, plan, inputs.structure, inputs.leaves, entry.out_leaves, inputs.batch
+            engine.backend,
+            plan,
+            inputs.structure,
+            inputs.leaves,
+            entry.out_leaves,
+            inputs.batch,
+            assemble_flatten=options.flatten if whole else None,
         ),
     )
-    blocks = [
+    results = [
         kernel(inputs.tensors, keras.ops.convert_to_tensor(np.int32(start)))
         for start in range(0, plan.rows, plan.chunk)
     ]
-    in_size = sum(leaf.size for leaf in inputs.leaves)
-    out_size = sum(leaf.size for leaf in entry.out_leaves)
-    flat = _kernels.assemble(blocks, plan, inputs.batch, out_size, in_size)
-    blocks = _kernels.split_blocks(
-        flat, plan.per_sample, inputs.batch, inputs.leaves, entry.out_leaves, options.flatten
-    )
-    return pack(entry.y_structure, [inputs.pack(row) for row in blocks])
+    finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
+    if not finite.all():
+        for tensor, leaf in zip(inputs.tensors, inputs.leaves):
+            check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
+    if whole:
+        flat_blocks = list(results[0][1])
+        n_in = len(inputs.leaves)
+        rows = [flat_blocks[k : k + n_in] for k in range(0, len(flat_blocks), n_in)]
+    else:
+        in_size = sum(leaf.size for leaf in inputs.leaves)
+        out_size = sum(leaf.size for leaf in entry.out_leaves)
+        flat = _kernels.assemble(
+            [block for _, block in results], plan, inputs.batch, out_size, in_size
+        )
+        rows = _kernels.split_blocks(
+            flat, plan.per_sample, inputs.batch, inputs.leaves, entry.out_leaves, options.flatten
+        )
+    return pack(entry.y_structure, [inputs.pack(row) for row in rows])
 
 
 # ---------------------------------------------------------------------------------------- helpers

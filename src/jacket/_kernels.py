@@ -62,12 +62,21 @@ def _tile(x, k: int):
 
 
 def jacobian_kernel(
-    backend, plan: Plan, in_structure, in_leaves: list[Leaf], out_leaves: list[Leaf], batch: int
+    backend,
+    plan: Plan,
+    in_structure,
+    in_leaves: list[Leaf],
+    out_leaves: list[Leaf],
+    batch: int,
+    assemble_flatten: bool | None = None,
 ):
-    """`kernel(call, xs, start) -> (k, batch, other_size)`: seeds `start .. start + k` pushed through.
+    """`kernel(call, xs, start) -> (finite, block)`: seeds `start .. start + k` pushed through.
 
     A seed is a one-hot over the output rows (reverse) or input columns (forward) of one sample,
     broadcast over the batch (per-sample), or a one-hot over the whole batch (`per_sample=False`).
+    `finite` is `(batch,)`: whether each sample's inputs are all finite. `block` is
+    `(k, batch, other_size)`; with `assemble_flatten` set (the plan has one chunk) it is instead the
+    finished blocks, `blocks[j][i]` flattened output-major, so that one compiled call does all.
     """
     reverse = plan.mode == "reverse"
     seed_leaves, other_leaves = (out_leaves, in_leaves) if reverse else (in_leaves, out_leaves)
@@ -103,9 +112,26 @@ def jacobian_kernel(
                 outs = over(pullback, seeds)
             else:
                 outs = over(lambda ts: backend.jvp(f, xs, ts), seeds)
-        return _flat(outs, (k, B), other_leaves, other_dtype)
+        block = _flat(outs, (k, B), other_leaves, other_dtype)
+        finite = _finite(xs, B)
+        if assemble_flatten is None:
+            return finite, block
+        out_size = sum(leaf.size for leaf in out_leaves)
+        in_size = sum(leaf.size for leaf in in_leaves)
+        J = assemble([block], plan, B, out_size, in_size)
+        rows = split_blocks(J, plan.per_sample, B, in_leaves, out_leaves, assemble_flatten)
+        return finite, [b for row in rows for b in row]
 
     return kernel
+
+
+def _finite(xs, batch: int):
+    """`(batch,)` bool: every input value of the sample is finite."""
+    flags = [ops.all(ops.isfinite(ops.reshape(x, (batch, -1))), axis=1) for x in xs]
+    out = flags[0]
+    for flag in flags[1:]:
+        out = ops.logical_and(out, flag)
+    return out
 
 
 def vjp_kernel(backend, in_structure):
