@@ -120,3 +120,27 @@ def test_check_on_a_float32_callable_uses_its_own_dtype(rng):
     )
     assert report.ok, str(report)
     assert report.reference == "model in float32"
+
+
+def test_memory_budget_sets_the_chunk_and_not_the_result(rng):
+    model = seed_cnn("float64")
+    x = rng.random((4, 28, 28, 1))
+    roomy = jacket.jacobian_fn(model, memory_budget="1GiB")
+    tight = jacket.jacobian_fn(model, memory_budget=200_000)
+    assert roomy.plan(x).n_chunks == 1
+    assert tight.plan(x).chunk < 10 and tight.plan(x).n_chunks > 1
+    assert_close(tight(x), to_numpy(roomy(x)), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "budget,kind,message",
+    [
+        ("lots", jacket.JacketValueError, "must look like '500MB'"),
+        ("5 parsecs", jacket.JacketValueError, "Received: memory_budget='5 parsecs'"),
+        (0, jacket.JacketValueError, "at least one byte"),
+        ([1], jacket.JacketTypeError, "must be a number of bytes"),
+    ],
+)
+def test_memory_budget_errors(budget, kind, message):
+    with pytest.raises(kind, match=message):
+        jacket.jacobian_fn(seed_mlp(), memory_budget=budget)

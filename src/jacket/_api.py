@@ -30,7 +30,7 @@ from ._model import (
     prepare_inputs,
     skeleton,
 )
-from ._plan import DEFAULT_MEMORY_BUDGET, Plan, make_plan
+from ._plan import DEFAULT_MEMORY_BUDGET, Plan, make_plan, parse_bytes
 
 MODES = ("auto", "reverse", "forward")
 
@@ -49,6 +49,7 @@ def jacobian(
     flatten: bool = False,
     per_sample: bool = True,
     training: bool = False,
+    memory_budget: int | str | None = None,
 ):
     """Per-sample Jacobian of `model` at `x`.
 
@@ -65,6 +66,8 @@ def jacobian(
       per_sample: With `False`, the full Jacobian of the batch, `(batch, *out_shape, batch,
         *in_shape)`, for models whose samples interact (BatchNormalization in training mode).
       training: Call the model in training mode. The model itself is never changed.
+      memory_budget: Working memory one pass may use, in bytes or as a string ("500MB", "2GiB");
+        sets the default `chunk_size`. Default: 1 GiB.
 
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
@@ -81,7 +84,9 @@ def jacobian(
       >>> tuple(J.shape)
       (2, 3, 4)
     """
-    options = _Options.checked("jacobian", mode, chunk_size, flatten, per_sample, training)
+    options = _Options.checked(
+        "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget
+    )
     return _jacobian("jacobian", model, x, options)
 
 
@@ -93,6 +98,7 @@ def jacobian_fn(
     flatten: bool = False,
     per_sample: bool = True,
     training: bool = False,
+    memory_budget: int | str | None = None,
 ) -> JacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
@@ -105,7 +111,9 @@ def jacobian_fn(
       >>> J = jac(x + 1.0)                # same signature: runs the compiled kernel
     """
     check_model("jacobian_fn", model)
-    options = _Options.checked("jacobian_fn", mode, chunk_size, flatten, per_sample, training)
+    options = _Options.checked(
+        "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget
+    )
     return JacobianFn(model, options)
 
 
@@ -204,9 +212,12 @@ class _Options:
     flatten: bool = False
     per_sample: bool = True
     training: bool = False
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     @classmethod
-    def checked(cls, fn_name, mode, chunk_size, flatten, per_sample, training) -> _Options:
+    def checked(
+        cls, fn_name, mode, chunk_size, flatten, per_sample, training, memory_budget=None
+    ) -> _Options:
         if not isinstance(mode, str) or mode not in MODES:
             raise JacketValueError(
                 f"{fn_name}: `mode` must be one of {', '.join(map(repr, MODES))}. "
@@ -232,7 +243,12 @@ class _Options:
             ("training", training),
         ):
             _check_flag(fn_name, name, value)
-        return cls(mode, chunk_size, bool(flatten), bool(per_sample), bool(training))
+        budget = (
+            DEFAULT_MEMORY_BUDGET
+            if memory_budget is None
+            else parse_bytes(fn_name, "memory_budget", memory_budget)
+        )
+        return cls(mode, chunk_size, bool(flatten), bool(per_sample), bool(training), budget)
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -323,7 +339,7 @@ class _Engine:
             out_size=sum(leaf.size for leaf in entry.out_leaves),
             itemsize=itemsize,
             activation_size=entry.activation_size,
-            memory_budget=DEFAULT_MEMORY_BUDGET,
+            memory_budget=options.memory_budget,
             preferred=self.backend.PER_SAMPLE_STRATEGY,
         )
 

@@ -24,7 +24,10 @@ NOTE: [How the plan decides]
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+
+from ._errors import JacketTypeError, JacketValueError
 
 DEFAULT_MEMORY_BUDGET = (
     1 << 30
@@ -100,3 +103,34 @@ def make_plan(
             chunk = min(chunk, MAX_UNROLLED)
         chunk = math.ceil(rows / math.ceil(rows / chunk))  # even passes: no mostly-empty last one
     return Plan(mode=mode, per_sample=per_sample, strategy=strategy, chunk=chunk, rows=rows)
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_bytes(fn_name: str, name: str, value) -> int:
+    """Bytes from an int or a string such as "500MB", "1.5GiB", "2G" (K/M/G alone are binary)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise JacketTypeError(
+            f"{fn_name}: `{name}` must be a number of bytes or a string like '500MB'. "
+            f"Received: {name}={value!r} of type {type(value).__name__}."
+        )
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise JacketValueError(
+                f"{fn_name}: `{name}` must look like '500MB', '2GiB' or '1073741824'. "
+                f"Received: {name}={value!r}."
+            )
+        value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise JacketValueError(
+            f"{fn_name}: `{name}` must be at least one byte. Received: {name}={value!r}."
+        )
+    return int(value)
