@@ -279,6 +279,7 @@ class _Engine:
         self._entries: dict = {}
         self._independent: dict = {}
         self._plans: dict = {}
+        self._starts: dict = {}
 
     def kernel(self, key, build):
         compiled = self._kernels.get(key)
@@ -324,6 +325,16 @@ class _Engine:
         if plan is None:
             plan = self._plans[key] = self._make_plan(inputs, entry, options)
         return plan
+
+    def starts(self, plan: Plan) -> list:
+        """The first seed of each pass, as backend scalars (made once per plan)."""
+        starts = self._starts.get(plan)
+        if starts is None:
+            starts = self._starts[plan] = [
+                keras.ops.convert_to_tensor(np.int32(start))
+                for start in range(0, plan.rows, plan.chunk)
+            ]
+        return starts
 
     def _make_plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
         itemsize = np.dtype(
@@ -456,10 +467,7 @@ def _jacobian(fn_name: str, model, x, options: _Options):
             assemble_flatten=options.flatten if whole else None,
         ),
     )
-    results = [
-        kernel(inputs.tensors, keras.ops.convert_to_tensor(np.int32(start)))
-        for start in range(0, plan.rows, plan.chunk)
-    ]
+    results = [kernel(inputs.tensors, start) for start in engine.starts(plan)]
     finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
     if not finite.all():
         for tensor, leaf in zip(inputs.tensors, inputs.leaves):
