@@ -35,6 +35,38 @@ def seed_mlp():
     )
 
 
+def image_to_image():
+    """3 x Conv2D 3x3 "same" on 32x32x1: out = in = 1024 (a denoiser's shape)."""
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 1)),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(1, 3, padding="same"),
+        ]
+    )
+
+
+def mobilenet():
+    return keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+
+
+def lstm():
+    return keras.Sequential([keras.Input((20, 8)), keras.layers.LSTM(32), keras.layers.Dense(4)])
+
+
+def mlp_784_float64():
+    model = keras.Sequential(
+        [
+            keras.Input((784,), dtype="float64"),
+            keras.layers.Dense(512, activation="relu", dtype="float64"),
+            keras.layers.Dense(512, activation="relu", dtype="float64"),
+            keras.layers.Dense(10, dtype="float64"),
+        ]
+    )
+    return model
+
+
 def seed_cnn():
     return keras.Sequential(
         [
@@ -58,12 +90,89 @@ def mlp_784():
     )
 
 
+# name -> (builder, per-sample input shape, batch, input dtype)
 CASES = {
-    "seed_mlp_b1": (seed_mlp, (5,), 1),
-    "seed_cnn_b1": (seed_cnn, (28, 28, 1), 1),
-    "seed_cnn_b32": (seed_cnn, (28, 28, 1), 32),
-    "mlp784_b64": (mlp_784, (784,), 64),
+    "seed_mlp_b1": (seed_mlp, (5,), 1, "float32"),
+    "seed_cnn_b1": (seed_cnn, (28, 28, 1), 1, "float32"),
+    "seed_cnn_b32": (seed_cnn, (28, 28, 1), 32, "float32"),
+    "mlp784_b64": (mlp_784, (784,), 64, "float32"),
+    "mlp784_b64_f64": (mlp_784_float64, (784,), 64, "float64"),
+    "img2img_b1": (image_to_image, (32, 32, 1), 1, "float32"),
+    "lstm_b16": (lstm, (20, 8), 16, "float32"),
+    "mobilenet_b8": (mobilenet, (64, 64, 3), 8, "float32"),
 }
+DEFAULT_CASES = [name for name in CASES if name != "mobilenet_b8"]  # `--cases all` adds it
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds x 2 of one sample's forward pass, counted on Dense, convolution and LSTM
+    layers (the rest is elementwise and left out): the FLOP limit's numerator."""
+    total = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        try:
+            out = layer.output.shape[1:]
+            inp = layer.input.shape[1:]
+        except (AttributeError, ValueError):
+            continue
+        name = type(layer).__name__
+        if name == "Dense":
+            total += 2 * int(np.prod(inp)) * layer.units
+        elif name in ("Conv1D", "Conv2D", "Conv3D"):
+            k = int(np.prod(layer.kernel_size))
+            total += 2 * k * int(inp[-1]) * int(np.prod(out))
+        elif name == "DepthwiseConv2D":
+            total += 2 * int(np.prod(layer.kernel_size)) * int(np.prod(out))
+        elif name == "LSTM":
+            steps, features = int(inp[0]), int(inp[1])
+            total += 2 * steps * 4 * layer.units * (features + layer.units)
+    return total
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """The machine's float32 matrix-product rate, measured now with NumPy."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every millisecond in a thread."""
+
+    def __init__(self):
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import threading
+
+        self._base = self._rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss() - self._base)
+                self._stop.wait(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self._base)
 
 
 # ----------------------------------------------------------------------------------------- anchors
@@ -168,42 +277,68 @@ def _time(fn, x, repeats, budget_s=20.0):
     return first, statistics.median(times), first_result
 
 
+def _skip(anchor, batch, out_size, in_size):
+    """Anchors whose cost makes them pointless at this size (said in the output, not hidden)."""
+    if anchor == "seed loop (fixed)" and batch * out_size > 64:
+        return "one gradient per (sample, output): minutes"
+    if "jacfwd" in anchor and in_size > 4096:
+        return f"{in_size} forward passes"
+    if "autograd.functional" in anchor and (batch * out_size) * (batch * in_size) > 5e7:
+        return "builds the full cross-sample Jacobian"
+    return None
+
+
 def run(case_names, repeats):
+    rate = sgemm_gflops()
     rows = []
     for name in case_names:
-        build, in_shape, batch = CASES[name]
+        build, in_shape, batch, dtype = CASES[name]
         keras.utils.set_random_seed(0)
         model = build()
-        x = np.random.default_rng(0).random((batch,) + in_shape).astype("float32")
+        x = np.random.default_rng(0).random((batch,) + in_shape).astype(dtype)
         jac = jacket.jacobian_fn(model)
-        first, steady, J = _time(jac, x, repeats)
+        with PeakRSS() as memory:
+            first, steady, J = _time(jac, x, repeats)
         reference = _numpy(J)
+        in_size = int(np.prod(in_shape))
+        out_size = int(np.prod(reference.shape[1:])) // in_size
+        flops = batch * forward_flops(model) * (1 + min(in_size, out_size))
+        limit_ms = flops / (rate * 1e9) * 1e3
         row = {
             "case": name,
             "backend": BACKEND,
+            "dtype": dtype,
             "jacket_ms": steady * 1e3,
             "jacket_first_s": first,
+            "jacket_peak_mb": memory.peak / 2**20,
+            "flop_limit_ms": limit_ms,
+            "x_flop_limit": steady * 1e3 / limit_ms if limit_ms > 0 else None,
             "plan": jac.plan(x).describe(),
             "anchors": {},
         }
         funcs, convert = anchors(model)
         xt = convert(x)
         for anchor, fn in funcs.items():
-            if anchor == "seed loop (fixed)" and batch * int(np.prod(reference.shape[1:2])) > 64:
-                continue  # one gradient per (sample, output): minutes on the big cases
+            reason = _skip(anchor, batch, out_size, in_size)
+            if reason:
+                row["anchors"][anchor] = {"error": f"skipped: {reason}"}
+                continue
             try:
-                a_first, a_steady, A = _time(fn, xt, repeats)
+                with PeakRSS() as a_memory:
+                    a_first, a_steady, A = _time(fn, xt, repeats)
             except Exception as error:  # noqa: BLE001 - an anchor that cannot run is reported
                 row["anchors"][anchor] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
             A = _numpy(A).reshape(reference.shape)
             scale = np.abs(reference).max() or 1.0
             agree = float(np.abs(A - reference).max() / scale)
+            tolerance = 1e-10 if dtype == "float64" else 1e-4
             row["anchors"][anchor] = {
                 "ms": a_steady * 1e3,
                 "first_s": a_first,
+                "peak_mb": a_memory.peak / 2**20,
                 "max_rel_diff": agree,
-                "agrees": agree < 1e-4,
+                "agrees": agree < tolerance,
             }
         timed = [a["ms"] for a in row["anchors"].values() if "ms" in a and a["agrees"]]
         row["best_anchor_ms"] = min(timed) if timed else None
@@ -231,11 +366,12 @@ def machine():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="names, or 'all'")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=str, default=None, help="write results here")
     args = parser.parse_args(argv)
-    result = {"backend": BACKEND, "machine": machine(), "rows": run(args.cases, args.repeats)}
+    cases = list(CASES) if args.cases == ["all"] else args.cases
+    result = {"backend": BACKEND, "machine": machine(), "rows": run(cases, args.repeats)}
     text = json.dumps(result, indent=1)
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,7 +1,11 @@
 """`make bench`: the anchor benchmark on every installed backend, one process each, one table.
 
 Writes `bench-results/anchors-<backend>.json` and prints jacket's time next to each anchor's, and the
-ratio to the best anchor that agrees with jacket (below 1.0: jacket is faster).
+ratio to the best anchor that agrees with jacket (below 1.0: jacket is faster). Columns: steady-state
+median ms, first call s (trace + compile + run), peak resident memory above the start of the case
+(MB, sampled every ms), and jacket's time as a multiple of the FLOP limit: the counted forward FLOPs
+of the batch times `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches on
+this machine in the same run.
 """
 
 from __future__ import annotations
@@ -49,18 +53,24 @@ def main(argv=None):
         for row in result["rows"]:
             anchors = row["anchors"] or {"-": {}}
             for k, (name, a) in enumerate(anchors.items()):
+                flop = row.get("x_flop_limit")
                 left = (
-                    f"{row['backend']:<11}{row['case']:<14}{row['jacket_ms']:>10.2f}{row['jacket_first_s']:>9.2f}"
+                    f"{row['backend']:<11}{row['case']:<15}{row['jacket_ms']:>10.2f}"
+                    f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>8.0f}"
+                    f"{(f'{flop:.1f}' if flop else '-'):>7}"
                     if k == 0
-                    else " " * 44
+                    else " " * 48
                 )
                 if "ms" in a:
-                    right = f"{name:<42}{a['ms']:>9.2f}{a['first_s']:>9.2f}  {'yes' if a['agrees'] else 'NO'}"
+                    right = (
+                        f"{name:<40}{a['ms']:>9.2f}{a['first_s']:>8.2f}{a['peak_mb']:>8.0f}  "
+                        f"{'yes' if a['agrees'] else 'NO'}"
+                    )
                 else:
-                    right = f"{name:<42}{a.get('error', '')}"
+                    right = f"{name:<40}{a.get('error', '')}"
                 print(f"{left}  {right}")
             if row["ratio_to_best"] is not None:
-                print(f"{'':<44}  {'jacket / best anchor':<42}{row['ratio_to_best']:>9.2f}x")
+                print(f"{'':<48}  {'jacket / best anchor':<40}{row['ratio_to_best']:>9.2f}x")
     return 0
 
 

@@ -146,6 +146,34 @@ def info(backend: BackendOption = None) -> None:
     console.print(table)
 
 
+@app.command()
+def bench(
+    cases: Annotated[list[str] | None, typer.Argument(help="Case names, or 'all'.")] = None,
+    backends: Annotated[
+        list[str] | None, typer.Option("--backend", "-b", help="Backends to run (repeatable).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 10,
+) -> None:
+    """The benchmark suite of a source checkout (`benchmarks/run.py`, what `make bench` runs)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    if not script.exists():
+        script = Path.cwd() / "benchmarks" / "run.py"
+    if not script.exists():
+        _fail(
+            FileNotFoundError(
+                "benchmarks/run.py not found: run `jacket bench` in a jacket checkout."
+            )
+        )
+    command = [sys.executable, str(script), "--repeats", str(repeats)]
+    if backends:
+        command += ["--backends", *backends]
+    if cases:
+        command += ["--cases", *cases]
+    raise typer.Exit(subprocess.run(command).returncode)
+
+
 def main() -> None:
     os.environ.setdefault(
         "TF_CPP_MIN_LOG_LEVEL", "2"
