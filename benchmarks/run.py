@@ -42,6 +42,8 @@ def main(argv=None):
         if args.cases:
             command += ["--cases", *args.cases]
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        if backend == "jax":
+            env["JAX_ENABLE_X64"] = "1"  # the float64 case is float64 only with it
         subprocess.run(command, check=True, env=env)
         results.append(json.loads(path.read_text()))
 
@@ -56,10 +58,10 @@ def main(argv=None):
                 flop = row.get("x_flop_limit")
                 left = (
                     f"{row['backend']:<11}{row['case']:<15}{row['jacket_ms']:>10.2f}"
-                    f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>8.0f}"
-                    f"{(f'{flop:.1f}' if flop else '-'):>7}"
+                    f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>9.0f}"
+                    f"{(f'{flop:.3g}' if flop else '-'):>9}"
                     if k == 0
-                    else " " * 48
+                    else " " * 51
                 )
                 if "ms" in a:
                     right = (
@@ -67,10 +69,11 @@ def main(argv=None):
                         f"{'yes' if a['agrees'] else 'NO'}"
                     )
                 else:
-                    right = f"{name:<40}{a.get('error', '')}"
+                    error = " ".join(a.get("error", "").split())[:70]
+                    right = f"{name:<40}{error}"
                 print(f"{left}  {right}")
             if row["ratio_to_best"] is not None:
-                print(f"{'':<48}  {'jacket / best anchor':<40}{row['ratio_to_best']:>9.2f}x")
+                print(f"{'':<51}  {'jacket / best anchor':<40}{row['ratio_to_best']:>9.2f}x")
     return 0
 
 
