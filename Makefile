@@ -36,7 +36,7 @@ test-tensorflow test-jax test-torch: test-%: $(VENV)/.test.stamp
 	KERAS_BACKEND=$* $(PYTEST)
 
 bench: $(VENV)/.test.stamp
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(ARGS)
 
 lint: $(VENV)/.test.stamp
 	$(VENV)/bin/ruff check src tests
