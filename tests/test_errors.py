@@ -114,6 +114,18 @@ def test_nan_names_the_sample(mlp):
     assert "`x` contains NaN or inf in sample(s) 2, 3 (2 of 4)" in str(info.value)
 
 
+def test_nan_first_does_not_hide_coupling_later():
+    def batch_mean(x):
+        return x - keras.ops.mean(x, axis=0, keepdims=True)
+
+    x = np.ones((4, 3), "float32")
+    x[1, 1] = np.nan
+    with pytest.raises(jacket.JacketValueError, match="NaN or inf in sample"):
+        jacket.jacobian(batch_mean, x)
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(batch_mean, np.ones((4, 3), "float32"))
+
+
 def test_nan_in_a_named_input(rng):
     x = dict_inputs(rng, dtype="float32")
     x["meta"][1, 0] = np.nan

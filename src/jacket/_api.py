@@ -367,6 +367,9 @@ class _Engine:
         """
         key = inputs.signature
         if key not in self._independent:
+            # a probe on NaN inputs proves nothing, and its verdict is kept: refuse them first
+            for tensor, leaf in zip(inputs.tensors, inputs.leaves):
+                check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
             self._independent[key] = self._probe(inputs, entry)
         if not self._independent[key]:
             raise CouplingError(
