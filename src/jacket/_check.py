@@ -11,7 +11,7 @@ import numpy as np
 
 from ._api import _check_flag, jacobian
 from ._errors import JacketValueError
-from ._model import make_call, prepare_inputs
+from ._model import eager_call, prepare_inputs
 
 # Default tolerance on `max_rel_error`, by the dtype the model computes in.
 RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
@@ -228,8 +228,7 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     sizes = [leaf.size for leaf in inputs.leaves]
     N = flat.shape[1]
-    state = [v.value for v in model.variables] if training and hasattr(model, "variables") else None
-    call = make_call(model, training, state)
+    call = eager_call(model, training)
 
     def evaluate(flat_batch):  # (n, N) float64 -> (n, M) float64
         parts, offset = [], 0

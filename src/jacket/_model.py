@@ -129,6 +129,15 @@ def make_call(model, training: bool, state: list | None = None):
     return call
 
 
+def eager_call(model, training: bool):
+    """`make_call` for a run outside compiled code: stateless on the current weights in training
+    mode, so nothing of the model changes."""
+    state = None
+    if training and isinstance(model, keras.Layer):
+        state = [v.value for v in model.variables]
+    return make_call(model, training, state)
+
+
 # ---------------------------------------------------------------------------------------- the inputs
 
 
