@@ -288,7 +288,7 @@ def _skip(anchor, batch, out_size, in_size):
     return None
 
 
-def run(case_names, repeats):
+def run(case_names, repeats, strategies=True):
     rate = sgemm_gflops()
     rows = []
     for name in case_names:
@@ -316,6 +316,15 @@ def run(case_names, repeats):
             "plan": jac.plan(x).describe(),
             "anchors": {},
         }
+        if strategies:
+            row["strategies"] = {}
+            for strategy in ("replicate", "vmap", "loop"):
+                fn = jacket.jacobian_fn(model, strategy=strategy)
+                _, s_steady, S = _time(fn, x, repeats, budget_s=10.0)
+                row["strategies"][strategy] = {
+                    "ms": s_steady * 1e3,
+                    "agrees": bool(np.allclose(_numpy(S), reference, rtol=1e-5, atol=1e-6)),
+                }
         funcs, convert = anchors(model)
         xt = convert(x)
         for anchor, fn in funcs.items():

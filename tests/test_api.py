@@ -144,3 +144,60 @@ def test_memory_budget_sets_the_chunk_and_not_the_result(rng):
 def test_memory_budget_errors(budget, kind, message):
     with pytest.raises(kind, match=message):
         jacket.jacobian_fn(seed_mlp(), memory_budget=budget)
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "vmap", "loop", "autotune"])
+def test_every_strategy_gives_the_same_jacobian(strategy, rng):
+    model = dict_model("float64")
+    x = dict_inputs(rng)
+    expected = jacket.jacobian(model, x, flatten=True)
+    for mode in ("reverse", "forward"):
+        got = jacket.jacobian(model, x, flatten=True, mode=mode, strategy=strategy)
+        for out in expected:
+            for name in x:
+                assert_close(got[out][name], expected[out][name], rtol=1e-12, atol=1e-14)
+    cnn = seed_cnn("float64")
+    images = rng.random((3, 28, 28, 1))
+    jac = jacket.jacobian_fn(cnn, strategy=strategy, chunk_size=4)
+    assert_close(jac(images), jacket.jacobian(cnn, images), rtol=1e-12, atol=1e-14)
+    if strategy != "autotune":
+        assert jac.plan(images).strategy == strategy
+
+
+def test_autotune_keeps_its_choice_and_drops_the_losers(rng):
+    model = seed_mlp("float64")
+    jac = jacket.jacobian_fn(model, strategy="autotune")
+    x = rng.random((4, 5))
+    J = jac(x)
+    plan = jac.plan(x)
+    assert plan.strategy in ("replicate", "vmap", "loop")
+    engine = model._jacket_engines[False]
+    kept = [key for key in engine._kernels if key[0] == "jacobian"]
+    assert len(kept) == 1 and kept[0][2] == plan  # the winner's kernel only
+    assert_close(jac(x), J, rtol=0, atol=0)
+    assert jac.plan(x) == plan
+
+
+def test_bad_strategies_are_refused(rng):
+    x = rng.random((2, 5)).astype("float32")
+    with pytest.raises(jacket.JacketValueError, match="`strategy` must be one of"):
+        jacket.jacobian(seed_mlp(), x, strategy="fastest")
+    with pytest.raises(jacket.JacketValueError, match="per_sample=False"):
+        jacket.jacobian(seed_mlp(), x, strategy="replicate", per_sample=False)
+    with pytest.raises(jacket.JacketValueError, match="training=True"):
+        jacket.jacobian_fn(seed_mlp(), strategy="replicate", training=True)
+
+
+def test_the_fast_path_still_checks_its_inputs(rng):
+    model = seed_mlp()
+    jac = jacket.jacobian_fn(model)
+    x = rng.random((3, 5)).astype("float32")
+    first = to_numpy(jac(x))
+    assert_close(jac(x.astype("float64")), first, rtol=1e-6)  # cast like the first call
+    bad = x.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(jacket.JacketValueError, match=r"sample\(s\) 1 \(1 of 3\)"):
+        jac(bad)
+    with pytest.raises(jacket.JacketValueError, match="does not fit the model"):
+        jac(rng.random((3, 4)).astype("float32"))
+    assert_close(jac(np.asfortranarray(x)), first, rtol=1e-6)  # (summation order may differ)

@@ -279,3 +279,32 @@ def test_result_follows_weight_updates(rng):
     jacket.jacobian(layer, x)
     layer.kernel.assign(np.full((3, 2), 7.0, dtype="float32"))
     np.testing.assert_array_equal(to_numpy(jacket.jacobian(layer, x))[0], np.full((2, 3), 7.0))
+
+
+def test_a_batch_mean_inside_a_functional_graph_is_detected(rng):
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(3)(inputs)
+    outputs = keras.layers.Add()([hidden, keras.ops.mean(hidden, axis=0, keepdims=True)])
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(keras.Model(inputs, outputs), rng.normal(size=(4, 3)).astype("float32"))
+
+
+def test_built_in_layers_in_inference_skip_the_probe(rng):
+    from jacket._model import keeps_samples_apart
+
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+    )
+    assert keeps_samples_apart(model, training=False)
+    assert not keeps_samples_apart(model, training=True)
+    jacket.jacobian(model, rng.normal(size=(4, 4)).astype("float32"))
+    engine = model._jacket_engines[False]
+    assert not any(key[0] == "vjp" for key in engine._kernels)  # no probe ran
+
+    class Custom(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    assert not keeps_samples_apart(keras.Sequential([keras.Input((4,)), Custom()]), False)
+    lam = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x)])
+    assert not keeps_samples_apart(lam, False)

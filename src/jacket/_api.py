@@ -7,7 +7,9 @@ gets back the structure of the model's outputs and inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +27,17 @@ from ._model import (
     eager_call,
     flatten_with_labels,
     is_leaf_structure,
+    keeps_samples_apart,
     output_leaves,
     pack,
     prepare_inputs,
     skeleton,
 )
-from ._plan import DEFAULT_MEMORY_BUDGET, Plan, make_plan, parse_bytes
+from ._plan import DEFAULT_MEMORY_BUDGET, Plan, choose_mode, make_plan, parse_bytes
+from ._plan import STRATEGIES as PLAN_STRATEGIES
 
 MODES = ("auto", "reverse", "forward")
+STRATEGIES = ("auto", "autotune") + PLAN_STRATEGIES
 
 __all__ = ["jacobian", "jacobian_fn", "JacobianFn", "jvp", "vjp"]
 
@@ -50,6 +55,7 @@ def jacobian(
     per_sample: bool = True,
     training: bool = False,
     memory_budget: int | str | None = None,
+    strategy: str = "auto",
 ):
     """Per-sample Jacobian of `model` at `x`.
 
@@ -68,6 +74,11 @@ def jacobian(
       training: Call the model in training mode. The model itself is never changed.
       memory_budget: Working memory one pass may use, in bytes or as a string ("500MB", "2GiB");
         sets the default `chunk_size`. Default: 1 GiB.
+      strategy: How the seeds of one pass are batched: "replicate" (the batch tiled once per seed,
+        one ordinary pass), "vmap" (one forward pass, the pullbacks vectorised), "loop" (one
+        forward pass, the pullbacks one after the other), "auto" (the plan's cost model, see
+        `jacket._plan`) or "autotune" (each candidate timed once on the first call, the fastest
+        kept for this model and input signature). The result does not depend on it.
 
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
@@ -85,7 +96,7 @@ def jacobian(
       (2, 3, 4)
     """
     options = _Options.checked(
-        "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget
+        "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
     return _jacobian("jacobian", model, x, options)
 
@@ -99,6 +110,7 @@ def jacobian_fn(
     per_sample: bool = True,
     training: bool = False,
     memory_budget: int | str | None = None,
+    strategy: str = "auto",
 ) -> JacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
@@ -112,7 +124,7 @@ def jacobian_fn(
     """
     check_model("jacobian_fn", model)
     options = _Options.checked(
-        "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget
+        "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
     return JacobianFn(model, options)
 
@@ -213,10 +225,19 @@ class _Options:
     per_sample: bool = True
     training: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    strategy: str = "auto"
 
     @classmethod
     def checked(
-        cls, fn_name, mode, chunk_size, flatten, per_sample, training, memory_budget=None
+        cls,
+        fn_name,
+        mode,
+        chunk_size,
+        flatten,
+        per_sample,
+        training,
+        memory_budget=None,
+        strategy="auto",
     ) -> _Options:
         if not isinstance(mode, str) or mode not in MODES:
             raise JacketValueError(
@@ -248,7 +269,21 @@ class _Options:
             if memory_budget is None
             else parse_bytes(fn_name, "memory_budget", memory_budget)
         )
-        return cls(mode, chunk_size, bool(flatten), bool(per_sample), bool(training), budget)
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise JacketValueError(
+                f"{fn_name}: `strategy` must be one of {', '.join(map(repr, STRATEGIES))}. "
+                f"Received: strategy={strategy!r}."
+            )
+        if strategy == "replicate" and (not per_sample or training):
+            raise JacketValueError(
+                f"{fn_name}: `strategy='replicate'` tiles the batch, which changes what the model "
+                f"sees when samples interact or the model runs in training mode. Received: "
+                f"strategy='replicate' with per_sample={bool(per_sample)}, "
+                f"training={bool(training)}. Use strategy='vmap', 'loop' or 'auto'."
+            )
+        return cls(
+            mode, chunk_size, bool(flatten), bool(per_sample), bool(training), budget, strategy
+        )
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -280,6 +315,7 @@ class _Engine:
         self._independent: dict = {}
         self._plans: dict = {}
         self._starts: dict = {}
+        self.prepared: dict = {}  # (fast key, options) -> _Prepared
 
     def kernel(self, key, build):
         compiled = self._kernels.get(key)
@@ -320,17 +356,61 @@ class _Engine:
         key = (inputs.signature, options)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(inputs, entry, options)
+            if options.strategy == "autotune":
+                plan = self._autotune(inputs, entry, options)
+            else:
+                plan = self._make_plan(inputs, entry, options)
+            self._plans[key] = plan
         return plan
+
+    def _autotune(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+        """The fastest plan among the candidates, each compiled and timed on these inputs.
+
+        NOTE: [Autotuning]
+        Candidates: every strategy the options allow ("replicate" only for per-sample Jacobians in
+        inference), in the mode "auto" picks, and in both modes when `mode="auto"` and the output
+        and input sizes are within 4x of each other. Each candidate runs its first pass twice (the
+        first run traces and compiles) and is scored by the second run times its number of passes.
+        Kernels of the losers are dropped; the winner is kept for this model, input signature and
+        options. A candidate that fails to build or run is skipped.
+        """
+        out_size = sum(leaf.size for leaf in entry.out_leaves)
+        in_size = sum(leaf.size for leaf in inputs.leaves)
+        modes = [choose_mode(options.mode, out_size, in_size)]
+        if options.mode == "auto" and max(out_size, in_size) <= 4 * min(out_size, in_size):
+            modes = ["reverse", "forward"]
+        strategies = list(PLAN_STRATEGIES)
+        if not options.per_sample or options.training:
+            strategies.remove("replicate")
+        best, best_time, failure = None, math.inf, None
+        for mode in modes:
+            for strategy in strategies:
+                candidate = dataclasses.replace(options, mode=mode, strategy=strategy)
+                plan = self._make_plan(inputs, entry, candidate)
+                try:
+                    prepared = _Prepared(self, inputs, entry, plan, options)
+                    seconds = prepared.time_one_pass(inputs.tensors) * plan.n_chunks
+                except Exception as error:  # noqa: BLE001 - a candidate this model cannot run
+                    failure = error
+                    continue
+                if seconds < best_time:
+                    if best is not None:
+                        self._kernels.pop(best[1], None)
+                    best, best_time = (plan, prepared.kernel_key), seconds
+                else:
+                    self._kernels.pop(prepared.kernel_key, None)
+        if best is None:
+            raise failure
+        return best[0]
 
     def starts(self, plan: Plan) -> list:
         """The first seed of each pass, as backend scalars (made once per plan)."""
         starts = self._starts.get(plan)
         if starts is None:
-            starts = self._starts[plan] = [
-                keras.ops.convert_to_tensor(np.int32(start))
-                for start in range(0, plan.rows, plan.chunk)
-            ]
+            starts = list(range(0, plan.rows, plan.chunk))
+            if not self.backend.EAGER:  # traced arguments, so that one trace serves every pass
+                starts = [keras.ops.convert_to_tensor(np.int32(start)) for start in starts]
+            self._starts[plan] = starts
         return starts
 
     def _make_plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
@@ -349,6 +429,7 @@ class _Engine:
             activation_size=entry.activation_size,
             memory_budget=options.memory_budget,
             preferred=self.backend.PER_SAMPLE_STRATEGY,
+            strategy=options.strategy,
         )
 
     def check_independent(self, fn_name: str, inputs: Inputs, entry: _Entry) -> None:
@@ -361,8 +442,12 @@ class _Engine:
         input outside S. Both halves of every bit: every pair of samples differs in some bit, so any
         coupling between two samples is caught, with `2 * ceil(log2(batch))` VJPs, once per input
         signature. Gradients across samples that do not interact are exact zeros, not rounding noise.
+        Models made only of Keras's built-in layers, in inference, skip it (see
+        `jacket._model.keeps_samples_apart`).
         """
         key = inputs.signature
+        if key not in self._independent and keeps_samples_apart(self.model, self.training):
+            self._independent[key] = True  # built-in layers in inference: no probe needed
         if key not in self._independent:
             # a probe on NaN inputs proves nothing, and its verdict is kept: refuse them first
             for tensor, leaf in zip(inputs.tensors, inputs.leaves):
@@ -447,44 +532,104 @@ def _engine(model, training: bool) -> _Engine:
 
 def _jacobian(fn_name: str, model, x, options: _Options):
     check_model(fn_name, model)
-    inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
     engine = _engine(model, options.training)
+    key = _fast_key(x)
+    if key is not None:
+        prepared = engine.prepared.get((key, options))
+        if prepared is not None:
+            return prepared.from_array(fn_name, x)
+    inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
     entry = engine.entry(fn_name, inputs)
     plan = engine.plan(inputs, entry, options)
     if plan.per_sample:
         engine.check_independent(fn_name, inputs, entry)
-    whole = plan.n_chunks == 1  # one compiled call does everything, assembly included
-    kernel = engine.kernel(
-        ("jacobian", inputs.signature, plan, options.flatten if whole else None),
-        lambda: _kernels.jacobian_kernel(
-            engine.backend,
-            plan,
-            inputs.structure,
-            inputs.leaves,
-            entry.out_leaves,
-            inputs.batch,
-            assemble_flatten=options.flatten if whole else None,
-        ),
-    )
-    results = [kernel(inputs.tensors, start) for start in engine.starts(plan)]
-    finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
-    if not finite.all():
-        for tensor, leaf in zip(inputs.tensors, inputs.leaves):
-            check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
-    if whole:
-        flat_blocks = list(results[0][1])
-        n_in = len(inputs.leaves)
-        rows = [flat_blocks[k : k + n_in] for k in range(0, len(flat_blocks), n_in)]
-    else:
-        in_size = sum(leaf.size for leaf in inputs.leaves)
-        out_size = sum(leaf.size for leaf in entry.out_leaves)
-        flat = _kernels.assemble(
-            [block for _, block in results], plan, inputs.batch, out_size, in_size
+    prepared = _Prepared(engine, inputs, entry, plan, options)
+    if key is not None:
+        engine.prepared[(key, options)] = prepared
+    return prepared(fn_name, inputs.tensors)
+
+
+def _fast_key(x):
+    """A key for inputs that need no normalising: one NumPy array (the common call)."""
+    if type(x) is np.ndarray and x.ndim >= 1 and x.dtype.kind == "f":
+        return (x.shape, x.dtype.str)
+    return None
+
+
+class _Prepared:
+    """Everything decided for one input signature and options: the compiled kernel, the seeds of
+    each pass and how the result is put together. Repeated calls with a NumPy array of the same
+    shape and dtype come straight here (`_fast_key`), skipping the input checks they have passed."""
+
+    def __init__(self, engine: _Engine, inputs: Inputs, entry: _Entry, plan: Plan, options):
+        self.engine, self.entry, self.plan, self.options = engine, entry, plan, options
+        self.structure, self.leaves, self.batch = inputs.structure, inputs.leaves, inputs.batch
+        self.whole = plan.n_chunks == 1  # one compiled call does everything, assembly included
+        flatten = options.flatten if self.whole else None
+        self.kernel_key = ("jacobian", inputs.signature, plan, flatten)
+        self.kernel = engine.kernel(
+            self.kernel_key,
+            lambda: _kernels.jacobian_kernel(
+                engine.backend,
+                plan,
+                inputs.structure,
+                inputs.leaves,
+                entry.out_leaves,
+                inputs.batch,
+                assemble_flatten=flatten,
+            ),
         )
-        rows = _kernels.split_blocks(
-            flat, plan.per_sample, inputs.batch, inputs.leaves, entry.out_leaves, options.flatten
+        self.starts = engine.starts(plan)
+        self.dtype = _numpy_dtype(inputs.leaves[0].dtype)
+
+    def time_one_pass(self, tensors: list) -> float:
+        """Seconds for the first pass, run once to compile and once to time."""
+        for _ in range(2):
+            start = time.perf_counter()
+            finite, block = self.kernel(tensors, self.starts[0])
+            keras.tree.map_structure(keras.ops.convert_to_numpy, block)  # waits for the result
+        return time.perf_counter() - start
+
+    def from_array(self, fn_name: str, x: np.ndarray):
+        """The fast path: `x` is one float NumPy array whose shape and dtype were seen before."""
+        if not np.isfinite(x).all():
+            check_finite_samples(fn_name, self.leaves[0].label, x, self.batch)
+        array = x if x.dtype == self.dtype else x.astype(self.dtype)
+        return self(
+            fn_name, [self.engine.backend.as_input(array, self.leaves[0].dtype)], checked=True
         )
-    return pack(entry.y_structure, [inputs.pack(row) for row in rows])
+
+    def __call__(self, fn_name: str, tensors: list, checked: bool = False):
+        if not checked and self.engine.backend.EAGER:
+            for tensor, leaf in zip(tensors, self.leaves):
+                check_finite_samples(fn_name, leaf.label, tensor, self.batch)
+            checked = True
+        results = [self.kernel(tensors, start) for start in self.starts]
+        if not checked:
+            finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
+            if not finite.all():
+                for tensor, leaf in zip(tensors, self.leaves):
+                    check_finite_samples(fn_name, leaf.label, tensor, self.batch)
+        out_leaves = self.entry.out_leaves
+        if self.whole:
+            flat_blocks = list(results[0][1])
+            n_in = len(self.leaves)
+            rows = [flat_blocks[k : k + n_in] for k in range(0, len(flat_blocks), n_in)]
+        else:
+            in_size = sum(leaf.size for leaf in self.leaves)
+            out_size = sum(leaf.size for leaf in out_leaves)
+            flat = _kernels.assemble(
+                [block for _, block in results], self.plan, self.batch, out_size, in_size
+            )
+            rows = _kernels.split_blocks(
+                flat,
+                self.plan.per_sample,
+                self.batch,
+                self.leaves,
+                out_leaves,
+                self.options.flatten,
+            )
+        return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -74,7 +74,8 @@ def jacobian_kernel(
 
     A seed is a one-hot over the output rows (reverse) or input columns (forward) of one sample,
     broadcast over the batch (per-sample), or a one-hot over the whole batch (`per_sample=False`).
-    `finite` is `(batch,)`: whether each sample's inputs are all finite. `block` is
+    `finite` is `(batch,)`: whether each sample's inputs are all finite (None on an eager backend,
+    where `jacket._api` checks the inputs before the call). `block` is
     `(k, batch, other_size)`; with `assemble_flatten` set (the plan has one chunk) it is instead the
     finished blocks, `blocks[j][i]` flattened output-major, so that one compiled call does all.
     """
@@ -85,18 +86,27 @@ def jacobian_kernel(
     other_dtype = result_dtype(other_leaves)
     seed_dtype = result_dtype(seed_leaves)
 
-    def kernel(call, xs, start):
-        f = model_function(call, in_structure)
+    def make_seeds(start):
         width = seed_size if plan.per_sample else B * seed_size
         rows = ops.expand_dims(ops.arange(k, dtype="int32") + start, 1)
         basis = ops.cast(ops.equal(rows, ops.arange(width, dtype="int32")[None]), seed_dtype)
         if plan.per_sample:
-            seeds = [
+            return [
                 ops.broadcast_to(s, (k, B) + leaf.shape)
                 for s, leaf in zip(_split(basis, (k, 1), seed_leaves), seed_leaves)
             ]
+        return _split(ops.reshape(basis, (k, B, seed_size)), (k, B), seed_leaves)
+
+    memo = {}  # eager backends: the seeds of each pass are made once (`start` is a Python int)
+
+    def kernel(call, xs, start):
+        f = model_function(call, in_structure)
+        if isinstance(start, int):
+            if start not in memo:
+                memo[start] = make_seeds(start)
+            seeds = memo[start]
         else:
-            seeds = _split(ops.reshape(basis, (k, B, seed_size)), (k, B), seed_leaves)
+            seeds = make_seeds(start)
 
         if plan.strategy == "replicate":
             tiled = [_tile(x, k) for x in xs]
@@ -113,7 +123,8 @@ def jacobian_kernel(
             else:
                 outs = over(lambda ts: backend.jvp(f, xs, ts), seeds)
         block = _flat(outs, (k, B), other_leaves, other_dtype)
-        finite = _finite(xs, B)
+        # compiled backends fuse the finite check into the kernel; eager ones check beforehand
+        finite = None if backend.EAGER else _finite(xs, B)
         if assemble_flatten is None:
             return finite, block
         out_size = sum(leaf.size for leaf in out_leaves)

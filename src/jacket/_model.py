@@ -138,6 +138,47 @@ def eager_call(model, training: bool):
     return make_call(model, training, state)
 
 
+# Keras's own layers that may run arbitrary user code or another framework's module.
+_OPAQUE_LAYERS = frozenset(
+    {"Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "Layer"}
+)
+
+
+def keeps_samples_apart(model, training: bool) -> bool:
+    """True when the model is known, from its layers alone, never to mix samples of a batch.
+
+    NOTE: [Samples apart by construction]
+    In inference every built-in Keras layer maps each sample on its own (BatchNormalization reads
+    its moving statistics; attention, recurrence and pooling work within a sample). So a
+    Sequential or Functional model made only of built-in layers needs no coupling probe. Anything
+    else - training mode, a subclassed model or layer, a `Lambda`, a raw `keras.ops` call in a
+    Functional graph (`keras.ops.mean(h, axis=0)`) - is left to the probe in `jacket._api`.
+    """
+    if training or not isinstance(model, keras.Layer):
+        return False
+    return _built_in_only(model)
+
+
+def _built_in_only(layer) -> bool:
+    cls = type(layer)
+    if not cls.__module__.startswith("keras.src.") or cls.__name__ in _OPAQUE_LAYERS:
+        return False
+    if isinstance(layer, keras.Model):
+        if cls.__module__ == "keras.src.models.sequential":
+            children = layer.layers
+        elif cls.__module__ == "keras.src.models.functional" or hasattr(layer, "operations"):
+            children = layer.operations  # every node, the layer-less ops included
+        else:
+            return False
+        return all(isinstance(child, keras.Layer) and _built_in_only(child) for child in children)
+    if not cls.__module__.startswith("keras.src.layers."):
+        return False
+    return all(
+        _built_in_only(child)
+        for child in layer._flatten_layers(include_self=False, recursive=False)
+    )
+
+
 # ---------------------------------------------------------------------------------------- the inputs
 
 

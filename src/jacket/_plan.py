@@ -32,6 +32,7 @@ from ._errors import JacketTypeError, JacketValueError
 DEFAULT_MEMORY_BUDGET = (
     1 << 30
 )  # bytes of working memory for one pass (activations and result rows)
+STRATEGIES = ("replicate", "vmap", "loop")
 MAX_UNROLLED = 32  # seeds per pass when the backend unrolls a "loop" into its graph
 
 
@@ -73,6 +74,7 @@ def make_plan(
     activation_size: int | None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     preferred: str = "replicate",
+    strategy: str = "auto",
 ) -> Plan:
     """Decide how to compute one Jacobian (see the NOTE at the top of this module).
 
@@ -81,12 +83,15 @@ def make_plan(
       itemsize: bytes per element of the result.
       activation_size: elements of all intermediate activations of one sample, when known.
       preferred: the backend's strategy for per-sample Jacobians in inference.
+      strategy: one of `STRATEGIES` to override the choice, else "auto".
     """
     mode = choose_mode(mode, out_size, in_size)
     seeds = out_size if mode == "reverse" else in_size
     other = in_size if mode == "reverse" else out_size
     rows = seeds if per_sample else batch * seeds
-    if per_sample and not training:
+    if strategy in STRATEGIES:
+        pass  # the caller's choice (checked to be allowed by the options)
+    elif per_sample and not training:
         # a "loop" shares one forward pass among its pullbacks; pushforwards share nothing, so the
         # replicated batch (one pass of k * batch) is the better forward-mode form everywhere
         strategy = preferred if mode == "reverse" else "replicate"

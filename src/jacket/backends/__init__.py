@@ -4,9 +4,13 @@ imported.
 Every backend module defines:
 
 - `NAME`: the Keras backend name.
+- `EAGER`: True where kernels run as Python each call (PyTorch): constants are then made once and
+  kept, and checks that a compiler would fuse into the kernel run before it instead.
 - `compile(kernel, model, training)`: a callable `(*args) -> kernel(call, *args)`, compiled and traced
   once per argument signature (`tf.function`, `jax.jit`; PyTorch runs eagerly). `call` maps the model's
   input structure to its output structure and reads the model's current weights on every run.
+- `as_input(array, dtype)`: a NumPy array as a kernel argument of that dtype, as cheaply as the
+  framework allows (the per-call fast path of `jacket._api`).
 - `vjp(f, xs, cts)`: `cts^T df(xs)`: one reverse pass; `f` maps a list of tensors to a list of tensors.
 - `jvp(f, xs, ts)`: `df(xs) ts`: one forward-mode pass.
 - `linearize_vjp(f, xs)`: `(ys, pullback)`, one forward pass whose pullback may be called many times.

@@ -7,6 +7,7 @@ import jax
 from .._model import make_call
 
 NAME = "jax"
+EAGER = False  # kernels are traced and compiled once per signature
 PER_SAMPLE_STRATEGY = "replicate"
 
 
@@ -23,7 +24,12 @@ def compile(kernel, model, training):
         return kernel(make_call(model, training, state), *args)
 
     jitted = jax.jit(pure)
-    return lambda *args: jitted([v.value for v in model.variables], *args)
+    variables = list(model.variables)  # the model is built by now; the values are read per call
+    return lambda *args: jitted([v.value for v in variables], *args)
+
+
+def as_input(array, dtype):
+    return array  # `jax.jit` takes NumPy arrays directly, without a dispatch of its own
 
 
 def vjp(f, xs, cts):

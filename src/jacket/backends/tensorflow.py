@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from .._model import make_call
 
 NAME = "tensorflow"
+EAGER = False  # kernels are traced and compiled once per signature
 # Per-sample seeds through one forward pass and unrolled pullbacks beat both the replicated batch and
 # `tf.vectorized_map` (what `batch_jacobian` uses) on convolutional models; see `jacket._plan`.
 PER_SAMPLE_STRATEGY = "loop"
@@ -22,6 +24,10 @@ def compile(kernel, model, training):
         return kernel(make_call(model, training, state), *args)
 
     return tf.function(run, reduce_retracing=False)
+
+
+def as_input(array, dtype):
+    return keras.ops.convert_to_tensor(array, dtype=dtype)
 
 
 def vjp(f, xs, cts):

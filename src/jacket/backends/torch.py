@@ -11,12 +11,15 @@ several cotangents are pulled back through one retained graph.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
+import keras
 import torch
 
 from .._model import make_call
 
 NAME = "torch"
+EAGER = True  # kernels run as written, not traced and compiled
 # One forward pass and one backward per seed through the retained graph: about twice as fast as the
 # replicated batch on convolutional models here.
 PER_SAMPLE_STRATEGY = "loop"
@@ -41,6 +44,10 @@ def _watched(xs):
 def _grad(ys, xs, cts, **kwargs):
     grads = torch.autograd.grad(ys, xs, cts, allow_unused=True, **kwargs)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+
+
+def as_input(array, dtype):
+    return keras.ops.convert_to_tensor(array, dtype=dtype)
 
 
 def vjp(f, xs, cts):
@@ -95,6 +102,24 @@ def linearize_vjp(f, xs):
             return [torch.zeros_like(x) for x in xs]
         return _grad([ys[i] for i in live], xs, [cts[i] for i in live], retain_graph=True)
 
+    def batched(stacked):
+        """All pullbacks at once: autograd's own batched backward (`is_grads_batched`)."""
+        k = stacked[0].shape[0]
+        grads = [None] * len(xs)
+        if live:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "batching rule not implemented": slower, right
+                grads = torch.autograd.grad(
+                    [ys[i] for i in live],
+                    xs,
+                    [stacked[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        return [x.new_zeros((k,) + tuple(x.shape)) if g is None else g for g, x in zip(grads, xs)]
+
+    pullback.batched = batched
     return [y.detach() for y in ys], pullback
 
 
@@ -103,4 +128,10 @@ def loop(fn, stacked):
     return [torch.stack([r[j] for r in results]) for j in range(len(results[0]))]
 
 
-vmap = loop  # no torch.func.vmap: see the NOTE at the top
+def vmap(fn, stacked):
+    """A pullback from `linearize_vjp` is batched by autograd itself; anything else is looped
+    (no `torch.func.vmap`: see the NOTE at the top)."""
+    batched = getattr(fn, "batched", None)
+    if batched is None:
+        return loop(fn, stacked)
+    return batched(stacked)
