@@ -318,11 +318,13 @@ def run(case_names, repeats, strategies=True):
         }
         if strategies:
             row["strategies"] = {}
-            for strategy in ("replicate", "vmap", "loop"):
+            for strategy in ("replicate", "vmap", "loop", "autotune"):
                 fn = jacket.jacobian_fn(model, strategy=strategy)
-                _, s_steady, S = _time(fn, x, repeats, budget_s=10.0)
+                s_first, s_steady, S = _time(fn, x, repeats, budget_s=10.0)
                 row["strategies"][strategy] = {
                     "ms": s_steady * 1e3,
+                    "first_s": s_first,
+                    "plan": fn.plan(x).describe(),
                     "agrees": bool(np.allclose(_numpy(S), reference, rtol=1e-5, atol=1e-6)),
                 }
         funcs, convert = anchors(model)

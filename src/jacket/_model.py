@@ -179,6 +179,31 @@ def _built_in_only(layer) -> bool:
     )
 
 
+_RECURRENT = ("RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+_MAX_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D")
+
+
+def model_kind(model) -> str:
+    """ "recurrent", "max_pooling", "conv", "dense" or "other": what decides the fastest way to
+    batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
+    if not isinstance(model, keras.Layer):
+        return "other"
+    names = {
+        cls.__name__
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for cls in type(layer).__mro__
+    }
+    if names & set(_RECURRENT):
+        return "recurrent"
+    if names & set(_MAX_POOLING):
+        return "max_pooling"
+    if any(name.startswith(("Conv", "DepthwiseConv", "SeparableConv")) for name in names):
+        return "conv"
+    if "Dense" in names or "EinsumDense" in names:
+        return "dense"
+    return "other"
+
+
 # ---------------------------------------------------------------------------------------- the inputs
 
 

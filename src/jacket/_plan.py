@@ -11,11 +11,14 @@ NOTE: [How the plan decides]
 - Strategy. "replicate": the batch is tiled `k` times and `k` seeds go through one ordinary forward and
   backward pass of batch `k * batch`: big matrix products, no vectorising map. "vmap": one forward
   pass on the batch as given and `k` pullbacks (or pushforwards) mapped over it. "loop": the same,
-  one seed after the other (unrolled in the graph on TensorFlow). Per-sample Jacobians in inference
-  take the backend's measured preference in reverse mode (`PER_SAMPLE_STRATEGY`: TensorFlow "loop",
-  JAX "replicate", PyTorch "loop") and "replicate" in forward mode; whenever the forward pass must see the batch exactly as given
-  (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
-  statistics must be the same for every seed) the plan never replicates.
+  one seed after the other (unrolled in the graph on TensorFlow, `lax.map` on JAX). No strategy wins
+  everywhere: per-sample Jacobians in inference take the backend's measured preference for the kind
+  of model (`PER_SAMPLE_STRATEGY` in each backend module, keyed by `jacket._model.model_kind`:
+  dense, conv, max_pooling, recurrent, other; "forward" in forward mode). Whenever the forward pass
+  must see the batch exactly as given (`per_sample=False`, where samples may interact;
+  `training=True`, where dropout masks and batch statistics must be the same for every seed) the plan
+  never replicates. `strategy=` overrides the choice; `strategy="autotune"` times the candidates on
+  the first call instead (`jacket._api._Engine._autotune`).
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
   within `memory_budget`; the chunks run one after the other through one compiled kernel.
@@ -73,7 +76,8 @@ def make_plan(
     itemsize: int,
     activation_size: int | None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    preferred: str = "replicate",
+    preferred: dict | None = None,
+    kind: str = "other",
     strategy: str = "auto",
 ) -> Plan:
     """Decide how to compute one Jacobian (see the NOTE at the top of this module).
@@ -82,7 +86,8 @@ def make_plan(
       in_size, out_size: per-sample sizes (all inputs, all outputs).
       itemsize: bytes per element of the result.
       activation_size: elements of all intermediate activations of one sample, when known.
-      preferred: the backend's strategy for per-sample Jacobians in inference.
+      preferred: the backend's strategies for per-sample Jacobians in inference, by model kind.
+      kind: the kind of model (`jacket._model.model_kind`).
       strategy: one of `STRATEGIES` to override the choice, else "auto".
     """
     mode = choose_mode(mode, out_size, in_size)
@@ -92,11 +97,10 @@ def make_plan(
     if strategy in STRATEGIES:
         pass  # the caller's choice (checked to be allowed by the options)
     elif per_sample and not training:
-        # a "loop" shares one forward pass among its pullbacks; pushforwards share nothing, so the
-        # replicated batch (one pass of k * batch) is the better forward-mode form everywhere
-        strategy = preferred if mode == "reverse" else "replicate"
+        preferred = preferred or {}
+        strategy = preferred.get(kind if mode == "reverse" else "forward", "vmap")
     else:
-        strategy = "loop" if preferred == "loop" else "vmap"
+        strategy = "vmap" if (preferred or {}).get(kind) == "vmap" else "loop"
     if chunk_size is not None:
         chunk = min(chunk_size, rows)
     else:

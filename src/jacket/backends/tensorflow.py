@@ -9,9 +9,18 @@ from .._model import make_call
 
 NAME = "tensorflow"
 EAGER = False  # kernels are traced and compiled once per signature
-# Per-sample seeds through one forward pass and unrolled pullbacks beat both the replicated batch and
-# `tf.vectorized_map` (what `batch_jacobian` uses) on convolutional models; see `jacket._plan`.
-PER_SAMPLE_STRATEGY = "loop"
+# How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
+# measured here (2 CPU cores): unrolled pullbacks after one forward pass beat `tf.vectorized_map`
+# (what `batch_jacobian` uses) on convolutional models; the vectorised form wins on dense ones; a
+# recurrent model is fastest as one pass over the replicated batch (its while_loop runs once).
+PER_SAMPLE_STRATEGY = {
+    "dense": "vmap",
+    "conv": "loop",
+    "max_pooling": "loop",
+    "recurrent": "replicate",
+    "other": "loop",
+    "forward": "replicate",
+}
 _ZERO = tf.UnconnectedGradients.ZERO
 
 

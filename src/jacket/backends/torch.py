@@ -20,9 +20,17 @@ from .._model import make_call
 
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled
-# One forward pass and one backward per seed through the retained graph: about twice as fast as the
-# replicated batch on convolutional models here.
-PER_SAMPLE_STRATEGY = "loop"
+# How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
+# measured here (2 CPU cores): autograd's batched backward after one forward pass, except for
+# recurrent models, whose Python-level time loop is best run once on the replicated batch.
+PER_SAMPLE_STRATEGY = {
+    "dense": "vmap",
+    "conv": "vmap",
+    "max_pooling": "vmap",
+    "recurrent": "replicate",
+    "other": "vmap",
+    "forward": "replicate",
+}
 
 
 def compile(kernel, model, training):
