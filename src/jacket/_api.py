@@ -487,7 +487,7 @@ class _Engine:
                 grads = vjp(inputs.tensors, cts)
                 size = np.zeros(batch)
                 for g in grads:
-                    g = np.abs(np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(g, "float64"))))
+                    g = np.abs(np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float64))
                     size = np.maximum(size, g.reshape(batch, -1).max(axis=1, initial=0.0))
                 if not np.all(np.isfinite(size)):
                     continue  # overflow in a low-precision model: no evidence either way
@@ -555,6 +555,16 @@ def _jacobian(fn_name: str, model, x, options: _Options):
     return prepared(fn_name, inputs.tensors)
 
 
+def _to_backend(array: np.ndarray, shape: tuple):
+    """A block of the NumPy-assembled Jacobian as a backend tensor of its own dtype."""
+    array = np.reshape(array, shape)
+    return keras.ops.convert_to_tensor(array, dtype=_dtype_name(array.dtype))
+
+
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else np.dtype(dtype).name
+
+
 def _fast_key(x):
     """A key for inputs that need no normalising: one NumPy array (the common call)."""
     if type(x) is np.ndarray and x.ndim >= 1 and x.dtype.kind == "f":
@@ -586,7 +596,15 @@ class _Prepared:
             ),
         )
         self.starts = engine.starts(plan)
+        self.offsets = range(0, plan.rows, plan.chunk)
         self.dtype = _numpy_dtype(inputs.leaves[0].dtype)
+
+    def _check_finite(self, fn_name: str, tensors: list, finite, checked: bool) -> None:
+        if checked:
+            return
+        if not np.asarray(keras.ops.convert_to_numpy(finite)).all():
+            for tensor, leaf in zip(tensors, self.leaves):
+                check_finite_samples(fn_name, leaf.label, tensor, self.batch)
 
     def time_one_pass(self, tensors: list) -> float:
         """Seconds for the first pass: run once to compile, then the best of up to three runs
@@ -617,30 +635,30 @@ class _Prepared:
             for tensor, leaf in zip(tensors, self.leaves):
                 check_finite_samples(fn_name, leaf.label, tensor, self.batch)
             checked = True
-        results = [self.kernel(tensors, start) for start in self.starts]
-        if not checked:
-            finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
-            if not finite.all():
-                for tensor, leaf in zip(tensors, self.leaves):
-                    check_finite_samples(fn_name, leaf.label, tensor, self.batch)
         out_leaves = self.entry.out_leaves
         if self.whole:
-            flat_blocks = list(results[0][1])
+            finite, blocks = self.kernel(tensors, self.starts[0])
+            self._check_finite(fn_name, tensors, finite, checked)
             n_in = len(self.leaves)
-            rows = [flat_blocks[k : k + n_in] for k in range(0, len(flat_blocks), n_in)]
+            blocks = list(blocks)
+            rows = [blocks[k : k + n_in] for k in range(0, len(blocks), n_in)]
         else:
             in_size = sum(leaf.size for leaf in self.leaves)
             out_size = sum(leaf.size for leaf in out_leaves)
-            flat = _kernels.assemble(
-                [block for _, block in results], self.plan, self.batch, out_size, in_size
-            )
+            assembler = _kernels.Assembler(self.plan, self.batch, out_size, in_size)
+            for i, (start, offset) in enumerate(zip(self.starts, self.offsets)):
+                finite, block = self.kernel(tensors, start)
+                if i == 0:
+                    self._check_finite(fn_name, tensors, finite, checked)
+                assembler.add(offset, np.asarray(keras.ops.convert_to_numpy(block)))
             rows = _kernels.split_blocks(
-                flat,
+                assembler.finish(),
                 self.plan.per_sample,
                 self.batch,
                 self.leaves,
                 out_leaves,
                 self.options.flatten,
+                reshape=_to_backend,
             )
         return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
 
