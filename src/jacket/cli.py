@@ -17,7 +17,7 @@ import platform
 import signal
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated
@@ -40,7 +40,7 @@ console = Console()
 errors = Console(stderr=True)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     auto = "auto"
     reverse = "reverse"
     forward = "forward"
@@ -386,7 +386,8 @@ def plot(
     input_ndim: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Trailing axes that are the input's (default: all but the first output axis)."
+            min=1,
+            help="Trailing axes that are the input's (default: all but the first output axis).",
         ),
     ] = None,
     max_rows: Annotated[
@@ -408,7 +409,9 @@ def plot(
         try:
             from .plot import jacobian_figure
         except ImportError:
-            raise RuntimeError('jacket plot needs matplotlib: pip install "jacket[plot]".') from None
+            raise RuntimeError(
+                'jacket plot needs matplotlib: pip install "jacket[plot]".'
+            ) from None
         J = np.asarray(array[:samples])
         figure, description = jacobian_figure(J, input_ndim=input_ndim, max_rows=max_rows)
         with io.atomic_output(target, force=force) as tmp:
@@ -456,7 +459,9 @@ def demo(
         "array": str(result.array),
         "figure": str(result.figure),
     }
-    table = Table(title="jacket demo: digits classifier (8x8 images, 10 classes)", show_header=False)
+    table = Table(
+        title="jacket demo: digits classifier (8x8 images, 10 classes)", show_header=False
+    )
     table.add_row("backend", result.backend)
     table.add_row("test accuracy", f"{result.accuracy:.1%}")
     table.add_row("Jacobian", f"{result.jacobian_shape}  (batch, classes, 8, 8, 1)")

@@ -449,7 +449,7 @@ def iter_batches(x, batch_size: int, *, model=None) -> Iterator[tuple[int, int, 
     dtypes = _input_dtypes(x, model) if model is not None else None
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        batch = _map(x, lambda a: np.ascontiguousarray(a[start:stop]))
+        batch = _map(x, lambda a, rows=slice(start, stop): np.ascontiguousarray(a[rows]))
         if dtypes is not None:
             batch = _cast(batch, dtypes)
         yield start, stop, batch
@@ -905,9 +905,10 @@ class ResultWriter:
             self._open(blocks)
         layout = {key: (value.shape[1:], value.dtype) for key, value in blocks.items()}
         if layout != self._layout:
+            received = {key: (value.shape, value.dtype.name) for key, value in blocks.items()}
             raise JacketValueError(
                 f"ResultWriter.write: every batch must have the blocks of the first, "
-                f"{self.layout}. Received: {({k: (v.shape, v.dtype.name) for k, v in blocks.items()})}."
+                f"{self.layout}. Received: {received}."
             )
         for key, value in blocks.items():
             stop = start + value.shape[0]
@@ -1020,9 +1021,9 @@ def write_result(
         blocks = {SINGLE_KEY: np.asarray(blocks)}
     samples = {np.shape(block)[0] for block in blocks.values()}
     if len(samples) != 1:
+        shapes = {key: np.shape(block) for key, block in blocks.items()}
         raise JacketValueError(
-            f"write_result: every block must have the same batch axis. Received: "
-            f"{({k: np.shape(v) for k, v in blocks.items()})}."
+            f"write_result: every block must have the same batch axis. Received: {shapes}."
         )
     with ResultWriter(path, samples.pop(), force=force, attrs=attrs) as writer:
         writer.write(0, blocks)
@@ -1186,5 +1187,5 @@ def _optional(module: str, purpose: str, *, package: str | None = None):
         return importlib.import_module(module)
     except ImportError:
         raise JacketValueError(
-            f"{purpose} needs {package or module}: pip install \"jacket[io]\"."
+            f'{purpose} needs {package or module}: pip install "jacket[io]".'
         ) from None
