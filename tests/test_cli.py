@@ -492,11 +492,21 @@ def test_plot_shape_rules():
     assert "heatmap" in description and len(figure.axes) == 4  # 2 panels + 2 colorbars
 
 
-def test_info_json():
+def test_info_names_versions_backend_and_devices():
     info = json.loads(_ok("info", "--json").stdout)
     assert info["backend"] == BACKEND
     assert info["versions"]["keras"] == keras.__version__
     assert info["devices"] and not info["devices"][0].startswith("unknown")
+    table = _ok("info", "--backend", BACKEND).stdout
+    assert BACKEND in table and keras.__version__ in table and "devices" in table
+
+
+def test_unknown_backend_is_a_usage_error():
+    _one_red_line(
+        _invoke("--backend", "mxnet", "info"),
+        "--backend must be one of tensorflow, jax, torch",
+        code=2,
+    )
 
 
 def test_progress_bar_on_a_terminal_and_quiet(files, tmp_path):

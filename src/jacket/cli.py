@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -150,6 +151,10 @@ def _describe_inputs(x) -> str:
     if isinstance(x, io.ImageStack):
         text += f" from {len(x.files)} image(s)"
     return text
+
+
+def _add_row(table: Table, name: str, value) -> None:
+    table.add_row(Text(str(name)), Text(str(value)))  # Text: file names with [brackets] stay
 
 
 def _emit(summary: dict, table: Table, *, as_json: bool, quiet: bool) -> None:
@@ -301,14 +306,14 @@ def jacobian(
         "seconds": round(seconds, 3),
     }
     table = Table(title="jacket jacobian", show_header=False)
-    table.add_row("model", str(model))
-    table.add_row("inputs", f"{inputs}: {_describe_inputs(x)}")
-    table.add_row("backend", attrs["backend"])
+    _add_row(table, "model", str(model))
+    _add_row(table, "inputs", f"{inputs}: {_describe_inputs(x)}")
+    _add_row(table, "backend", attrs["backend"])
     for key, (shape, dtype) in layout.items():
-        table.add_row(f"Jacobian {key}", f"{shape} {dtype}")
-    table.add_row("batches", f"{batches} of up to {batch_size} samples")
-    table.add_row("time", f"{seconds:.2f} s (load, compile, compute, write)")
-    table.add_row("wrote", str(out))
+        _add_row(table, f"Jacobian {key}", f"{shape} {dtype}")
+    _add_row(table, "batches", f"{batches} of up to {batch_size} samples")
+    _add_row(table, "time", f"{seconds:.2f} s (load, compile, compute, write)")
+    _add_row(table, "wrote", str(out))
     _emit(summary, table, as_json=as_json, quiet=quiet)
 
 
@@ -425,9 +430,9 @@ def plot(
         "description": description,
     }
     table = Table(title="jacket plot", show_header=False)
-    table.add_row("Jacobian", f"{jacobian}{f' [{block}]' if block else ''}: {tuple(array.shape)}")
-    table.add_row("drawn", description)
-    table.add_row("wrote", str(target))
+    _add_row(table, "Jacobian", f"{jacobian}{f' [{block}]' if block else ''}: {tuple(array.shape)}")
+    _add_row(table, "drawn", description)
+    _add_row(table, "wrote", str(target))
     _emit(summary, table, as_json=as_json, quiet=quiet)
 
 
@@ -462,14 +467,14 @@ def demo(
     table = Table(
         title="jacket demo: digits classifier (8x8 images, 10 classes)", show_header=False
     )
-    table.add_row("backend", result.backend)
-    table.add_row("test accuracy", f"{result.accuracy:.1%}")
-    table.add_row("Jacobian", f"{result.jacobian_shape}  (batch, classes, 8, 8, 1)")
-    table.add_row("plan", result.plan)
-    table.add_row("first call", f"{result.first_call_s * 1e3:.1f} ms (trace + compile + run)")
-    table.add_row("next calls", f"{result.steady_call_ms:.2f} ms (median)")
-    table.add_row("finite differences", str(result.check))
-    table.add_row("wrote", f"{result.array}\n{result.figure}")
+    _add_row(table, "backend", result.backend)
+    _add_row(table, "test accuracy", f"{result.accuracy:.1%}")
+    _add_row(table, "Jacobian", f"{result.jacobian_shape}  (batch, classes, 8, 8, 1)")
+    _add_row(table, "plan", result.plan)
+    _add_row(table, "first call", f"{result.first_call_s * 1e3:.1f} ms (trace + compile + run)")
+    _add_row(table, "next calls", f"{result.steady_call_ms:.2f} ms (median)")
+    _add_row(table, "finite differences", str(result.check))
+    _add_row(table, "wrote", f"{result.array}\n{result.figure}")
     _emit(summary, table, as_json=as_json, quiet=False)
     if not result.check.ok:
         raise typer.Exit(1)
@@ -501,11 +506,11 @@ def info(backend: BackendOption = None, as_json: JsonOption = False) -> None:
         "cpus": os.cpu_count(),
     }
     table = Table(show_header=False)
-    table.add_row("backend", active)
+    _add_row(table, "backend", active)
     for name, version in versions.items():
-        table.add_row(name, version or "not installed")
-    table.add_row("devices", ", ".join(devices))
-    table.add_row("machine", f"{platform.machine()}, {os.cpu_count()} CPUs")
+        _add_row(table, name, version or "not installed")
+    _add_row(table, "devices", ", ".join(devices))
+    _add_row(table, "machine", f"{platform.machine()}, {os.cpu_count()} CPUs")
     _emit(summary, table, as_json=as_json, quiet=False)
 
 

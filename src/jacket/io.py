@@ -52,10 +52,12 @@ _ZARR_CHUNK_BYTES = 64 * 2**20  # upper bound on one zarr chunk
 __all__ = [
     "ImageStack",
     "ResultWriter",
+    "assemble_flat",
     "atomic_output",
     "check_inputs_source",
     "check_model_source",
     "check_output",
+    "is_model_function",
     "iter_batches",
     "jacobian_blocks",
     "load_model",
