@@ -698,6 +698,10 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
       ...     figure.savefig(tmp, format="png")
     """
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise JacketValueError(
+            f"output {str(path)!r} exists: pass --force (`force=True`) to overwrite it."
+        )
     tmp = path.parent / _temporary_name(path, "part")
     try:
         yield tmp
@@ -732,18 +736,25 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
     if not tmp.exists():
         raise JacketValueError(f"nothing was written for {str(path)!r}.")
     _fsync(tmp)
+    appeared = JacketValueError(
+        f"output {str(path)!r} appeared while jacket was writing it: pass --force "
+        "(`force=True`) to overwrite it."
+    )
     exists = path.exists() or path.is_symlink()
     if exists and not force:
-        raise JacketValueError(
-            f"output {str(path)!r} appeared while jacket was writing it: pass --force "
-            "(`force=True`) to overwrite it."
-        )
+        raise appeared
     if tmp.is_file() and not path.is_dir():
-        if force:
-            os.replace(tmp, path)  # atomic, even over an existing file
-        else:
-            os.link(tmp, path)  # atomic and fails if `path` appeared meanwhile
-            tmp.unlink()
+        if not force:
+            try:
+                os.link(tmp, path)  # atomic, and fails if `path` appeared meanwhile
+            except FileExistsError:
+                raise appeared from None
+            except OSError:  # a file system without hard links: checked just above
+                os.replace(tmp, path)
+            else:
+                tmp.unlink()
+            return
+        os.replace(tmp, path)  # atomic, even over an existing file
         return
     old = None
     if exists:
