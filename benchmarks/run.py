@@ -53,7 +53,7 @@ def print_table(results: list[dict]) -> None:
             print(
                 f"{row['backend']:<11}{row['case']:<15}{row['jacket_ms']:>10.2f}"
                 f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>8.0f}"
-                f"{(f'{flop:.3g}' if flop else '-'):>7}{cells}  {anchor}"
+                f"{(f'{flop:.3g}' if flop else '-'):>10}{cells}  {anchor}"
             )
             failed = [n for n, a in row["anchors"].items() if "ms" not in a or not a["agrees"]]
             for name in failed:
