@@ -29,7 +29,7 @@ FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 def print_table(results: list[dict]) -> None:
     """One line per case: jacket (auto) and each forced strategy, the best anchor, the ratio."""
     print(
-        f"{'backend':<11}{'case':<15}{'jacket ms':>10}{'first s':>8}{'peak MB':>8}{'xFLOP':>7}"
+        f"{'backend':<11}{'case':<15}{'jacket ms':>10}{'first s':>8}{'peak MB':>8}{'xFLOP':>10}"
         f"{'replicate':>10}{'vmap':>9}{'loop':>9}{'autotune':>9}  "
         f"{'best anchor':<32}{'ms':>9}{'first s':>8}{'peak MB':>8}{'ratio':>7}"
     )
