@@ -100,9 +100,10 @@ def sensitivity(
       A `Sensitivity` with `values` (`in_shape`) and `ranking` (flat indices, most sensitive first).
 
     Example:
-      >>> s = jacket.analysis.sensitivity(model, x_test, reduce="rms")
-      >>> s.values.shape, s.top(3)
-      ((8, 8, 1), [((3, 4, 0), 0.91), ...])
+      >>> s = jacket.analysis.sensitivity(model, x_test, reduce="rms")   # x_test: (360, 8, 8, 1)
+      >>> s.values.shape
+      (8, 8, 1)
+      >>> s.top(3)            # [((row, column, channel), value), ...], most sensitive first
     """
     import jacket
 

@@ -81,7 +81,7 @@ def jsma(
 
     Example:
       >>> r = jacket.attacks.jsma(model, x_test, target=0)
-      >>> r.success_rate, r.mean_perturbation           # e.g. 0.97, 0.04 (4% of the features)
+      >>> r.success_rate, r.mean_perturbation   # share that reached the target, features changed
     """
     fn = "jsma"
     check_callable(fn, model)
@@ -219,16 +219,19 @@ def _best_pairs(alpha, beta, domain, increase: bool):
     p = np.zeros(batch, np.int64)
     q = np.zeros(batch, np.int64)
     found = np.zeros(batch, bool)
-    chunk = max(1, _PAIR_ELEMENTS // (size * size))
+    if not increase:
+        alpha, beta = -alpha, -beta  # the conditions and the score mirror for decreasing features
     off_diagonal = ~np.eye(size, dtype=bool)
-    for start in range(0, batch, chunk):
-        s = slice(start, start + chunk)
-        a = alpha[s, :, None] + alpha[s, None, :]
-        b = beta[s, :, None] + beta[s, None, :]
-        ok = domain[s, :, None] & domain[s, None, :] & off_diagonal
-        ok &= (a > 0) & (b < 0) if increase else (a < 0) & (b > 0)
-        score = np.where(ok, -a * b, -np.inf).reshape(len(a), -1)
-        best = score.argmax(axis=1)
-        found[s] = np.isfinite(score[np.arange(len(a)), best])
-        p[s], q[s] = np.divmod(best, size)
+    rows = np.flatnonzero(domain.sum(axis=1) >= 2)  # samples still searching
+    chunk = max(1, _PAIR_ELEMENTS // (size * size))
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk]
+        # -(a_p + a_q)(b_p + b_q) where a > 0 and b < 0: the product of the two positive parts
+        score = np.maximum(alpha[r, :, None] + alpha[r, None, :], 0.0)
+        score *= np.maximum(-(beta[r, :, None] + beta[r, None, :]), 0.0)
+        score *= domain[r, :, None] & domain[r, None, :] & off_diagonal
+        flat = score.reshape(len(r), -1)
+        best = flat.argmax(axis=1)
+        found[r] = flat[np.arange(len(r)), best] > 0
+        p[r], q[r] = np.divmod(best, size)
     return p, q, found
