@@ -180,3 +180,121 @@ def jacobian_figure(J, *, input_ndim: int | None = None, max_rows: int = 16):
         f"heatmap of {samples} sample(s), {out_size} outputs x {flat.shape[2]} inputs "
         f"(out_shape {out_shape}, in_shape {in_shape})"
     )
+
+
+def sensitivity_figure(values, *, top: int = 10, title: str | None = None, cmap: str = "viridis"):
+    """A sensitivity map: each input feature's sensitivity drawn over the input's shape, and the
+    `top` most sensitive features as bars.
+
+    Args:
+      values: `in_shape` sensitivities (`jacket.analysis.sensitivity(...).values`): image-like
+        (`(H, W)`, `(H, W, C)`, channels averaged) or flat (drawn as the smallest square).
+      top: How many features to list in the bar chart (0 for none).
+      title: Figure title.
+      cmap: A sequential colormap.
+
+    Returns:
+      A `matplotlib.figure.Figure`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    values = np.asarray(values, dtype=np.float64)
+    bars = min(int(top), values.size)
+    figure = Figure(figsize=(7.0 if bars else 3.5, 3.2), layout="constrained")
+    axes = figure.subplots(
+        1, 2 if bars else 1, squeeze=False, width_ratios=[1, 1] if bars else None
+    )
+    heat = axes[0, 0]
+    image = heat.imshow(_as_image(values), cmap=cmap, vmin=0.0)
+    heat.set_xticks([])
+    heat.set_yticks([])
+    heat.set_title("sensitivity per input feature", fontsize=8)
+    colorbar = figure.colorbar(image, ax=heat, fraction=0.046, pad=0.04)
+    colorbar.ax.tick_params(labelsize=6)
+    if bars:
+        flat = values.reshape(-1)
+        order = np.argsort(-flat, kind="stable")[:bars]
+        ax = axes[0, 1]
+        ax.barh(np.arange(bars)[::-1], flat[order], color="tab:blue")
+        ax.set_yticks(np.arange(bars)[::-1])
+        ax.set_yticklabels(
+            [str(tuple(int(i) for i in np.unravel_index(j, values.shape))) for j in order],
+            fontsize=6,
+        )
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(f"top {bars} features", fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def saliency_grid_figure(images, maps, *, labels=None, columns: int = 4, cmap: str = "hot"):
+    """Saliency maps next to their inputs, in a grid of `(input, saliency)` pairs.
+
+    Args:
+      images: `(n, *in_shape)` inputs.
+      maps: `(n, *image_shape)` saliency magnitudes (`jacket.analysis.saliency(...).map`).
+      labels: Optional title per sample.
+      columns: Pairs per row.
+      cmap: Colormap of the saliency panels (each scaled to its own maximum).
+
+    Returns:
+      A `matplotlib.figure.Figure`.
+    """
+    images, maps = np.asarray(images), np.asarray(maps, dtype=np.float64)
+    n = len(images)
+    columns = max(1, min(int(columns), n))
+    rows = -(-n // columns)
+    figure, axes = _figure(rows, 2 * columns)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k in range(n):
+        r, c = divmod(k, columns)
+        left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
+        left.set_axis_on()
+        right.set_axis_on()
+        left.imshow(_as_image(images[k]), cmap="gray_r")
+        right.imshow(_as_image(np.abs(maps[k])), cmap=cmap, vmin=0.0)
+        if labels is not None:
+            left.set_title(str(labels[k]), fontsize=7)
+            right.set_title("saliency", fontsize=7)
+    return figure
+
+
+def adversarial_figure(x, x_adv, *, labels=None, adv_labels=None, max_samples: int = 8):
+    """Original / adversarial / difference triplets, one row per sample.
+
+    Args:
+      x: `(n, *in_shape)` original inputs; x_adv: the adversarial examples, same shape.
+      labels: Optional class per original; adv_labels: class per adversarial example.
+      max_samples: Rows drawn at most (the first samples).
+
+    Returns:
+      A `matplotlib.figure.Figure`; the difference panel uses a symmetric diverging scale.
+    """
+    x, x_adv = np.asarray(x, dtype=np.float64), np.asarray(x_adv, dtype=np.float64)
+    n = min(len(x), int(max_samples))
+    figure, axes = _figure(n, 3)
+    low = float(min(x[:n].min(), x_adv[:n].min()))
+    high = float(max(x[:n].max(), x_adv[:n].max()))
+    for b in range(n):
+        diff = x_adv[b] - x[b]
+        limit = float(np.abs(diff).max()) or 1.0
+        axes[b, 0].imshow(_as_image(x[b]), cmap="gray_r", vmin=low, vmax=high)
+        axes[b, 1].imshow(_as_image(x_adv[b]), cmap="gray_r", vmin=low, vmax=high)
+        shown = axes[b, 2].imshow(_as_image(diff), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        colorbar = figure.colorbar(shown, ax=axes[b, 2], fraction=0.046, pad=0.04)
+        colorbar.ax.tick_params(labelsize=6)
+        if labels is not None:
+            axes[b, 0].set_ylabel(f"class {labels[b]}", fontsize=7)
+        if adv_labels is not None:
+            axes[b, 1].set_xlabel(f"-> {adv_labels[b]}", fontsize=7)
+        if b == 0:
+            for ax, name in zip(axes[0], ("original", "adversarial", "difference")):
+                ax.set_title(name, fontsize=8)
+    return figure
