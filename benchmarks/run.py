@@ -28,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -74,6 +75,11 @@ def main(argv=None):
                 print(f"{left}  {right}")
             if row["ratio_to_best"] is not None:
                 print(f"{'':<51}  {'jacket / best anchor':<40}{row['ratio_to_best']:>9.2f}x")
+
+    if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
+        command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
+        command += ["--repeats", str(args.repeats), "--backends", *args.backends]
+        subprocess.run(command, check=True)
     return 0
 
 

@@ -27,6 +27,9 @@ _EXPORTS = {
     "JacketValueError": "._errors",
     "JacketTypeError": "._errors",
     "CouplingError": "._errors",
+    "sparsity": ".sparse",
+    "SparseJacobian": ".sparse",
+    "SparsityWarning": ".sparse",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -43,6 +46,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._errors import JacketError as JacketError
     from ._errors import JacketTypeError as JacketTypeError
     from ._errors import JacketValueError as JacketValueError
+    from .sparse import SparseJacobian as SparseJacobian
+    from .sparse import SparsityWarning as SparsityWarning
+    from .sparse import sparsity as sparsity
 
 
 def __getattr__(name: str):

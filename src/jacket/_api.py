@@ -50,6 +50,8 @@ def jacobian(
     per_sample: bool = True,
     training: bool = False,
     memory_budget: int | str | None = None,
+    sparse: bool = False,
+    sparsity=None,
 ):
     """Per-sample Jacobian of `model` at `x`.
 
@@ -68,6 +70,11 @@ def jacobian(
       training: Call the model in training mode. The model itself is never changed.
       memory_budget: Working memory one pass may use, in bytes or as a string ("500MB", "2GiB");
         sets the default `chunk_size`. Default: 1 GiB.
+      sparse: Detect the Jacobian's sparsity pattern (`jacket.sparsity`), color it and compute
+        only its nonzeros by compressed passes; returns a `jacket.SparseJacobian` (see
+        `jacket.sparse`). `mode` then picks the compressed side ("auto": fewer colors).
+      sparsity: A known pattern `(out_size, in_size)` (scipy sparse or NumPy) to use instead of
+        the detected one; implies `sparse=True`.
 
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
@@ -84,6 +91,13 @@ def jacobian(
       >>> tuple(J.shape)
       (2, 3, 4)
     """
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian", model, **kw)(x)
     options = _Options.checked(
         "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget
     )
@@ -99,6 +113,8 @@ def jacobian_fn(
     per_sample: bool = True,
     training: bool = False,
     memory_budget: int | str | None = None,
+    sparse: bool = False,
+    sparsity=None,
 ) -> JacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
@@ -111,6 +127,13 @@ def jacobian_fn(
       >>> J = jac(x + 1.0)                # same signature: runs the compiled kernel
     """
     check_model("jacobian_fn", model)
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian_fn", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian_fn", model, **kw)
     options = _Options.checked(
         "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget
     )
