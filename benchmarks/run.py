@@ -73,6 +73,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
+    parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -107,6 +108,11 @@ def main(argv=None):
         print()
         print("memory_budget= (img2img 48x48, batch 2; one fresh process per row)")
         memory.print_table(memory_rows)
+
+    if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
+        command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
+        command += ["--repeats", str(args.repeats), "--backends", *args.backends]
+        subprocess.run(command, check=True)
     return 0
 
 

@@ -28,6 +28,9 @@ _EXPORTS = {
     "JacketTypeError": "._errors",
     "CouplingError": "._errors",
     "JacobianOperator": ".operator",
+    "sparsity": ".sparse",
+    "SparseJacobian": ".sparse",
+    "SparsityWarning": ".sparse",
 }
 # subpackages reachable as attributes (`jacket.analysis.sensitivity`), also loaded on first use
 _SUBPACKAGES = ("analysis", "attacks")
@@ -47,6 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._errors import JacketTypeError as JacketTypeError
     from ._errors import JacketValueError as JacketValueError
     from .operator import JacobianOperator as JacobianOperator
+    from .sparse import SparseJacobian as SparseJacobian
+    from .sparse import SparsityWarning as SparsityWarning
+    from .sparse import sparsity as sparsity
 
 
 def __getattr__(name: str):

@@ -57,6 +57,8 @@ def jacobian(
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
+    sparse: bool = False,
+    sparsity=None,
 ):
     """Per-sample Jacobian of `model` at `x`.
 
@@ -80,6 +82,11 @@ def jacobian(
         forward pass, the pullbacks one after the other), "auto" (the plan's cost model, see
         `jacket._plan`) or "autotune" (each candidate timed once on the first call, the fastest
         kept for this model and input signature). The result does not depend on it.
+      sparse: Detect the Jacobian's sparsity pattern (`jacket.sparsity`), color it and compute
+        only its nonzeros by compressed passes; returns a `jacket.SparseJacobian` (see
+        `jacket.sparse`). `mode` then picks the compressed side ("auto": fewer colors).
+      sparsity: A known pattern `(out_size, in_size)` (scipy sparse or NumPy) to use instead of
+        the detected one; implies `sparse=True`.
 
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
@@ -96,6 +103,13 @@ def jacobian(
       >>> tuple(J.shape)
       (2, 3, 4)
     """
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian", model, **kw)(x)
     options = _Options.checked(
         "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
@@ -112,6 +126,8 @@ def jacobian_fn(
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
+    sparse: bool = False,
+    sparsity=None,
 ) -> JacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
@@ -124,6 +140,13 @@ def jacobian_fn(
       >>> J = jac(x + 1.0)                # same signature: runs the compiled kernel
     """
     check_model("jacobian_fn", model)
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian_fn", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian_fn", model, **kw)
     options = _Options.checked(
         "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )

@@ -298,3 +298,46 @@ def adversarial_figure(x, x_adv, *, labels=None, adv_labels=None, max_samples: i
             for ax, name in zip(axes[0], ("original", "adversarial", "difference")):
                 ax.set_title(name, fontsize=8)
     return figure
+
+
+def sparsity_figure(pattern, *, in_shape=None, out_shape=None, output=None, max_cells: int = 512):
+    """A Jacobian's sparsity pattern, and the inputs one output depends on.
+
+    Args:
+      pattern: A boolean `(out_size, in_size)` matrix (scipy sparse or NumPy), e.g. from
+        `jacket.sparsity`.
+      in_shape, out_shape: per-sample shapes; with an image-like `in_shape` (`(H, W)`,
+        `(H, W, C)`) a second panel draws the inputs that output `output` depends on.
+      output: the flat output index drawn in the second panel (default: the middle one).
+      max_cells: the pattern panel bins rows and columns into at most this many cells per side,
+        each showing the share of its entries that are nonzero.
+
+    Returns:
+      A `matplotlib.figure.Figure`.
+    """
+    import scipy.sparse as sp
+
+    P = sp.csr_array(pattern, dtype=bool)
+    m, n = P.shape
+    draw_field = in_shape is not None and len(in_shape) in (2, 3)
+    figure, axes = _figure(1, 2 if draw_field else 1, cell=3.2)
+    rows_per = max(1, -(-m // max_cells))
+    cols_per = max(1, -(-n // max_cells))
+    coo = P.tocoo()
+    cells = np.zeros((-(-m // rows_per), -(-n // cols_per)))
+    np.add.at(cells, (coo.row // rows_per, coo.col // cols_per), 1.0)
+    cells /= rows_per * cols_per
+    ax = axes[0, 0]
+    ax.imshow(cells, cmap="Greys", vmin=0.0, vmax=max(cells.max(), 1e-12), aspect="auto")
+    ax.set_title(f"{m} x {n}, {P.nnz} nonzeros ({P.nnz / max(m * n, 1):.2%})", fontsize=8)
+    ax.set_xlabel("input", fontsize=7)
+    ax.set_ylabel("output", fontsize=7)
+    if draw_field:
+        output = m // 2 if output is None else int(output)
+        row = np.zeros(n)
+        row[P.indices[P.indptr[output] : P.indptr[output + 1]]] = 1.0
+        ax = axes[0, 1]
+        ax.imshow(_as_image(row.reshape(in_shape)), cmap="Greys", vmin=0.0, vmax=1.0)
+        where = np.unravel_index(output, out_shape) if out_shape is not None else (output,)
+        ax.set_title(f"inputs of output {tuple(int(i) for i in where)}", fontsize=8)
+    return figure
