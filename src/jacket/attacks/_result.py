@@ -130,7 +130,8 @@ def loss_gradient(model, x: np.ndarray, z: np.ndarray, label: np.ndarray, logits
     else:
         cot = np.zeros_like(z)
         cot[rows, label] = -1.0 / np.maximum(z[rows, label], np.finfo(z.dtype).tiny)
-    return to_numpy(jacket.vjp(model, x, cot.astype(z.dtype)))
+    # the gradient of the batch's summed loss, which is FGSM's definition: no per-sample probe needed
+    return to_numpy(jacket.vjp(model, x, cot.astype(z.dtype), per_sample=False))
 
 
 def output_gradients(model, x: np.ndarray, seeds: np.ndarray) -> np.ndarray:
