@@ -195,7 +195,29 @@ EXACT = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXACT))
+# covered in the default run by a case with the same rule; all run with `-m slow`
+SLOW = {
+    "conv3d",
+    "grouped_conv",
+    "depthwise_1d_then_separable",
+    "separable2d",
+    "conv_transpose_valid",
+    "conv1d_transpose",
+    "global_pooling",
+    "upsampling_bilinear",
+    "upsampling_3d",
+    "padding_cropping_1d",
+    "channels_first_reshaping",
+    "group_norm",
+    "layer_norm_over_columns_and_channels",
+    "pixelwise_dense_and_reshapes",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(EXACT)],
+)
 def test_exact_pattern_and_values(name, rng):
     model = EXACT[name]()
     in_shape = tuple(model.inputs[0].shape[1:])
@@ -372,6 +394,13 @@ def test_verify_catches_a_wrong_rule(dense_check, monkeypatch):
         jacket.sparsity(model, (5, 5, 1), verify=True)
 
 
+@pytest.fixture(scope="module")
+def conv_model():
+    """One model shared by the tests of the API around the passes (its kernels compile once)."""
+    keras.utils.set_random_seed(7)
+    return EXACT["conv2d_same"]()
+
+
 # ---------------------------------------------------------------------------------------- coloring
 
 
@@ -402,17 +431,17 @@ def test_coloring_is_valid_and_matches_networkx(side, rng):
     assert not sparse.is_valid(P, np.zeros_like(colors), side)
 
 
-def test_forward_and_reverse_compression_agree(rng):
-    model = EXACT["conv2d_same"]()
-    x = rng.standard_normal((2, 7, 6, 2)).astype("float32")
+def test_forward_and_reverse_compression_agree(conv_model, rng):
+    model = conv_model
+    x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     forward = jacket.jacobian(model, x, sparse=True, mode="forward")
     reverse = jacket.jacobian(model, x, sparse=True, mode="reverse")
     assert (forward.mode, reverse.mode) == ("forward", "reverse")
     np.testing.assert_allclose(forward.values, reverse.values, atol=1e-6)
 
 
-def test_chunks_and_plan(rng):
-    model = EXACT["conv2d_same"]()
+def test_chunks_and_plan(conv_model, rng):
+    model = conv_model
     x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     fn = jacket.jacobian_fn(model, sparse=True, chunk_size=4)
     plan = fn.plan(x)
@@ -428,8 +457,8 @@ def test_chunks_and_plan(rng):
 # ----------------------------------------------------------------------- result type, user pattern
 
 
-def test_result_type(rng):
-    model = EXACT["conv2d_same"]()
+def test_result_type(conv_model, rng):
+    model = conv_model
     x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     S = jacket.jacobian(model, x, sparse=True)
     J = dense_flat(model, x)
@@ -446,9 +475,9 @@ def test_result_type(rng):
     assert "SparseJacobian(batch=3" in repr(S)
 
 
-def test_a_given_pattern_is_used(rng):
-    model = EXACT["conv2d_same"]()
-    x = rng.standard_normal((2, 7, 6, 2)).astype("float32")
+def test_a_given_pattern_is_used(conv_model, rng):
+    model = conv_model
+    x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     P = jacket.sparsity(model, (7, 6, 2))
     S = jacket.jacobian(model, x, sparsity=P)
     np.testing.assert_allclose(S.to_dense(flatten=True), dense_flat(model, x), atol=1e-5)
@@ -469,7 +498,7 @@ def test_pattern_and_coloring_are_made_once(rng):
     model = EXACT["conv2d_same"]()
     assert jacket.sparsity(model, (7, 6, 2)) is jacket.sparsity(model, (7, 6, 2))
     fn = jacket.jacobian_fn(model, sparse=True)
-    x = rng.standard_normal((2, 7, 6, 2)).astype("float32")
+    x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     fn(x)
     prepared = fn._prepared(jacket.sparse._jacobian.prepare_inputs("t", model, x))
     traces = jacket.jacobian_fn(model).trace_count
@@ -480,21 +509,42 @@ def test_pattern_and_coloring_are_made_once(rng):
         assert jacket.jacobian_fn(model).trace_count == traces  # nothing traced again
 
 
-def test_training_mode_is_computed_densely(rng):
-    model = EXACT["conv2d_same"]()
-    x = rng.standard_normal((2, 7, 6, 2)).astype("float32")
+def test_training_mode_is_computed_densely(conv_model, rng):
+    model = conv_model
+    x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     with warns_sparsity("dropout masks"):
         S = jacket.jacobian(model, x, sparse=True, training=True)
     assert S.mode == "dense" and "training" in S.fallback
     np.testing.assert_allclose(S.to_dense(), to_numpy(jacket.jacobian(model, x)), atol=1e-5)
 
 
+class BatchCentre(keras.layers.Layer):
+    """Subtracts the batch mean: samples interact."""
+
+    def call(self, x):
+        return x - keras.ops.mean(x, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_samples_that_interact_are_refused(small, monkeypatch, rng):
+    from jacket.sparse import _jacobian
+
+    if not small:  # the probe on the batch as given, not on the repeated batch
+        monkeypatch.setattr(_jacobian, "SMALL_PROBE", 0)
+    conv = sequential((6, 6, 1), layers.Conv2D(1, 3, padding="same"))
+    model = sequential((6, 6, 1), conv, BatchCentre())
+    P = jacket.sparsity(conv, (6, 6, 1))  # the per-sample pattern of `model` too
+    x = rng.standard_normal((3, 6, 6, 1)).astype("float32")
+    with pytest.raises(jacket.CouplingError, match=r"sparse=True\): .*depends on other samples"):
+        jacket.jacobian(model, x, sparsity=P)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
-def test_errors_name_the_argument(rng):
-    model = EXACT["conv2d_same"]()
-    x = rng.standard_normal((2, 7, 6, 2)).astype("float32")
+def test_errors_name_the_argument(conv_model, rng):
+    model = conv_model
+    x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     with pytest.raises(jacket.JacketValueError, match="per_sample=False"):
         jacket.jacobian(model, x, sparse=True, per_sample=False)
     with pytest.raises(jacket.JacketTypeError, match="`sparse` must be True or False"):
@@ -513,10 +563,10 @@ def test_errors_name_the_argument(rng):
         sparse.color(sp.eye_array(3, dtype=bool), "diagonal")
 
 
-def test_pattern_figure():
+def test_pattern_figure(conv_model):
     from jacket.plot import sparsity_figure
 
-    model = EXACT["conv2d_same"]()
+    model = conv_model
     P = jacket.sparsity(model, (7, 6, 2))
     figure = sparsity_figure(P, in_shape=(7, 6, 2), out_shape=(7, 6, 2))
     assert len(figure.axes) >= 2

@@ -7,12 +7,16 @@ the result is `J[i, j]` for the only column `j` of that color that row `i` has. 
 the rows and pulls back sums of one-hot rows. All colors go through one call: the batch is repeated
 once per color (`(colors * batch, *in_shape)`, color-major) next to the matching seeds, so one
 compiled JVP (VJP) of batch `colors * batch` replaces `in_size` (`out_size`) dense passes; the
-colors are split into chunks of equal size only when that batch would not fit `memory_budget`. In
-training mode the Jacobian is computed densely (each compressed pass is a call of the model of its
-own, which could draw its own dropout mask), with a `SparsityWarning`. That samples do not interact (what makes the repeated batch right) is probed once per
-batch size on the batch as given, by `jacket.vjp`'s coupling probe; the repeated batch itself is
-then pushed with `per_sample=False` (probing it would cost `2 log2(colors * batch)` passes of it). The pattern, the coloring and the seeds are made once per model, input signature and
-options, and kept with the model.
+colors are split into chunks of equal size only when that batch would not fit `memory_budget`.
+
+That samples do not interact (what makes the repeated batch right) is checked by the engine's
+coupling probe once per batch size: on the repeated batch itself while it is small (no second
+compiled signature), else on the batch as given through `jacket.vjp` (probing a large repeated
+batch would cost `2 log2(colors * batch)` passes of it), the repeated batch then pushed with
+`per_sample=False`. In training mode the Jacobian is computed densely (each compressed pass is a
+call of the model of its own, which could draw its own dropout mask), with a `SparsityWarning`.
+The pattern, the coloring and the seeds are made once per model, input signature and options, and
+kept with the model.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from ._result import SparseJacobian, entries
 MODES = ("auto", "forward", "reverse")
 # a pattern needing at least this share of the dense passes is computed densely
 DENSE_SHARE = 1.0
+# the repeated batch of the compressed passes is probed for coupling itself up to this many
+# activation elements, else the batch as given is
+SMALL_PROBE = 1 << 20
 # `verify` compares with the dense Jacobian up to this many entries (all samples), else it probes
 VERIFY_DENSE_ENTRIES = 1 << 22
 
@@ -512,14 +519,22 @@ class _Prepared:
 
         batch = inputs.batch
         chunk = self.chunk(batch, options)
-        self._check_independent(fn_name, model, inputs)
+        activations = self.activation_size or 4 * (self.in_size + self.out_size)
+        # a small repeated batch is probed itself (no second compiled signature); a large one
+        # on the batch as given (see the NOTE at the top)
+        probe_repeated = chunk * batch * activations <= SMALL_PROBE
+        if not probe_repeated:
+            self._check_independent(fn_name, model, inputs)
         forward = self.mode == "forward"
         other_size = self.out_size if forward else self.in_size
         parts = []
         for seeds in self._seeds_for(batch, chunk):
             xs = inputs.pack([_tile(t, chunk) for t in inputs.tensors])
             push = jvp if forward else vjp
-            out = push(model, xs, seeds, per_sample=False)  # samples were probed above
+            try:
+                out = push(model, xs, seeds, per_sample=probe_repeated)
+            except CouplingError as error:
+                raise CouplingError(f"{fn_name} (sparse=True): {error}") from None
             flat = [_numpy(t).reshape(chunk, batch, -1) for t in keras.tree.flatten(out)]
             parts.append(flat[0] if len(flat) == 1 else np.concatenate(flat, axis=2))
         compressed = np.concatenate(parts, axis=0)[: self.n_colors]  # (colors, batch, other)
