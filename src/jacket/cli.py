@@ -589,3 +589,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     _silence_native_stderr()
     app()
+
+
+# `jacket sensitivity`, `norms` and `attack ...` live in their own module and register on `app`
+from . import _cli_analysis  # noqa: E402, F401
