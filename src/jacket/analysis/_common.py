@@ -159,15 +159,13 @@ class Batch:
     valid: int
 
 
-def batches(
-    fn_name: str, data, batch_size: int | None, *, pad: bool = True
-) -> tuple[Iterator[Batch], int | None]:
+def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch], int | None]:
     """`data` (an array `(n, *in_shape)`, or an iterable of such arrays or of `(x, y)` pairs) in
     batches of `batch_size`, and the number of samples when known."""
     if isinstance(data, np.ndarray) or keras.ops.is_tensor(data):
         array = single_array(fn_name, "data", data)
         size = min(batch_size or array.shape[0], array.shape[0])
-        return _slices(array, size, 0, pad), array.shape[0]
+        return _slices(array, size, 0), array.shape[0]
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):
         raise JacketTypeError(
             f"{fn_name}: `data` must be an array `(n, *in_shape)` or an iterable of batches. "
@@ -184,7 +182,7 @@ def batches(
                 item = item[0]  # (x, y) pairs from a dataset
             array = single_array(fn_name, "data", item)
             if batch_size is None:
-                yield from _slices(array, array.shape[0], seen, pad)
+                yield from _slices(array, array.shape[0], seen)
                 seen += array.shape[0]
                 continue
             pending.append(array)
@@ -192,19 +190,19 @@ def batches(
             if held >= batch_size:
                 joined = np.concatenate(pending)
                 full = (held // batch_size) * batch_size
-                yield from _slices(joined[:full], batch_size, seen, pad)
+                yield from _slices(joined[:full], batch_size, seen)
                 seen += full
                 pending, held = ([joined[full:]] if held > full else []), held - full
         if held:
-            yield from _slices(np.concatenate(pending), batch_size, seen, pad)
+            yield from _slices(np.concatenate(pending), batch_size, seen)
 
     return stream(), None
 
 
-def _slices(array: np.ndarray, size: int, offset: int, pad: bool) -> Iterator[Batch]:
+def _slices(array: np.ndarray, size: int, offset: int) -> Iterator[Batch]:
     for start in range(0, array.shape[0], size):
         part = array[start : start + size]
         valid = part.shape[0]
-        if pad and valid < size:
+        if valid < size:
             part = np.concatenate([part, np.repeat(part[-1:], size - valid, axis=0)])
         yield Batch(offset + start, part, valid)
