@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import scipy.sparse as sp
 
+from .._api import _check_flag, _numpy_dtype, _Options
 from .._errors import CouplingError, JacketTypeError, JacketValueError
 from .._model import (
     FLOAT_DTYPES,
@@ -44,12 +45,10 @@ from .._model import (
     prepare_inputs,
     skeleton,
 )
-from .._plan import DEFAULT_MEMORY_BUDGET, parse_bytes
 from . import _color, _detect
 from ._errors import SparsityError, SparsityWarning
 from ._result import SparseJacobian, entries
 
-MODES = ("auto", "forward", "reverse")
 # a pattern needing at least this share of the dense passes is computed densely
 DENSE_SHARE = 1.0
 # the repeated batch of the compressed passes is probed for coupling itself up to this many
@@ -192,26 +191,9 @@ def prepared(
 ) -> SparseJacobianFn:
     """The sparse form of `jacket.jacobian` / `jacobian_fn` (their `sparse=True` or `sparsity=`)."""
     check_model(fn_name, model)
-    if not isinstance(mode, str) or mode not in MODES:
-        raise JacketValueError(
-            f"{fn_name}: `mode` must be one of {', '.join(map(repr, MODES))}. "
-            f"Received: mode={mode!r}."
-        )
-    if chunk_size is not None:
-        if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(
-            chunk_size, (int, np.integer)
-        ):
-            raise JacketTypeError(
-                f"{fn_name}: `chunk_size` must be a positive integer or None. "
-                f"Received: chunk_size={chunk_size!r} of type {type(chunk_size).__name__}."
-            )
-        if chunk_size <= 0:
-            raise JacketValueError(
-                f"{fn_name}: `chunk_size` must be a positive integer. "
-                f"Received: chunk_size={chunk_size}. Pass None to choose it from memory."
-            )
-    for name, value in (("flatten", flatten), ("per_sample", per_sample), ("training", training)):
-        _check_flag(fn_name, name, value)
+    checked = _Options.checked(
+        fn_name, mode, chunk_size, flatten, per_sample, training, memory_budget
+    )
     if not per_sample:
         raise JacketValueError(
             f"{fn_name}: sparse Jacobians are per sample. Received: per_sample=False with "
@@ -224,29 +206,17 @@ def prepared(
             f"`(out_size, in_size)`, e.g. from `jacket.sparsity`. Received: "
             f"{type(sparsity).__name__}."
         )
-    budget = (
-        DEFAULT_MEMORY_BUDGET
-        if memory_budget is None
-        else parse_bytes(fn_name, "memory_budget", memory_budget)
-    )
     options = {
-        "mode": mode,
-        "chunk_size": None if chunk_size is None else int(chunk_size),
-        "flatten": bool(flatten),
-        "training": bool(training),
-        "memory_budget": budget,
+        "mode": checked.mode,
+        "chunk_size": checked.chunk_size,
+        "flatten": checked.flatten,
+        "training": checked.training,
+        "memory_budget": checked.memory_budget,
     }
     return SparseJacobianFn(fn_name, model, sparsity, options)
 
 
 # -------------------------------------------------------------------------------------- detection
-
-
-def _check_flag(fn_name: str, name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise JacketTypeError(
-            f"{fn_name}: `{name}` must be True or False. Received: {name}={value!r}."
-        )
 
 
 def _is_shape(value) -> bool:
@@ -599,12 +569,6 @@ def _tile(x, k: int):
 
 def _numpy(t) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(t))
-
-
-def _numpy_dtype(dtype: str):
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
 # ----------------------------------------------------------------------------------------- verify
