@@ -6,8 +6,9 @@ backend per process), writes `bench-results/sparse-<backend>.json` and prints on
 `KERAS_BACKEND=jax python benchmarks/sparse.py --child`.
 
 Per case (batch 1): detection and coloring timed alone on a fresh model; the sparse Jacobian's
-first call (detection, coloring, tracing, the coupling probe and the run) and its steady-state
-median; the dense anchors of `benchmarks/anchors.py` (TensorFlow: `tf.function(batch_jacobian)`;
+first call (detection, coloring, tracing, the coupling probe and the run); steady-state medians of
+the sparse Jacobian and of the dense anchors in interleaved rounds (one call of each per round); the
+anchors of `benchmarks/anchors.py` (TensorFlow: `tf.function(batch_jacobian)`;
 JAX: `jit(vmap(jacrev))`, `jit(vmap(jacfwd))`; PyTorch: `torch.func.vmap(jacrev)`,
 `autograd.functional.jacobian(vectorize=True)`), each checked to agree with the sparse result before
 it counts. "amortised" is the steady state plus detection and coloring spread over 10 calls; the
@@ -75,27 +76,52 @@ CASES = {
 # ------------------------------------------------------------------------------------ one backend
 
 
-def _time(fn, x, repeats: int, budget_s: float = 20.0):
-    """(first call s, steady-state median s, first result): the sparse result is NumPy already."""
-    start = time.perf_counter()
-    first_result = fn(x)
-    first = time.perf_counter() - start
-    times = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    return first, statistics.median(times), first_result
-
-
 def _anchors_module():
+    """`benchmarks/anchors.py`, loaded by path (this folder is no package)."""
     spec = importlib.util.spec_from_file_location("jacket_bench_anchors", HERE / "anchors.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _first(fn, x, sync):
+    """(seconds, result) of the first call: trace, compile, run."""
+    start = time.perf_counter()
+    result = fn(x)
+    sync(result)
+    return time.perf_counter() - start, result
+
+
+def _steady(timed: dict, repeats: int, budget_s: float = 90.0) -> dict:
+    """Median seconds of each `name: (fn, x, sync)`, in interleaved rounds (one call of each per
+    round), so that the machine's drifts (other load, frequency) hit all of them alike."""
+    times = {name: [] for name in timed}
+    deadline = time.perf_counter() + budget_s
+    for round_ in range(repeats):
+        for name, (fn, x, sync) in timed.items():
+            start = time.perf_counter()
+            sync(fn(x))
+            times[name].append(time.perf_counter() - start)
+        if round_ >= 2 and time.perf_counter() > deadline:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _warm_up(anchors):
+    """A throwaway sparse Jacobian and anchor run, so no case pays the framework's start-up."""
+    import numpy as np
+
+    import jacket
+
+    model = conv_stack(8)
+    x = np.random.default_rng(1).random((1, 8, 8, 1)).astype("float32")
+    jacket.jacobian(model, x, sparse=True)
+    funcs, convert = anchors.anchors(model)
+    for fn in funcs.values():
+        try:
+            anchors._numpy(fn(convert(x)))
+        except Exception:  # noqa: BLE001 - reported when the real cases run
+            pass
 
 
 def run_child(case_names, repeats: int) -> dict:
@@ -106,6 +132,7 @@ def run_child(case_names, repeats: int) -> dict:
     from jacket import sparse
 
     anchors = _anchors_module()
+    _warm_up(anchors)
     rows = []
     for name in case_names:
         build, in_shape = CASES[name]
@@ -125,9 +152,8 @@ def run_child(case_names, repeats: int) -> dict:
         model = build()
         fn = jacket.jacobian_fn(model, sparse=True)
         with anchors.PeakRSS() as memory:
-            first, steady, S = _time(fn, x, repeats)
+            first, S = _first(fn, x, lambda r: r)
         reference = S.to_dense(flatten=True).astype(np.float64)
-        amortised = steady + (detect_s + color_s) / AMORTISED_OVER
         row = {
             "case": name,
             "backend": anchors.BACKEND,
@@ -140,13 +166,12 @@ def run_child(case_names, repeats: int) -> dict:
             "nnz": int(pattern.nnz),
             "density": pattern.nnz / (pattern.shape[0] * pattern.shape[1]),
             "sparse_first_s": first,
-            "sparse_ms": steady * 1e3,
-            "sparse_peak_mb": memory.peak / 2**20,
-            "amortised_ms": amortised * 1e3,
+            "sparse_first_peak_mb": memory.peak / 2**20,
             "sparse_result_mb": S.nbytes / 2**20,
             "dense_result_mb": S.dense_nbytes / 2**20,
             "anchors": {},
         }
+        timed = {"sparse": (fn, x, lambda r: r)}
         funcs, convert = anchors.anchors(model)
         xt = convert(x)
         size = int(np.prod(in_shape))
@@ -158,22 +183,29 @@ def run_child(case_names, repeats: int) -> dict:
                 row["anchors"][anchor] = {"error": f"skipped: {reason}"}
                 continue
             try:
-                a_first, a_steady, A = anchors._time(afn, xt, max(3, repeats // 3))
+                a_first, A = _first(afn, xt, anchors._numpy)
             except Exception as error:  # noqa: BLE001 - an anchor that cannot run is reported
                 row["anchors"][anchor] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
             A = anchors._numpy(A).reshape(reference.shape)
             agree = float(np.abs(A - reference).max() / (np.abs(reference).max() or 1.0))
             row["anchors"][anchor] = {
-                "ms": a_steady * 1e3,
                 "first_s": a_first,
                 "max_rel_diff": agree,
                 "agrees": agree < 1e-4,
             }
-        timed = [a["ms"] for a in row["anchors"].values() if "ms" in a and a["agrees"]]
-        row["best_anchor_ms"] = min(timed) if timed else None
-        row["ratio_amortised"] = amortised * 1e3 / min(timed) if timed else None
-        row["ratio_steady"] = steady * 1e3 / min(timed) if timed else None
+            timed[anchor] = (afn, xt, anchors._numpy)
+        steady = _steady(timed, repeats)
+        for anchor, seconds in steady.items():
+            if anchor != "sparse":
+                row["anchors"][anchor]["ms"] = seconds * 1e3
+        amortised = steady["sparse"] + (detect_s + color_s) / AMORTISED_OVER
+        row["sparse_ms"] = steady["sparse"] * 1e3
+        row["amortised_ms"] = amortised * 1e3
+        best = [a["ms"] for a in row["anchors"].values() if "ms" in a and a["agrees"]]
+        row["best_anchor_ms"] = min(best) if best else None
+        row["ratio_amortised"] = amortised * 1e3 / min(best) if best else None
+        row["ratio_steady"] = steady["sparse"] * 1e3 / min(best) if best else None
         rows.append(row)
         print(f"[{anchors.BACKEND}] {name}: done", file=sys.stderr, flush=True)
     return {"backend": anchors.BACKEND, "machine": anchors.machine(), "rows": rows}

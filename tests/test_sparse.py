@@ -274,6 +274,17 @@ def test_branches_merged_by_add_and_concatenate(rng):
     check_sparse_matches_dense(model, (8, 8, 2), rng, exact=False)
 
 
+def test_residual_written_with_keras_ops(rng):
+    """`x + f(x)`, `keras.ops.relu`, a scalar factor and a broadcast product: graph nodes that are
+    `keras.ops` calls, not layers, still get exact rules (no warning)."""
+    inputs = keras.Input((7, 6, 2))
+    h = layers.Conv2D(2, 3, padding="same", activation="tanh")(inputs)
+    gate = layers.Conv2D(1, 1)(inputs)  # (7, 6, 1), broadcast over the 2 channels
+    out = keras.ops.relu(2.0 * h + inputs) * keras.ops.sigmoid(gate)
+    model = keras.Model(inputs, layers.Conv2D(1, 3, padding="same")(out))
+    check_sparse_matches_dense(model, (7, 6, 2), rng, exact=False)
+
+
 def test_several_inputs_and_outputs(rng):
     image = keras.Input((5, 5, 1), name="image")
     mask = keras.Input((5, 5, 1), name="mask")

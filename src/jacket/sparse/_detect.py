@@ -15,7 +15,8 @@ channels-last and back.
 Most layers act separately on the pixel grid and on the channels: output pixel `p` reads input
 pixels `P[p, :]` (a Kronecker product of one window per spatial axis) and output channel `c` reads
 input channels `Cm[c, :]`. Convolutions, pooling, up-sampling, padding, cropping, the
-normalisations and Dense (on the last axis) are all of this form (`_separable`). Merges,
+normalisations and Dense (on the last axis) are all of this form (`_separable`). Merges (the
+merging layers and elementwise `keras.ops` nodes such as `x + y`, with broadcasting),
 concatenations and reshapes have rules of their own. A layer without a rule, or whose rule fails,
 gets the conservative one: each of its outputs depends on every input of that layer (all rows
 united), which can only over-estimate; `SparsityWarning` names it.
@@ -586,6 +587,17 @@ _SINGLE = {
     "RepeatVector": _repeat_vector,
 }
 _MERGE = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
+# elementwise `keras.ops` nodes of a Functional graph (`x + y`, `keras.ops.relu(x)`, `2.0 * x`)
+_ELEMENTWISE_OPS = {
+    "keras.src.ops.numpy": set(
+        "Add Subtract Multiply Divide TrueDivide Maximum Minimum Power Negative Absolute Abs Exp "
+        "Log Sqrt Square Tanh Sin Cos Log1p Expm1 Sign Clip".split()
+    ),
+    "keras.src.ops.nn": set(
+        "Relu Relu6 Sigmoid Silu Gelu Softplus Softsign Elu Selu LeakyRelu HardSigmoid HardSilu "
+        "LogSigmoid".split()
+    ),
+}
 
 
 def _rule_for(operation):
@@ -645,6 +657,10 @@ def _known(operation, deps, kwargs, out_shapes, ctx) -> list[_Dep] | None:
     """The output `_Dep`s by the operation's rule, or None where it has none."""
     if _is_graph(operation):
         return _walk(operation, deps, ctx)
+    if len(out_shapes) == 1 and deps:
+        cls = type(operation)
+        if cls.__name__ in _ELEMENTWISE_OPS.get(cls.__module__, ()):
+            return [_merge(deps, out_shapes[0])]  # operands broadcast to the output
     name = _rule_for(operation)
     if name is None or not deps or len(out_shapes) != 1:
         return None
