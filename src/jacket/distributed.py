@@ -54,7 +54,6 @@ import os
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +165,7 @@ def jacobian_dataset(
         job.store = str(store)
         with _Progress(report, job.n_chunks, "Jacobians") as bar:
             if manifest is None:  # a fresh store: the first chunk tells the layout
-                first = where.first_runner().call(_jacobian_chunk, job, 0, job.piece(0))
+                first = where.first_runner(job.n_chunks).call(_jacobian_chunk, job, 0, job.piece(0))
                 manifest = _new_manifest(job, identity, first["layout"])
                 root = _create_store(store, manifest)
                 _write_blocks(store, first["layout"], job.piece(0), first["blocks"])
@@ -309,7 +308,7 @@ def _reduce(fn, job: _Job, client, scheduler, workers, progress, put) -> None:
     try:
         job.backend = where.backend()
         with _Progress(report, job.n_chunks, job.kind) as bar:
-            first = where.first_runner().call(_reduce_chunk, job, 0, job.piece(0))
+            first = where.first_runner(job.n_chunks).call(_reduce_chunk, job, 0, job.piece(0))
             put(0, first)
             bar.update(1)
             todo = range(1, job.n_chunks)
@@ -452,13 +451,14 @@ class _Where:
             )
         return names[0]
 
-    def first_runner(self) -> _Runner:
-        """Where a first chunk runs: this process when the choice waits for its size."""
+    def first_runner(self, chunks: int) -> _InProcess | _Dask:
+        """Where the first of `chunks` chunks runs: this process when the choice waits for its
+        size."""
         if self.kind == "auto":
             return _InProcess()
-        return self.runner(0, 1)
+        return self.runner(0, chunks)
 
-    def runner(self, remaining_bytes: int, remaining_chunks: int) -> _Runner:
+    def runner(self, remaining_bytes: int, remaining_chunks: int) -> _InProcess | _Dask:
         if self._runner is None:
             kind = self.kind
             if kind == "auto":
@@ -509,27 +509,20 @@ class _Where:
             self._owned.pop().close()
 
 
-class _Runner:
-    """Runs tasks and hands back their results."""
+class _InProcess:
+    """Tasks in this process, one after the other. A runner (this or `_Dask`) has `call(fn, *args)`,
+    which returns `fn(*args)`, and `run(calls, done)`, which runs every `(key, fn, args)` of
+    `calls` and calls `done(key, fn(*args))` as each one finishes."""
 
     def call(self, fn: Callable, *args):
-        raise NotImplementedError
-
-    def run(self, calls: Iterable[tuple[int, Callable, tuple]], done: Callable) -> None:
-        """Run every `(key, fn, args)`; `done(key, fn(*args))` as each one finishes."""
-        raise NotImplementedError
-
-
-class _InProcess(_Runner):
-    def call(self, fn, *args):
         return fn(*args)
 
-    def run(self, calls, done):
+    def run(self, calls: Iterable[tuple[int, Callable, tuple]], done: Callable) -> None:
         for key, fn, args in calls:
             done(key, fn(*args))
 
 
-class _Dask(_Runner):
+class _Dask:
     """Tasks on a Dask cluster, at most a few per worker thread submitted at a time, so a run
     killed midway leaves little work in flight and a big dataset does not flood the scheduler."""
 
@@ -688,7 +681,7 @@ def _open_store(fn: str, store: Path, identity: dict, overwrite: bool):
     if not isinstance(manifest, dict) or "identity" not in manifest:
         raise JacketValueError(
             f"{fn}: `out` ({store}) already holds something that is not a jacket dataset run. "
-            "Pass a new path, or overwrite=True to delete it (a zarr store) and start again."
+            "Pass a new path (or, for a zarr store you no longer need, overwrite=True)."
         )
     differences = _differences(manifest["identity"], identity)
     if differences:
@@ -923,7 +916,8 @@ class _Source:
             except (FileNotFoundError, ValueError, KeyError) as error:
                 raise JacketValueError(
                     f"{fn}: `inputs` must be a zarr store. Received: {str(inputs)!r}, which zarr "
-                    f"cannot open ({type(error).__name__}: {error})."
+                    f"cannot open ({type(error).__name__}: {error}). Pass a NumPy array, or "
+                    "convert the data once: zarr.create_array('x.zarr', data=np.load('x.npy'))."
                 ) from error
             if isinstance(node, zarr.Group):
                 node = dict(sorted(node.arrays()))
@@ -1082,14 +1076,13 @@ def _compute(job: _Job, index: int, piece: _Piece):
 def _jacobian_chunk(job: _Job, index: int, piece: _Piece) -> dict:
     """Task: the Jacobians of chunk `index`, written to the store; or, for the first chunk of a new
     store (`job.layout` is None), returned with the layout they define."""
-    start = time.perf_counter()
     out_skeleton, blocks = _compute(job, index, piece)
     if job.layout is None:
         return {"layout": _layout(job, out_skeleton, blocks), "blocks": blocks}
     for spec, block in zip(job.layout["arrays"], blocks):
         assert tuple(block.shape[1:]) == tuple(spec["shape"][1:]), (block.shape, spec)
     _write_blocks(job.store, job.layout, piece, blocks)
-    return {"index": index, "pid": os.getpid(), "seconds": time.perf_counter() - start}
+    return {"index": index}  # returned only once the data is written: then the chunk is finished
 
 
 def _reduce_chunk(job: _Job, index: int, piece: _Piece) -> dict:
