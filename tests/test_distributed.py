@@ -497,6 +497,23 @@ def test_result_four_times_the_memory_the_job_gets(dense, tmp_path, cluster):
 
 @cluster_only
 @pytest.mark.slow
+def test_workers_start_a_local_cluster_with_this_backend(models, tmp_path):
+    path, model = models["paths"]["two_out"], models["models"]["two_out"]
+    x = np.random.default_rng(11).standard_normal((40, 5)).astype("float32")
+    here = jd.sensitivity_dataset(path, x, batch_size=8, reduce="max_abs")
+    seen = []
+    J = jd.jacobian_dataset(path, x, tmp_path / "J.zarr", batch_size=8, workers=2,
+                            progress=lambda d, t: seen.append(d))  # fmt: skip
+    expected = _to_numpy(jacket.jacobian(model, x))
+    for block, reference in zip(J, expected):
+        np.testing.assert_allclose(block[:], reference, rtol=1e-5, atol=1e-6)
+    assert seen[0] == 0 and seen[-1] == 5 and seen == sorted(seen)
+    there = jd.sensitivity_dataset(path, x, batch_size=8, reduce="max_abs", scheduler="processes")
+    np.testing.assert_array_equal(there.values, here.values)
+
+
+@cluster_only
+@pytest.mark.slow
 def test_result_four_times_the_workers_memory_limit(dense, tmp_path):
     """A worker whose memory limit (enforced by its nanny, which kills it at 95%) is a quarter of
     the result: 1 worker limited to 700 MB, a 2.8 GB result, inputs read from zarr."""
