@@ -3,7 +3,9 @@
 Run one backend per process (Keras fixes it): `KERAS_BACKEND=jax python benchmarks/anchors.py`.
 `benchmarks/run.py` runs all three and prints one table. Every anchor's result is checked to agree
 with jacket's before it is timed; steady-state times are medians after warm-up, and the first call
-(trace + compile + run) is reported apart.
+(trace + compile + run) is reported apart, with the peak memory it took. Steady-state times of
+jacket, of jacket with each strategy forced, and of every anchor are taken in interleaved rounds
+(one call of each per round), so that the machine's drifts hit all of them alike.
 """
 
 from __future__ import annotations
@@ -261,20 +263,36 @@ def _numpy(t):
     return np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
 
 
-def _time(fn, x, repeats, budget_s=20.0):
-    start = time.perf_counter()
-    first_result = fn(x)
-    _numpy(first_result)
-    first = time.perf_counter() - start
-    times = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(repeats):
+def _first(fn, x, memory):
+    """(seconds, result) of the first call (trace + compile + run), peak memory sampled."""
+    with memory:
         start = time.perf_counter()
-        _numpy(fn(x))
-        times.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and len(times) >= 3:
+        result = fn(x)
+        _numpy(result)
+    return time.perf_counter() - start, result
+
+
+def _steady(timed: dict, repeats: int, budget_s: float = 60.0) -> dict:
+    """Median seconds per candidate, measured in interleaved rounds (one call of each per round),
+    so that drifts of the machine (frequency, other load, allocator state) hit all alike."""
+    times = {name: [] for name in timed}
+    deadline = time.perf_counter() + budget_s
+    for round_ in range(repeats):
+        for name, (fn, x) in timed.items():
+            start = time.perf_counter()
+            _numpy(fn(x))
+            times[name].append(time.perf_counter() - start)
+        if round_ >= 2 and time.perf_counter() > deadline:
             break
-    return first, statistics.median(times), first_result
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _skip(anchor, batch, out_size, in_size):
@@ -288,8 +306,23 @@ def _skip(anchor, batch, out_size, in_size):
     return None
 
 
+def warm_up():
+    """One throwaway Jacobian by jacket and by every anchor, so that no case's first call pays for
+    the process's first trace (framework start-up) on behalf of the others."""
+    model = seed_mlp()
+    x = np.random.default_rng(1).random((3, 5)).astype("float32")
+    _numpy(jacket.jacobian(model, x))
+    funcs, convert = anchors(model)
+    for fn in funcs.values():
+        try:
+            _numpy(fn(convert(x)))
+        except Exception:  # noqa: BLE001 - reported when the real cases run
+            pass
+
+
 def run(case_names, repeats, strategies=True):
     rate = sgemm_gflops()
+    warm_up()
     rows = []
     for name in case_names:
         build, in_shape, batch, dtype = CASES[name]
@@ -297,8 +330,8 @@ def run(case_names, repeats, strategies=True):
         model = build()
         x = np.random.default_rng(0).random((batch,) + in_shape).astype(dtype)
         jac = jacket.jacobian_fn(model)
-        with PeakRSS() as memory:
-            first, steady, J = _time(jac, x, repeats)
+        memory = PeakRSS()
+        first, J = _first(jac, x, memory)
         reference = _numpy(J)
         in_size = int(np.prod(in_shape))
         out_size = int(np.prod(reference.shape[1:])) // in_size
@@ -308,25 +341,23 @@ def run(case_names, repeats, strategies=True):
             "case": name,
             "backend": BACKEND,
             "dtype": dtype,
-            "jacket_ms": steady * 1e3,
             "jacket_first_s": first,
             "jacket_peak_mb": memory.peak / 2**20,
             "flop_limit_ms": limit_ms,
-            "x_flop_limit": steady * 1e3 / limit_ms if limit_ms > 0 else None,
             "plan": jac.plan(x).describe(),
             "anchors": {},
+            "strategies": {},
         }
-        if strategies:
-            row["strategies"] = {}
-            for strategy in ("replicate", "vmap", "loop", "autotune"):
-                fn = jacket.jacobian_fn(model, strategy=strategy)
-                s_first, s_steady, S = _time(fn, x, repeats, budget_s=10.0)
-                row["strategies"][strategy] = {
-                    "ms": s_steady * 1e3,
-                    "first_s": s_first,
-                    "plan": fn.plan(x).describe(),
-                    "agrees": bool(np.allclose(_numpy(S), reference, rtol=1e-5, atol=1e-6)),
-                }
+        timed = {"jacket": (jac, x)}
+        for strategy in ("replicate", "vmap", "loop", "autotune") if strategies else ():
+            fn = jacket.jacobian_fn(model, strategy=strategy)
+            s_first, S = _first(fn, x, _Nothing())
+            row["strategies"][strategy] = {
+                "first_s": s_first,
+                "plan": fn.plan(x).describe(),
+                "agrees": bool(np.allclose(_numpy(S), reference, rtol=1e-5, atol=1e-6)),
+            }
+            timed[strategy] = (fn, x)
         funcs, convert = anchors(model)
         xt = convert(x)
         for anchor, fn in funcs.items():
@@ -335,8 +366,8 @@ def run(case_names, repeats, strategies=True):
                 row["anchors"][anchor] = {"error": f"skipped: {reason}"}
                 continue
             try:
-                with PeakRSS() as a_memory:
-                    a_first, a_steady, A = _time(fn, xt, repeats)
+                a_memory = PeakRSS()
+                a_first, A = _first(fn, xt, a_memory)
             except Exception as error:  # noqa: BLE001 - an anchor that cannot run is reported
                 row["anchors"][anchor] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
                 continue
@@ -345,15 +376,23 @@ def run(case_names, repeats, strategies=True):
             agree = float(np.abs(A - reference).max() / scale)
             tolerance = 1e-10 if dtype == "float64" else 1e-4
             row["anchors"][anchor] = {
-                "ms": a_steady * 1e3,
                 "first_s": a_first,
                 "peak_mb": a_memory.peak / 2**20,
                 "max_rel_diff": agree,
                 "agrees": agree < tolerance,
             }
-        timed = [a["ms"] for a in row["anchors"].values() if "ms" in a and a["agrees"]]
-        row["best_anchor_ms"] = min(timed) if timed else None
-        row["ratio_to_best"] = steady * 1e3 / min(timed) if timed else None
+            timed[anchor] = (fn, xt)
+        medians = _steady(timed, repeats)
+        steady = medians.pop("jacket")
+        row["jacket_ms"] = steady * 1e3
+        row["x_flop_limit"] = steady * 1e3 / limit_ms if limit_ms > 0 else None
+        for strategy in row["strategies"]:
+            row["strategies"][strategy]["ms"] = medians.pop(strategy) * 1e3
+        for anchor, seconds in medians.items():
+            row["anchors"][anchor]["ms"] = seconds * 1e3
+        agreeing = [a["ms"] for a in row["anchors"].values() if "ms" in a and a["agrees"]]
+        row["best_anchor_ms"] = min(agreeing) if agreeing else None
+        row["ratio_to_best"] = steady * 1e3 / min(agreeing) if agreeing else None
         rows.append(row)
     return rows
 

@@ -13,13 +13,57 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import memory  # noqa: E402
+
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def print_table(results: list[dict]) -> None:
+    """One line per case: jacket (auto) and each forced strategy, the best anchor, the ratio."""
+    print(
+        f"{'backend':<11}{'case':<15}{'jacket ms':>10}{'first s':>8}{'peak MB':>8}{'xFLOP':>10}"
+        f"{'replicate':>10}{'vmap':>9}{'loop':>9}{'autotune':>9}  "
+        f"{'best anchor':<32}{'ms':>9}{'first s':>8}{'peak MB':>8}{'ratio':>7}"
+    )
+    for result in results:
+        for row in result["rows"]:
+            flop = row.get("x_flop_limit")
+            strategies = row.get("strategies", {})
+            cells = "".join(
+                f"{strategies[name]['ms']:>{w}.2f}" if name in strategies else f"{'-':>{w}}"
+                for name, w in (("replicate", 10), ("vmap", 9), ("loop", 9), ("autotune", 9))
+            )
+            timed = {n: a for n, a in row["anchors"].items() if "ms" in a and a["agrees"]}
+            if timed:
+                name, a = min(timed.items(), key=lambda item: item[1]["ms"])
+                anchor = (
+                    f"{name[:31]:<32}{a['ms']:>9.2f}{a['first_s']:>8.2f}{a['peak_mb']:>8.0f}"
+                    f"{row['ratio_to_best']:>6.2f}x"
+                )
+            else:
+                anchor = "no anchor agreed or ran"
+            print(
+                f"{row['backend']:<11}{row['case']:<15}{row['jacket_ms']:>10.2f}"
+                f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>8.0f}"
+                f"{(f'{flop:.3g}' if flop else '-'):>10}{cells}  {anchor}"
+            )
+            failed = [n for n, a in row["anchors"].items() if "ms" not in a or not a["agrees"]]
+            for name in failed:
+                a = row["anchors"][name]
+                why = a.get("error") or f"disagrees with jacket ({a['max_rel_diff']:.1e})"
+                print(f"{'':<26}{name}: {' '.join(why.split())[:90]}")
+    ratios = [row["ratio_to_best"] for r in results for row in r["rows"] if row["ratio_to_best"]]
+    if ratios:
+        geomean = math.exp(sum(math.log(q) for q in ratios) / len(ratios))
+        print(f"geometric mean of jacket / best anchor over {len(ratios)} cases: {geomean:.2f}x")
 
 
 def main(argv=None):
@@ -28,6 +72,8 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
+    parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -48,32 +94,25 @@ def main(argv=None):
         results.append(json.loads(path.read_text()))
 
     print()
-    print(
-        f"{'backend':<11}{'case':<14}{'jacket ms':>10}{'first s':>9}  {'anchor':<42}{'ms':>9}{'first s':>9}  agree"
-    )
-    for result in results:
-        for row in result["rows"]:
-            anchors = row["anchors"] or {"-": {}}
-            for k, (name, a) in enumerate(anchors.items()):
-                flop = row.get("x_flop_limit")
-                left = (
-                    f"{row['backend']:<11}{row['case']:<15}{row['jacket_ms']:>10.2f}"
-                    f"{row['jacket_first_s']:>8.2f}{row['jacket_peak_mb']:>9.0f}"
-                    f"{(f'{flop:.3g}' if flop else '-'):>9}"
-                    if k == 0
-                    else " " * 51
-                )
-                if "ms" in a:
-                    right = (
-                        f"{name:<40}{a['ms']:>9.2f}{a['first_s']:>8.2f}{a['peak_mb']:>8.0f}  "
-                        f"{'yes' if a['agrees'] else 'NO'}"
-                    )
-                else:
-                    error = " ".join(a.get("error", "").split())[:70]
-                    right = f"{name:<40}{error}"
-                print(f"{left}  {right}")
-            if row["ratio_to_best"] is not None:
-                print(f"{'':<51}  {'jacket / best anchor':<40}{row['ratio_to_best']:>9.2f}x")
+    print_table(results)
+    if not args.no_memory:
+        memory_rows = []
+        for backend in args.backends:
+            if importlib.util.find_spec(FRAMEWORK[backend]) is None:
+                continue
+            path = out / f"memory-{backend}.json"
+            env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            command = [sys.executable, str(HERE / "memory.py"), "--json", str(path)]
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            memory_rows += json.loads(path.read_text())
+        print()
+        print("memory_budget= (img2img 48x48, batch 2; one fresh process per row)")
+        memory.print_table(memory_rows)
+
+    if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
+        command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
+        command += ["--repeats", str(args.repeats), "--backends", *args.backends]
+        subprocess.run(command, check=True)
     return 0
 
 

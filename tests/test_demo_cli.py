@@ -54,18 +54,3 @@ def test_cli_demo_json(tmp_path):
     assert summary["jacobian_shape"] == [4, 10, 8, 8, 1]
     assert summary["check_ok"] is True
     assert (out / "jacobian_rows.png").exists() and (out / "jacobians.npy").exists()
-
-
-@pytest.mark.cli
-def test_cli_info_names_the_backend():
-    proc = _run("info", "--backend", BACKEND)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert BACKEND in proc.stdout and "keras" in proc.stdout
-
-
-@pytest.mark.cli
-def test_cli_unknown_backend_is_a_usage_error():
-    proc = _run("--backend", "mxnet", "info")
-    assert proc.returncode == 2
-    assert "--backend must be one of tensorflow, jax, torch" in proc.stderr
-    assert "Traceback" not in proc.stderr

@@ -27,9 +27,15 @@ _EXPORTS = {
     "JacketValueError": "._errors",
     "JacketTypeError": "._errors",
     "CouplingError": "._errors",
+    "JacobianOperator": ".operator",
+    "sparsity": ".sparse",
+    "SparseJacobian": ".sparse",
+    "SparsityWarning": ".sparse",
 }
+# subpackages reachable as attributes (`jacket.analysis.sensitivity`), also loaded on first use
+_SUBPACKAGES = ("analysis", "attacks")
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._api import JacobianFn as JacobianFn
@@ -43,9 +49,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._errors import JacketError as JacketError
     from ._errors import JacketTypeError as JacketTypeError
     from ._errors import JacketValueError as JacketValueError
+    from .operator import JacobianOperator as JacobianOperator
+    from .sparse import SparseJacobian as SparseJacobian
+    from .sparse import SparsityWarning as SparsityWarning
+    from .sparse import sparsity as sparsity
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'jacket' has no attribute {name!r}")

@@ -57,6 +57,8 @@ def jacobian(
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
+    sparse: bool = False,
+    sparsity=None,
 ):
     """Per-sample Jacobian of `model` at `x`.
 
@@ -80,6 +82,11 @@ def jacobian(
         forward pass, the pullbacks one after the other), "auto" (the plan's cost model, see
         `jacket._plan`) or "autotune" (each candidate timed once on the first call, the fastest
         kept for this model and input signature). The result does not depend on it.
+      sparse: Detect the Jacobian's sparsity pattern (`jacket.sparsity`), color it and compute
+        only its nonzeros by compressed passes; returns a `jacket.SparseJacobian` (see
+        `jacket.sparse`). `mode` then picks the compressed side ("auto": fewer colors).
+      sparsity: A known pattern `(out_size, in_size)` (scipy sparse or NumPy) to use instead of
+        the detected one; implies `sparse=True`.
 
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
@@ -96,6 +103,13 @@ def jacobian(
       >>> tuple(J.shape)
       (2, 3, 4)
     """
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian", model, **kw)(x)
     options = _Options.checked(
         "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
@@ -112,6 +126,8 @@ def jacobian_fn(
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
+    sparse: bool = False,
+    sparsity=None,
 ) -> JacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
@@ -124,6 +140,13 @@ def jacobian_fn(
       >>> J = jac(x + 1.0)                # same signature: runs the compiled kernel
     """
     check_model("jacobian_fn", model)
+    if sparse is not False or sparsity is not None:  # jacket.sparse: detect, color, compress
+        from . import sparse as _sparse
+
+        _check_flag("jacobian_fn", "sparse", sparse)
+        kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
+        kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
+        return _sparse.prepared("jacobian_fn", model, **kw)
     options = _Options.checked(
         "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
@@ -487,7 +510,7 @@ class _Engine:
                 grads = vjp(inputs.tensors, cts)
                 size = np.zeros(batch)
                 for g in grads:
-                    g = np.abs(np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(g, "float64"))))
+                    g = np.abs(np.asarray(keras.ops.convert_to_numpy(g), dtype=np.float64))
                     size = np.maximum(size, g.reshape(batch, -1).max(axis=1, initial=0.0))
                 if not np.all(np.isfinite(size)):
                     continue  # overflow in a low-precision model: no evidence either way
@@ -555,6 +578,16 @@ def _jacobian(fn_name: str, model, x, options: _Options):
     return prepared(fn_name, inputs.tensors)
 
 
+def _to_backend(array: np.ndarray, shape: tuple):
+    """A block of the NumPy-assembled Jacobian as a backend tensor of its own dtype."""
+    array = np.reshape(array, shape)
+    return keras.ops.convert_to_tensor(array, dtype=_dtype_name(array.dtype))
+
+
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else np.dtype(dtype).name
+
+
 def _fast_key(x):
     """A key for inputs that need no normalising: one NumPy array (the common call)."""
     if type(x) is np.ndarray and x.ndim >= 1 and x.dtype.kind == "f":
@@ -586,7 +619,15 @@ class _Prepared:
             ),
         )
         self.starts = engine.starts(plan)
+        self.offsets = range(0, plan.rows, plan.chunk)
         self.dtype = _numpy_dtype(inputs.leaves[0].dtype)
+
+    def _check_finite(self, fn_name: str, tensors: list, finite, checked: bool) -> None:
+        if checked:
+            return
+        if not np.asarray(keras.ops.convert_to_numpy(finite)).all():
+            for tensor, leaf in zip(tensors, self.leaves):
+                check_finite_samples(fn_name, leaf.label, tensor, self.batch)
 
     def time_one_pass(self, tensors: list) -> float:
         """Seconds for the first pass: run once to compile, then the best of up to three runs
@@ -617,30 +658,30 @@ class _Prepared:
             for tensor, leaf in zip(tensors, self.leaves):
                 check_finite_samples(fn_name, leaf.label, tensor, self.batch)
             checked = True
-        results = [self.kernel(tensors, start) for start in self.starts]
-        if not checked:
-            finite = np.asarray(keras.ops.convert_to_numpy(results[0][0]))
-            if not finite.all():
-                for tensor, leaf in zip(tensors, self.leaves):
-                    check_finite_samples(fn_name, leaf.label, tensor, self.batch)
         out_leaves = self.entry.out_leaves
         if self.whole:
-            flat_blocks = list(results[0][1])
+            finite, blocks = self.kernel(tensors, self.starts[0])
+            self._check_finite(fn_name, tensors, finite, checked)
             n_in = len(self.leaves)
-            rows = [flat_blocks[k : k + n_in] for k in range(0, len(flat_blocks), n_in)]
+            blocks = list(blocks)
+            rows = [blocks[k : k + n_in] for k in range(0, len(blocks), n_in)]
         else:
             in_size = sum(leaf.size for leaf in self.leaves)
             out_size = sum(leaf.size for leaf in out_leaves)
-            flat = _kernels.assemble(
-                [block for _, block in results], self.plan, self.batch, out_size, in_size
-            )
+            assembler = _kernels.Assembler(self.plan, self.batch, out_size, in_size)
+            for i, (start, offset) in enumerate(zip(self.starts, self.offsets)):
+                finite, block = self.kernel(tensors, start)
+                if i == 0:
+                    self._check_finite(fn_name, tensors, finite, checked)
+                assembler.add(offset, np.asarray(keras.ops.convert_to_numpy(block)))
             rows = _kernels.split_blocks(
-                flat,
+                assembler.finish(),
                 self.plan.per_sample,
                 self.batch,
                 self.leaves,
                 out_leaves,
                 self.options.flatten,
+                reshape=_to_backend,
             )
         return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
 

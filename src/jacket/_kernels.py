@@ -8,6 +8,7 @@ built, so a compiled kernel is traced once per input signature.
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from ._model import Leaf, pack
 from ._plan import Plan
@@ -178,8 +179,50 @@ def assemble(blocks, plan: Plan, batch: int, out_size: int, in_size: int):
     return ops.transpose(ops.reshape(full, (batch, in_size, batch, out_size)), (2, 3, 0, 1))
 
 
-def split_blocks(J, per_sample: bool, batch: int, in_leaves, out_leaves, flatten: bool):
-    """The flat Jacobian -> `blocks[j][i]` for output leaf j and input leaf i."""
+class Assembler:
+    """The flat Jacobian built in NumPy from the kernel's blocks, one pass at a time.
+
+    Each block `(k, batch, other)` is written into its place as soon as it is computed, so a
+    Jacobian of many passes holds one block beside the result, never all the blocks (and no
+    concatenated copy). Per-sample: `(batch, out_size, in_size)`; full: `(batch, out_size, batch,
+    in_size)`.
+    """
+
+    def __init__(self, plan: Plan, batch: int, out_size: int, in_size: int):
+        self.plan, self.batch, self.out_size, self.in_size = plan, batch, out_size, in_size
+        self.result = None
+
+    def add(self, start: int, block) -> None:
+        plan, B = self.plan, self.batch
+        n = min(plan.chunk, plan.rows - start)
+        block = block[:n]
+        if self.result is None:
+            if plan.per_sample:
+                shape = (B, self.out_size, self.in_size)
+            else:
+                shape = (plan.rows, B, block.shape[-1])
+            self.result = np.empty(shape, block.dtype)
+        if not plan.per_sample:
+            self.result[start : start + n] = block
+        elif plan.mode == "reverse":
+            self.result[:, start : start + n, :] = block.transpose(1, 0, 2)
+        else:
+            self.result[:, :, start : start + n] = block.transpose(1, 2, 0)
+
+    def finish(self):
+        B, m, n = self.batch, self.out_size, self.in_size
+        if self.plan.per_sample:
+            return self.result
+        if self.plan.mode == "reverse":
+            return self.result.reshape(B, m, B, n)
+        return self.result.reshape(B, n, B, m).transpose(2, 3, 0, 1)
+
+
+def split_blocks(
+    J, per_sample: bool, batch: int, in_leaves, out_leaves, flatten: bool, reshape=ops.reshape
+):
+    """The flat Jacobian -> `blocks[j][i]` for output leaf j and input leaf i (`reshape(a, shape)`
+    makes each block)."""
     blocks = []
     o = 0
     for out in out_leaves:
@@ -196,7 +239,7 @@ def split_blocks(J, per_sample: bool, batch: int, in_leaves, out_leaves, flatten
                     if flatten
                     else (batch,) + out.shape + (batch,) + inp.shape
                 )
-            row.append(ops.reshape(block, shape))
+            row.append(reshape(block, shape))
             n += inp.size
         blocks.append(row)
         o += out.size

@@ -57,7 +57,8 @@ class Partial:
 
 @dataclass
 class Sensitivity:
-    """Per-input-feature sensitivity of a model over a dataset.
+    """Per-input-feature sensitivity of a model over a dataset (what `jacket.analysis.sensitivity`
+    and `jacket.distributed.sensitivity_dataset` return).
 
     Attributes:
       values: `in_shape` float64: the reduction (see `jacket._reductions`) of `|d y_i / d x_j|`

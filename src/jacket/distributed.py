@@ -1008,8 +1008,9 @@ _CACHE_SIZE = 4
 
 
 def _load_model(path: str, sha256: str):
-    """The model saved at `path`, loaded once per process with Keras's `safe_mode` (which refuses
-    to run code stored in the file) after checking the file is the one the driver hashed."""
+    """The model saved at `path`, loaded once per process by `jacket.io.load_model` (Keras's
+    `safe_mode`, which refuses to run code stored in the file) after checking the file is the one
+    the driver hashed."""
     key = (path, sha256)
     with _CACHE_LOCK:
         model = _MODELS.get(key)
@@ -1022,9 +1023,9 @@ def _load_model(path: str, sha256: str):
                     "during the run, or the workers see another file at that path. Give every "
                     "worker the same file."
                 )
-            import keras
+            from .io import load_model  # Keras's safe_mode, and one clear error for a bad file
 
-            model = keras.saving.load_model(path, safe_mode=True, compile=False)
+            model = load_model(path)
             if len(_MODELS) >= _CACHE_SIZE:
                 oldest = next(iter(_MODELS))
                 del _MODELS[oldest]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keras
 import tensorflow as tf
 
 from .._model import make_call
@@ -32,11 +31,23 @@ def compile(kernel, model, training):
         state = [v.value for v in model.variables] if stateless else None
         return kernel(make_call(model, training, state), *args)
 
-    return tf.function(run, reduce_retracing=False)
+    function = tf.function(run, reduce_retracing=False)
+    concrete = {}
+
+    def call(*args):
+        # the traced graph, looked up by the arguments' shapes and dtypes: calling it directly
+        # skips `tf.function`'s own dispatch, most of a small model's per-call time
+        key = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
+        graph = concrete.get(key)
+        if graph is None:
+            graph = concrete[key] = function.get_concrete_function(*args)
+        return graph(*args)
+
+    return call
 
 
 def as_input(array, dtype):
-    return keras.ops.convert_to_tensor(array, dtype=dtype)
+    return tf.convert_to_tensor(array)  # already of `dtype` (jacket._api casts it in NumPy)
 
 
 def vjp(f, xs, cts):

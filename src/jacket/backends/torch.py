@@ -21,12 +21,13 @@ from .._model import make_call
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled
 # How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
-# measured here (2 CPU cores): autograd's batched backward after one forward pass, except for
-# recurrent models, whose Python-level time loop is best run once on the replicated batch.
+# measured here (2 CPU cores): autograd's batched backward after one forward pass on dense models,
+# one backward per seed through max pooling, and one pass over the replicated batch for
+# convolutions and recurrent models (whose Python-level time loop then runs once).
 PER_SAMPLE_STRATEGY = {
     "dense": "vmap",
-    "conv": "vmap",
-    "max_pooling": "vmap",
+    "conv": "replicate",
+    "max_pooling": "loop",
     "recurrent": "replicate",
     "other": "vmap",
     "forward": "replicate",

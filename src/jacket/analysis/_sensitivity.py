@@ -1,0 +1,173 @@
+"""Sensitivity of a model's outputs to each input feature over a dataset, and saliency maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._errors import JacketTypeError, JacketValueError
+from .._reductions import REDUCTIONS as REDUCTIONS  # one definition, shared with jacket.distributed
+from .._reductions import Sensitivity as Sensitivity
+from ._common import (
+    Progress,
+    batches,
+    check_callable,
+    choice,
+    output_index,
+    outputs,
+    positive_int,
+    single_array,
+    to_numpy,
+)
+
+
+@dataclass
+class Saliency:
+    """Gradients of one output per sample (see `jacket.analysis.saliency`).
+
+    Attributes:
+      gradient: `(batch, *in_shape)`: `d y[b, target[b]] / d x[b]`.
+      target: `(batch,)` the flat output index differentiated for each sample.
+      map: `(batch, *image_shape)`: `|gradient|`, with the largest over the channel axis for
+        image-like inputs `(H, W, C)` (Simonyan et al. 2014).
+    """
+
+    gradient: np.ndarray
+    target: np.ndarray
+
+    @property
+    def map(self) -> np.ndarray:
+        magnitude = np.abs(self.gradient)
+        return magnitude.max(axis=-1) if magnitude.ndim == 4 else magnitude
+
+
+def sensitivity(
+    model,
+    data,
+    *,
+    reduce: str = "mean_abs",
+    output: int | None = None,
+    batch_size: int | None = 64,
+    progress: Progress | None = None,
+) -> Sensitivity:
+    """Sensitivity of the outputs to each input feature, over a dataset streamed in batches.
+
+    For each input feature `j`, reduces `|J[b, i, j]| = |d y[b, i] / d x[b, j]|` over the samples `b`
+    and the outputs `i` (or one output `i`): "mean_abs" is the mean of `|J|`, "rms" the root mean
+    square, "max_abs" the largest. Each batch's Jacobian is built by `jacket.jacobian` and dropped;
+    with `output`, one VJP per batch gives that output's row instead.
+
+    Args:
+      model: A Keras model or layer with one input and one output.
+      data: An array `(n, *in_shape)`, or an iterable of arrays (or of `(x, y)` pairs) streamed
+        batch by batch.
+      reduce: "mean_abs", "rms" or "max_abs".
+      output: A flat index into the model's output (a class), or None for all outputs.
+      batch_size: Samples per engine call (the stream is re-cut to this size; the last batch is
+        padded so every call has the same shape). None: as the data comes.
+      progress: Called as `progress(samples_done, samples_total_or_None)` after each batch.
+
+    Returns:
+      A `Sensitivity` with `values` (`in_shape`) and `ranking` (flat indices, most sensitive first).
+
+    Example:
+      >>> s = jacket.analysis.sensitivity(model, x_test, reduce="rms")   # x_test: (360, 8, 8, 1)
+      >>> s.values.shape
+      (8, 8, 1)
+      >>> s.top(3)            # [((row, column, channel), value), ...], most sensitive first
+    """
+    import jacket
+
+    fn = "sensitivity"
+    check_callable(fn, model)
+    choice(fn, "reduce", reduce, REDUCTIONS)
+    batch_size = positive_int(fn, "batch_size", batch_size, allow_none=True)
+    if output is not None and (
+        isinstance(output, (bool, np.bool_)) or not isinstance(output, (int, np.integer))
+    ):
+        raise JacketTypeError(
+            f"{fn}: `output` must be a flat output index (int) or None. Received: output={output!r}."
+        )
+    stream, total = batches(fn, data, batch_size)
+    sum_abs = sum_sq = max_abs = seed = None
+    count = 0
+    for part in stream:
+        x = part.x
+        if output is None:
+            J = to_numpy(jacket.jacobian(model, x, flatten=True))[: part.valid]  # (b, m, n)
+        else:
+            if seed is None or seed.shape[0] != x.shape[0]:
+                y = outputs(model, x[:1])
+                size = int(np.prod(y.shape[1:]))
+                index = output_index(fn, "output", output, size, 1)[0]
+                seed = np.zeros((x.shape[0], size), y.dtype)
+                seed[:, index] = 1.0
+                seed = seed.reshape((x.shape[0],) + y.shape[1:])
+            row = to_numpy(jacket.vjp(model, x, seed))
+            J = row.reshape(x.shape[0], 1, -1)[: part.valid]
+        J = np.abs(J.astype(np.float64))
+        if sum_abs is None:
+            sum_abs, sum_sq = J.sum(axis=(0, 1)), (J**2).sum(axis=(0, 1))
+            max_abs = J.max(axis=(0, 1))
+            in_shape = x.shape[1:]
+        else:
+            sum_abs += J.sum(axis=(0, 1))
+            sum_sq += (J**2).sum(axis=(0, 1))
+            np.maximum(max_abs, J.max(axis=(0, 1)), out=max_abs)
+        count += part.valid * J.shape[1]
+        samples = part.start + part.valid
+        if progress is not None:
+            progress(samples, total)
+    if sum_abs is None:
+        raise JacketValueError(
+            f"{fn}: `data` has no samples. Received: an empty iterable. Pass at least one sample."
+        )
+    values = {
+        "mean_abs": sum_abs / count,
+        "rms": np.sqrt(sum_sq / count),
+        "max_abs": max_abs,
+    }[reduce]
+    ranking = np.argsort(-values, kind="stable")
+    return Sensitivity(
+        values=values.reshape(in_shape),
+        ranking=ranking,
+        reduce=reduce,
+        output=None if output is None else int(output),
+        samples=samples,
+    )
+
+
+def saliency(model, x, target=None) -> Saliency:
+    """Saliency: the gradient of one output per sample with respect to the input (one VJP).
+
+    Args:
+      model: A Keras model or layer with one input and one output.
+      x: Input `(batch, *in_shape)`.
+      target: The flat output index (class) to differentiate: an int for all samples, one per
+        sample `(batch,)`, or None for each sample's largest output (its predicted class).
+
+    Returns:
+      A `Saliency` with `gradient` `(batch, *in_shape)`, `target` `(batch,)` and `map` (`|gradient|`,
+      largest over channels for images).
+
+    Example:
+      >>> s = jacket.analysis.saliency(model, x_test[:8])
+      >>> s.gradient.shape, s.map.shape
+      ((8, 8, 8, 1), (8, 8, 8))
+    """
+    import jacket
+
+    fn = "saliency"
+    check_callable(fn, model)
+    x = single_array(fn, "x", x)
+    y = outputs(model, x)
+    batch, size = y.shape[0], int(np.prod(y.shape[1:]))
+    if target is None:
+        index = y.reshape(batch, -1).argmax(axis=1)
+    else:
+        index = output_index(fn, "target", target, size, batch)
+    u = np.zeros((batch, size), y.dtype)
+    u[np.arange(batch), index] = 1.0
+    gradient = to_numpy(jacket.vjp(model, x, u.reshape(y.shape)))
+    return Saliency(gradient=gradient, target=index)

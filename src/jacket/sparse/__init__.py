@@ -1,0 +1,47 @@
+"""Sparse per-sample Jacobians: detect the pattern, color it, compress the passes.
+
+    >>> P = jacket.sparsity(model, (64, 64, 1))            # scipy.sparse bool (out_size, in_size)
+    >>> S = jacket.jacobian(model, x, sparse=True)         # SparseJacobian: S.pattern, S.values
+    >>> S.to_scipy(0), S.to_dense()
+
+Detection (`_detect`): the dependency structure propagated layer by layer, conservative for layers
+without a rule. Coloring (`_color`): greedy, columns for forward mode and rows for reverse mode, the
+side with fewer colors taken. Compressed passes (`_jacobian`): one batched `jacket.jvp` (or `vjp`)
+through the repeated batch with one seed per color, then decompression into `SparseJacobian`.
+Pattern, coloring and seeds are made once per model and input shape.
+"""
+
+from __future__ import annotations
+
+try:
+    import scipy.sparse  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on what is installed
+    from .._errors import JacketError
+
+    raise JacketError(
+        f'jacket.sparse needs SciPy: pip install "jacket[sparse]" ({error})'
+    ) from error
+
+from ._color import color as color
+from ._color import is_valid as is_valid
+from ._errors import SparsityError as SparsityError
+from ._errors import SparsityWarning as SparsityWarning
+from ._jacobian import SparseJacobianFn as SparseJacobianFn
+from ._jacobian import SparsePlan as SparsePlan
+from ._jacobian import jacobian_fn as jacobian_fn
+from ._jacobian import prepared as prepared
+from ._jacobian import sparsity as sparsity
+from ._result import SparseJacobian as SparseJacobian
+
+__all__ = [
+    "SparseJacobian",
+    "SparseJacobianFn",
+    "SparsePlan",
+    "SparsityError",
+    "SparsityWarning",
+    "color",
+    "is_valid",
+    "jacobian_fn",
+    "prepared",
+    "sparsity",
+]
