@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._errors import JacketTypeError, JacketValueError
+from .._reductions import REDUCTIONS as REDUCTIONS  # one definition, shared with jacket.distributed
+from .._reductions import Sensitivity as Sensitivity
 from ._common import (
     Progress,
     batches,
@@ -18,36 +20,6 @@ from ._common import (
     single_array,
     to_numpy,
 )
-
-REDUCTIONS = ("mean_abs", "rms", "max_abs")
-
-
-@dataclass
-class Sensitivity:
-    """Per-input-feature sensitivity of a model over a dataset (see `jacket.analysis.sensitivity`).
-
-    Attributes:
-      values: `in_shape` array: the reduction of `|d y_i / d x_j|` over samples and outputs, per
-        input feature `j`.
-      ranking: `(in_size,)` flat feature indices, most sensitive first.
-      reduce: "mean_abs", "rms" or "max_abs".
-      output: The flat output index the derivatives were taken of, or None for all outputs.
-      samples: How many samples were seen.
-    """
-
-    values: np.ndarray
-    ranking: np.ndarray
-    reduce: str
-    output: int | None
-    samples: int
-
-    def top(self, k: int = 10) -> list[tuple[tuple[int, ...], float]]:
-        """The `k` most sensitive features: `[(index into in_shape, value), ...]`."""
-        flat = self.values.reshape(-1)
-        return [
-            (tuple(int(i) for i in np.unravel_index(j, self.values.shape)), float(flat[j]))
-            for j in self.ranking[:k]
-        ]
 
 
 @dataclass
