@@ -263,6 +263,23 @@ class _Options:
         memory_budget=None,
         strategy="auto",
     ) -> _Options:
+        args = (mode, chunk_size, flatten, per_sample, training, memory_budget, strategy)
+        # repeated calls with the same plain arguments (the usual case) skip the checks; the
+        # types are part of the key, as `True == 1` and `1 == 1.0` would otherwise collide
+        key = tuple((type(a), a) for a in args)
+        if all(type(a) in _PLAIN for a in args):
+            options = _CHECKED.get(key)
+            if options is None:
+                options = cls._check(fn_name, *args)
+                if len(_CHECKED) < 256:
+                    _CHECKED[key] = options
+            return options
+        return cls._check(fn_name, *args)
+
+    @classmethod
+    def _check(
+        cls, fn_name, mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
+    ) -> _Options:
         if not isinstance(mode, str) or mode not in MODES:
             raise JacketValueError(
                 f"{fn_name}: `mode` must be one of {', '.join(map(repr, MODES))}. "
@@ -308,6 +325,10 @@ class _Options:
         return cls(
             mode, chunk_size, bool(flatten), bool(per_sample), bool(training), budget, strategy
         )
+
+
+_PLAIN = (str, int, bool, type(None))
+_CHECKED: dict = {}  # plain arguments -> their checked `_Options`
 
 
 # ------------------------------------------------------------------------------------------ the engine
