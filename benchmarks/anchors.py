@@ -272,16 +272,26 @@ def _first(fn, x, memory):
     return time.perf_counter() - start, result
 
 
-def _steady(timed: dict, repeats: int, budget_s: float = 60.0) -> dict:
-    """Median seconds per candidate, measured in interleaved rounds (one call of each per round),
-    so that drifts of the machine (frequency, other load, allocator state) hit all alike."""
+def _steady(timed: dict, repeats: int, budget_s: float = 60.0, block_s: float = 0.02) -> dict:
+    """Median seconds per call of each candidate, measured in interleaved rounds (one timed block
+    of each per round), so that drifts of the machine (frequency, other load, allocator state) hit
+    all alike. A block is as many back-to-back calls as take `block_s` (at least one), as
+    `timeit`'s autorange does: sub-millisecond calls are not timed one by one."""
+    inner = {}
+    for name, (fn, x) in timed.items():
+        start = time.perf_counter()
+        _numpy(fn(x))
+        one = time.perf_counter() - start
+        inner[name] = max(1, min(1000, int(block_s / max(one, 1e-7))))
     times = {name: [] for name in timed}
     deadline = time.perf_counter() + budget_s
     for round_ in range(repeats):
         for name, (fn, x) in timed.items():
+            n = inner[name]
             start = time.perf_counter()
-            _numpy(fn(x))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(n):
+                _numpy(fn(x))
+            times[name].append((time.perf_counter() - start) / n)
         if round_ >= 2 and time.perf_counter() > deadline:
             break
     return {name: statistics.median(values) for name, values in times.items()}

@@ -70,7 +70,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="*", default=list(FRAMEWORK))
     parser.add_argument("--cases", nargs="*", default=None)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
     parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")

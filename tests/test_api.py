@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from oracles import assert_close, to_numpy
+from oracles import assert_close, central_differences, to_numpy
 from scenarios import dict_inputs, dict_model, seed_cnn, seed_mlp
 
 import jacket
@@ -201,3 +201,15 @@ def test_the_fast_path_still_checks_its_inputs(rng):
     with pytest.raises(jacket.JacketValueError, match="does not fit the model"):
         jac(rng.random((3, 4)).astype("float32"))
     assert_close(jac(np.asfortranarray(x)), first, rtol=1e-6)  # (summation order may differ)
+
+
+def test_long_loop_passes_agree_in_both_modes(rng):
+    # more seeds per pass than the TensorFlow backend unrolls (a while_loop runs them there)
+    model = keras.Sequential(
+        [keras.Input((30,), dtype="float64"), keras.layers.Dense(26, "tanh", dtype="float64")]
+    )
+    x = rng.standard_normal((3, 30))
+    expected = central_differences(model, x)
+    for mode in ("reverse", "forward"):
+        got = jacket.jacobian(model, x, mode=mode, strategy="loop", chunk_size=24)
+        assert_close(got, expected, rtol=1e-7, atol=1e-9)
