@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from .._model import make_call
