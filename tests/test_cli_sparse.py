@@ -214,7 +214,7 @@ def test_dense_pattern_is_a_notice(files, tmp_path):
 # ------------------------------------------------------------------------------------ sparsity
 
 
-def test_pattern_file_plot_and_reuse(files, tmp_path):
+def test_pattern_file_and_plot(files, tmp_path):
     pattern, png = tmp_path / "P.npz", tmp_path / "P.png"
     result = _ok(
         "sparsity", files.path / "conv.keras", "-o", pattern, "--plot", png, "--verify", 2,
@@ -334,6 +334,16 @@ def test_errors_are_one_red_line(files, tmp_path):
         _invoke("jacobian", conv, x, "-o", out, "--sparsity", tmp_path / "bare.npz"),
         "(out_size, in_size) = (64, 64)",
     )
+
+    # a failure after the first batch was written: nothing under the final name, no temporaries
+    bad = files.data["x"].copy()
+    bad[5, 2, 2, 0] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    result = _invoke(
+        "jacobian", conv, tmp_path / "bad.npy", "-o", out, "--sparse", "--batch-size", 3
+    )
+    _one_red_line(result, "NaN")
+    (tmp_path / "bad.npy").unlink()
 
     fcn = files.path / "fcn.keras"
     _one_red_line(_invoke("sparsity", fcn), "(?, ?, 1)", "--input-shape")
