@@ -240,8 +240,6 @@ def sparsity(
         if plot is not None:
             io.check_output(plot, force=force, suffixes=(".png",))
             targets.append(plot)
-        if len(set(map(str, targets))) < len(targets):
-            _usage("-o and --plot must be different files.")
         if plot is not None:
             _need_matplotlib()
         loaded = io.load_model(model, unsafe=unsafe)
