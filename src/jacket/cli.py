@@ -233,6 +233,13 @@ def jacobian(
             show_default=False,
         ),
     ],
+    sparse: Annotated[
+        bool, typer.Option("--sparse", help="Sparse: the pattern once, values per sample (.npz).")
+    ] = False,
+    sparsity: Annotated[
+        Path | None,
+        typer.Option(help="A saved pattern (jacket sparsity -o) to use; implies --sparse."),
+    ] = None,
     mode: Annotated[Mode, typer.Option(help="reverse (VJPs), forward (JVPs) or auto.")] = Mode.auto,
     chunk_size: Annotated[
         int | None, typer.Option(min=1, help="Seeds per pass (default: from the memory budget).")
@@ -256,6 +263,14 @@ def jacobian(
     """Per-sample Jacobians of MODEL at every sample of INPUTS, written to OUT."""
     _set_backend(backend)
     size_hw = _parse_size(size)
+    if sparse or sparsity is not None:  # `jacket._cli_sparse`: the sparse file and its summary
+        from ._cli_sparse import sparse_jacobian
+
+        return sparse_jacobian(
+            model, inputs, out, sparsity=sparsity, mode=mode.value, chunk_size=chunk_size,
+            flatten=flatten, batch_size=batch_size, memory_budget=memory_budget, size=size_hw,
+            force=force, quiet=quiet, as_json=as_json, unsafe=unsafe,
+        )  # fmt: skip
     with _one_line_errors():
         from . import io
 
@@ -593,3 +608,4 @@ def main() -> None:
 
 # `jacket sensitivity`, `norms` and `attack ...` live in their own module and register on `app`
 from . import _cli_analysis  # noqa: E402, F401
+from . import _cli_sparse as _cli_sparse  # noqa: E402 - `jacket sparsity`, `jacobian --sparse`

@@ -1202,3 +1202,20 @@ def _optional(module: str, purpose: str, *, package: str | None = None):
         raise JacketValueError(
             f'{purpose} needs {package or module}: pip install "jacket[io]".'
         ) from None
+
+
+# ------------------------------------------------------------------ sparse Jacobians and patterns
+# `jacket jacobian --sparse` and `jacket sparsity`'s files; the format is `jacket._sparse_io`'s
+from ._sparse_io import load_sparse_jacobian as load_sparse_jacobian  # noqa: E402
+from ._sparse_io import load_sparsity as load_sparsity  # noqa: E402
+from ._sparse_io import save_sparse_jacobian as save_sparse_jacobian  # noqa: E402
+from ._sparse_io import save_sparsity as save_sparsity  # noqa: E402
+from ._sparse_io import stream_sparse_jacobian as stream_sparse_jacobian  # noqa: E402
+
+__all__ += [
+    "load_sparse_jacobian",
+    "load_sparsity",
+    "save_sparse_jacobian",
+    "save_sparsity",
+    "stream_sparse_jacobian",
+]

@@ -300,7 +300,17 @@ def adversarial_figure(x, x_adv, *, labels=None, adv_labels=None, max_samples: i
     return figure
 
 
-def sparsity_figure(pattern, *, in_shape=None, out_shape=None, output=None, max_cells: int = 512):
+def sparsity_figure(
+    pattern,
+    *,
+    in_shape=None,
+    out_shape=None,
+    output=None,
+    max_cells: int = 512,
+    max_markers: int = 20_000,
+    colors=None,
+    title=None,
+):
     """A Jacobian's sparsity pattern, and the inputs one output depends on.
 
     Args:
@@ -308,9 +318,16 @@ def sparsity_figure(pattern, *, in_shape=None, out_shape=None, output=None, max_
         `jacket.sparsity`.
       in_shape, out_shape: per-sample shapes; with an image-like `in_shape` (`(H, W)`,
         `(H, W, C)`) a second panel draws the inputs that output `output` depends on.
-      output: the flat output index drawn in the second panel (default: the middle one).
-      max_cells: the pattern panel bins rows and columns into at most this many cells per side,
-        each showing the share of its entries that are nonzero.
+      output: the flat output index drawn in the second panel (default: the middle one, the
+        center pixel of an image-like `out_shape`).
+      max_cells: A pattern with at most this many rows and columns and `max_markers` nonzeros
+        is drawn as a spy plot (one marker per nonzero); a larger one as a rasterised density
+        image, its rows and columns binned into at most `max_cells` cells per side, each cell
+        showing the share of its entries that are nonzero.
+      max_markers: See `max_cells`.
+      colors: Optional `{"forward": n, "reverse": m}`: the colors of the columns and of the
+        rows, shown in the title.
+      title: The figure's title (default: the shape, nonzeros, density and `colors`).
 
     Returns:
       A `matplotlib.figure.Figure`.
@@ -318,21 +335,45 @@ def sparsity_figure(pattern, *, in_shape=None, out_shape=None, output=None, max_
     import scipy.sparse as sp
 
     P = sp.csr_array(pattern, dtype=bool)
+    P.sum_duplicates()
+    P.eliminate_zeros()
     m, n = P.shape
-    draw_field = in_shape is not None and len(in_shape) in (2, 3)
+    draw_field = in_shape is not None and len(in_shape) in (2, 3) and m > 0
     figure, axes = _figure(1, 2 if draw_field else 1, cell=3.2)
-    rows_per = max(1, -(-m // max_cells))
-    cols_per = max(1, -(-n // max_cells))
-    coo = P.tocoo()
-    cells = np.zeros((-(-m // rows_per), -(-n // cols_per)))
-    np.add.at(cells, (coo.row // rows_per, coo.col // cols_per), 1.0)
-    cells /= rows_per * cols_per
     ax = axes[0, 0]
-    ax.imshow(cells, cmap="Greys", vmin=0.0, vmax=max(cells.max(), 1e-12), aspect="auto")
-    ax.set_title(f"{m} x {n}, {P.nnz} nonzeros ({P.nnz / max(m * n, 1):.2%})", fontsize=8)
-    ax.set_xlabel("input", fontsize=7)
-    ax.set_ylabel("output", fontsize=7)
+    if max(m, n) <= max_cells and P.nnz <= max_markers:
+        marker = float(np.clip(200.0 / max(m, n, 1), 0.5, 6.0))
+        ax.spy(P.toarray(), markersize=marker, color="black", aspect="auto", origin="upper")
+        ax.xaxis.set_ticks_position("bottom")
+        drawn = "spy"
+    else:
+        rows_per = max(1, -(-m // max_cells))
+        cols_per = max(1, -(-n // max_cells))
+        coo = P.tocoo()
+        cells = np.zeros((max(1, -(-m // rows_per)), max(1, -(-n // cols_per))))
+        np.add.at(cells, (coo.row // rows_per, coo.col // cols_per), 1.0)
+        cells /= rows_per * cols_per
+        image = ax.imshow(
+            cells,
+            cmap="Greys",
+            vmin=0.0,
+            vmax=max(cells.max(), 1e-12),
+            aspect="auto",
+            interpolation="nearest",
+            extent=(-0.5, n - 0.5, m - 0.5, -0.5),
+        )
+        colorbar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+        colorbar.ax.tick_params(labelsize=6)
+        colorbar.set_label("share nonzero per cell", fontsize=6)
+        drawn = f"density, {rows_per}x{cols_per} entries per cell"
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"pattern ({drawn})", fontsize=8)
+    ax.set_xlabel(f"input ({n})", fontsize=7)
+    ax.set_ylabel(f"output ({m})", fontsize=7)
     if draw_field:
+        if output is None and out_shape is not None and int(np.prod(out_shape)) == m:
+            output = int(np.ravel_multi_index(tuple(d // 2 for d in out_shape), out_shape))
         output = m // 2 if output is None else int(output)
         row = np.zeros(n)
         row[P.indices[P.indptr[output] : P.indptr[output + 1]]] = 1.0
@@ -340,4 +381,9 @@ def sparsity_figure(pattern, *, in_shape=None, out_shape=None, output=None, max_
         ax.imshow(_as_image(row.reshape(in_shape)), cmap="Greys", vmin=0.0, vmax=1.0)
         where = np.unravel_index(output, out_shape) if out_shape is not None else (output,)
         ax.set_title(f"inputs of output {tuple(int(i) for i in where)}", fontsize=8)
+    if title is None:
+        title = f"{m} x {n}, {P.nnz} nonzeros ({P.nnz / max(m * n, 1):.2%})"
+        if colors:
+            title += ", colors: " + ", ".join(f"{side} {k}" for side, k in colors.items())
+    figure.suptitle(title, fontsize=9)
     return figure
