@@ -442,8 +442,9 @@ def test_a_real_scheduler_and_worker_compute_what_jacobian_does(files, tmp_path,
     _close(J, _numpy(jacket.jacobian(files.model["mlp"], files.data["x"])))
 
     # the progress bar, fed by the futures as they complete
-    shown = _ok(*_dask_args(files, tmp_path / "bar.zarr", "--scheduler", scheduler), env=TERMINAL)
-    assert "Jacobians" in shown.stderr and "1/1" in shown.stderr
+    bar = _dask_args(files, tmp_path / "bar.zarr", "--scheduler", scheduler, "--batch-size", 8)
+    shown = _ok(*bar, env=TERMINAL)
+    assert "Jacobians" in shown.stderr and "5/5" in shown.stderr and "chunks" in shown.stderr
 
     # sensitivity and norms reduced on the worker
     J64 = J.astype(np.float64)

@@ -161,7 +161,7 @@ def jacobian(
     resumed = f"; {stored} were stored already (resumed)" if stored else ""
     _add_row(table, "chunks", f"{count} of up to {batch_size} samples, {count - stored} computed"
              f"{resumed}")  # fmt: skip
-    _add_row(table, "time", f"{seconds:.2f} s (connect, compute, write)")
+    _add_row(table, "time", f"{seconds:.2f} s (start-up, compute, write)")
     _add_row(table, "wrote", str(out))
     _emit(summary, table, as_json=as_json, quiet=quiet)
 
@@ -261,7 +261,7 @@ def sensitivity(
     _add_row(table, "batches", f"{batches} of up to {batch_size} samples")
     for entry in ranking:
         _add_row(table, f"#{entry['rank']} {tuple(entry['feature'])}", f"{entry['value']:.6g}")
-    _add_row(table, "time", f"{seconds:.2f} s (connect, compute)")
+    _add_row(table, "time", f"{seconds:.2f} s (start-up, compute)")
     _add_row(table, "wrote", "\n".join(str(p) for p in paths.values()))
     _emit(summary, table, as_json=as_json, quiet=quiet)
 
@@ -367,7 +367,7 @@ def norms(
         f"{_ORD_NAMES['fro']} (exact)",
         f"mean {entry['mean']:.6g}, max {entry['max']:.6g} at sample {entry['argmax']}",
     )
-    _add_row(table, "time", f"{seconds:.2f} s (connect, compute)")
+    _add_row(table, "time", f"{seconds:.2f} s (start-up, compute)")
     if out is not None:
         _add_row(table, "wrote", str(out))
     _emit(summary, table, as_json=as_json, quiet=quiet)
