@@ -27,8 +27,8 @@ NOTE: [The command line on Dask]
   (`--backend` or `KERAS_BACKEND`) must be the one the workers run: a mismatch is refused before any
   work rather than computed with another framework.
 - The progress bar counts chunks as their Dask futures complete (`progress=` of
-  `jacket.distributed`); like the other commands' bars it is drawn only on a terminal, never with
-  `--quiet` or `--json`.
+  `jacket.distributed`); like the other commands' bars it is drawn on stderr, only on a terminal,
+  never with `--quiet`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def jacobian(
 
     from .cli import _add_row, _emit, _one_line_errors
 
-    _check_flags("jacobian", scheduler, workers, size=size, unsafe=unsafe)
+    _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     with _one_line_errors():
         from . import io
         from ._errors import JacketValueError
@@ -112,7 +112,7 @@ def jacobian(
             from .distributed import jacobian_dataset
 
             with _chunk_bar(not quiet, "Jacobians", out) as progress:
-                J = jacobian_dataset(
+                jacobian_dataset(
                     model,
                     inputs,
                     out,
@@ -150,7 +150,6 @@ def jacobian(
         "scheduler": where.describe,
         "chunks": {"count": count, "stored_before": stored, "computed": count - stored},
     }
-    del J  # the result is on disk; the summary is all the terminal shows
     table = Table(title="jacket jacobian", show_header=False)
     _add_row(table, "model", str(model))
     _add_row(table, "inputs", f"{inputs}: {_describe(identity)}")
@@ -190,7 +189,7 @@ def sensitivity(
     from ._cli_analysis import _need_matplotlib, _output_folder, _save_json, _save_npy, _save_png
     from .cli import _add_row, _emit, _one_line_errors, _usage
 
-    _check_flags("sensitivity", scheduler, workers, size=size, unsafe=unsafe)
+    _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     if output is not None:
         _usage(
             "--output (one output's sensitivity) runs in this process only: with --scheduler or "
@@ -292,7 +291,7 @@ def norms(
     from ._cli_analysis import _ORD_NAMES, _numbers, _save_json
     from .cli import _add_row, _emit, _one_line_errors, _usage
 
-    _check_flags("norms", scheduler, workers, size=size, unsafe=unsafe)
+    _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     others = [o for o in (ords or []) if o != "fro"]
     if others:
         _usage(
@@ -376,7 +375,7 @@ def norms(
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _check_flags(command: str, scheduler, workers, *, size, unsafe) -> None:
+def _check_flags(scheduler, workers, *, size, unsafe) -> None:
     """Usage errors (exit 2) of the flags themselves, before anything is read."""
     from .cli import _usage
 
