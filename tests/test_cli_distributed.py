@@ -459,18 +459,18 @@ def test_a_real_scheduler_and_worker_compute_what_jacobian_does(files, tmp_path,
     np.testing.assert_allclose(summary["norms"]["fro"]["max"], norms.max(), rtol=1e-5)
 
 
-@pytest.mark.cli
 def test_workers_of_another_backend_are_refused(files, tmp_path, scheduler):
     out = tmp_path / "J.zarr"
-    proc = _run(*_dask_args(files, out, "--scheduler", scheduler), env={"KERAS_BACKEND": "torch"})
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "run the Keras backend 'jax', but this command asks for 'torch'" in proc.stderr
+    result = _invoke(
+        *_dask_args(files, out, "--scheduler", scheduler), env={"KERAS_BACKEND": "torch"}
+    )
+    _one_red_line(result, "run the Keras backend 'jax', but this command asks for 'torch'")
     assert not out.exists()
 
 
 @pytest.mark.cli
 def test_a_killed_command_resumes_with_only_the_missing_chunks(files, tmp_path, scheduler):
-    n, batch = 100 * 64, 64
+    n, batch = 50 * 64, 64
     x = np.random.default_rng(3).standard_normal((n, 32)).astype("float32")
     zarr.create_array(tmp_path / "x.zarr", data=x, chunks=(batch, 32))
     out = tmp_path / "J.zarr"
