@@ -3,9 +3,10 @@
 Every backend runs the commands in this process (`--scheduler synchronous`, the same resumable
 store without Dask) and their errors. On JAX (the backend whose workers start with the least
 memory, as in test_distributed), a real cluster: a `dask scheduler` and a `dask worker` started as
-processes of their own on 127.0.0.1, which the commands reach with `--scheduler tcp://...`; a
-command killed with SIGKILL mid-run and started again; and (slow) `--workers 2`, a LocalCluster that
-the command starts and closes. Every Jacobian is compared with `jacket.jacobian` run here.
+processes of their own on 127.0.0.1, which the commands reach with `--scheduler tcp://...`, and a
+command killed with SIGKILL mid-run and started again. Slow, on JAX: `--workers 2`, a LocalCluster
+that the command starts and closes, and that dies with it when the command is killed. Every
+Jacobian is compared with `jacket.jacobian` run here (or the exact Jacobian of a Dense layer).
 """
 
 from __future__ import annotations
@@ -551,3 +552,46 @@ def test_workers_2_start_and_close_a_local_cluster(files, tmp_path):
     while _children() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _children() - before, "worker processes left running"
+
+
+@pytest.mark.cli
+@pytest.mark.jax
+@pytest.mark.slow
+def test_killed_workers_command_takes_its_cluster_along_and_resumes(files, tmp_path):
+    import psutil
+
+    n, batch = 50 * 64, 64
+    x = np.random.default_rng(4).standard_normal((n, 32)).astype("float32")
+    zarr.create_array(tmp_path / "x.zarr", data=x, chunks=(batch, 32))
+    out = tmp_path / "J.zarr"
+    args = ["jacobian", files.path / "dense.keras", tmp_path / "x.zarr", "-o", out]
+    args += ["--workers", 2, "--batch-size", batch]
+    driver = subprocess.Popen(_command(*args, "-q"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            try:
+                if len(_finished(_manifest(out))) >= 4:
+                    break
+            except (FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.01)
+        assert driver.poll() is None, driver.communicate()
+        cluster = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.communicate()
+    assert len(cluster) >= 2  # the workers (and their nannies' helpers)
+    gone, alive = psutil.wait_procs(cluster, timeout=60)
+    assert not alive, f"left running after the command was killed: {alive}"
+    finished = _finished(_manifest(out))
+    assert 4 <= len(finished) < n // batch, "the command was not caught midway"
+
+    summary = _summary(*args)  # the same command again
+    assert summary["chunks"]["stored_before"] == len(finished)
+    assert summary["chunks"]["computed"] == n // batch - len(finished)
+    np.testing.assert_allclose(
+        zarr.open_array(out, mode="r")[:], _dense_oracle(files.model["dense"], x), rtol=1e-5,
+        atol=1e-6,
+    )  # fmt: skip
