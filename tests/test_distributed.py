@@ -286,6 +286,30 @@ def test_overwrite_deletes_only_zarr_stores(models, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+def test_stores_killed_while_made_or_deleted_start_afresh(models, tmp_path, monkeypatch):
+    path, model = models["paths"]["mlp"], models["models"]["mlp"]
+    x = np.random.default_rng(12).standard_normal((20, 5)).astype("float32")
+    expected = _to_numpy(jacket.jacobian(model, x))
+    out = tmp_path / "J.zarr"
+    out.mkdir()  # killed before zarr renamed its first zarr.json into place
+    (out / f"zarr.{'0' * 32}.partial").write_text('{"zarr_format"')
+    J = jd.jacobian_dataset(path, x, out, batch_size=8)
+    np.testing.assert_allclose(J[:], expected, rtol=1e-5, atol=1e-6)
+
+    def killed(folder, *args, **kwargs):  # killed before deleting anything
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jd.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        jd.jacobian_dataset(path, x, out, batch_size=8, overwrite=True)
+    monkeypatch.undo()
+    assert not out.exists()  # the store was moved aside first: nothing half-deleted under `out`
+    (aside,) = tmp_path.glob(".J.zarr.deleting-*")
+    J = jd.jacobian_dataset(path, x, out, batch_size=8)
+    np.testing.assert_allclose(J[:], expected, rtol=1e-5, atol=1e-6)
+    assert len(_manifest(out)["runs"]) == 1
+
+
 # ------------------------------------------------------------------------------ on a Dask cluster
 
 

@@ -24,6 +24,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ._cli_distributed import SchedulerOption, WorkersOption
 from .cli import (
     BackendOption,
     ForceOption,
@@ -270,9 +271,20 @@ def sensitivity(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
     unsafe: UnsafeOption = False,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Sensitivity of MODEL's outputs to each input feature over INPUTS: an array, a map, a ranking."""
     _set_backend(backend)
+    if scheduler is not None or workers is not None:  # on Dask: _cli_distributed.py
+        from . import _cli_distributed
+
+        return _cli_distributed.sensitivity(
+            model=model, inputs=inputs, out=out, scheduler=scheduler, workers=workers,
+            reduce=reduce.value, output=output, top=top, saliency=saliency,
+            batch_size=batch_size, size=size, force=force, quiet=quiet, as_json=as_json,
+            unsafe=unsafe,
+        )  # fmt: skip
     size_hw = _parse_size(size)
     with _one_line_errors():
         from . import analysis, io
@@ -417,9 +429,20 @@ def norms(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
     unsafe: UnsafeOption = False,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Norms of MODEL's per-sample Jacobians over INPUTS, a Lipschitz estimate, log-determinants."""
     _set_backend(backend)
+    if scheduler is not None or workers is not None:  # on Dask, Frobenius only: _cli_distributed
+        from . import _cli_distributed
+
+        return _cli_distributed.norms(
+            model=model, inputs=inputs, ords=None if ord is None else [o.value for o in ord],
+            out=out, scheduler=scheduler, workers=workers, lipschitz=lipschitz, logdet=logdet,
+            projections=projections, batch_size=batch_size, size=size, force=force, quiet=quiet,
+            as_json=as_json, unsafe=unsafe,
+        )  # fmt: skip
     size_hw = _parse_size(size)
     ords = list(dict.fromkeys(o.value for o in (ord or [Ord.fro, Ord.spectral])))
     with _one_line_errors():

@@ -28,6 +28,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ._cli_distributed import SchedulerOption, WorkersOption
+
 BACKENDS = ("tensorflow", "jax", "torch")
 
 app = typer.Typer(
@@ -259,9 +261,20 @@ def jacobian(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
     unsafe: UnsafeOption = False,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Per-sample Jacobians of MODEL at every sample of INPUTS, written to OUT."""
     _set_backend(backend)
+    if scheduler is not None or workers is not None:  # on Dask, resumable: _cli_distributed.py
+        from . import _cli_distributed
+
+        return _cli_distributed.jacobian(
+            model=model, inputs=inputs, out=out, scheduler=scheduler, workers=workers,
+            mode=mode.value, chunk_size=chunk_size, flatten=flatten, batch_size=batch_size,
+            memory_budget=memory_budget, size=size, force=force, quiet=quiet, as_json=as_json,
+            unsafe=unsafe,
+        )  # fmt: skip
     size_hw = _parse_size(size)
     if sparse or sparsity is not None:  # `jacket._cli_sparse`: the sparse file and its summary
         from ._cli_sparse import sparse_jacobian

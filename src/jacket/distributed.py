@@ -24,8 +24,11 @@ not yet marked is simply computed again. A rerun with the same arguments compare
 computes the chunks not marked finished, and since every chunk is computed by the same code on the
 same padded batch shape, the store ends identical to that of an uninterrupted run. A rerun whose
 identity differs refuses with the differences (see `_differences`). Unfinished chunks read as NaN
-(the arrays' fill value). One driver per store at a time: two drivers on one store would overwrite
-each other's manifest.
+(the arrays' fill value). A store killed before its first `zarr.json` was in place (only zarr's
+temporary files in it) counts as new. `overwrite=True` renames the store aside before deleting it,
+so a run killed during the deletion leaves a hidden `.{name}.deleting-*` folder, never a half
+store under `out`. One driver per store at a time: two drivers on one store would overwrite each
+other's manifest.
 
 NOTE: [Where the chunks run]
 - `client=` a `distributed.Client` (or `scheduler="tcp://host:port"`, which connects one): its
@@ -668,13 +671,19 @@ def _open_store(fn: str, store: Path, identity: dict, overwrite: bool):
     if not store.exists() or not any(store.iterdir()):
         return None, None
     is_zarr = (store / "zarr.json").is_file()
+    if not is_zarr and _only_partial_writes(store):  # killed while it wrote its first zarr.json
+        shutil.rmtree(store)
+        return None, None
     if overwrite:
         if not is_zarr:
             raise JacketValueError(
                 f"{fn}: `out` ({store}) is a non-empty directory that is not a zarr store; "
                 "overwrite=True deletes only zarr stores. Pass a new path."
             )
-        shutil.rmtree(store)
+        # renamed first (atomic), so a run killed while deleting leaves no half store under `out`
+        trash = store.with_name(f".{store.name}.deleting-{os.urandom(4).hex()}")
+        store.rename(trash)
+        shutil.rmtree(trash)
         return None, None
     root = zarr.open(store, mode="r+") if is_zarr else None
     manifest = root.attrs.get(MANIFEST_KEY) if root is not None else None
@@ -698,10 +707,22 @@ def _remove_partial_writes(store: Path) -> None:
     """Delete the temporary files of writes a killed run left (zarr writes `name.<32 hex>.partial`
     and renames it into place); listing a group with one inside would warn."""
     for path in store.rglob("*.partial"):
-        stem = path.name[: -len(".partial")]
-        token = stem.rsplit(".", 1)[-1]
-        if len(token) == 32 and all(c in "0123456789abcdef" for c in token):
+        if _is_partial_write(path):
             path.unlink(missing_ok=True)
+
+
+def _is_partial_write(path: Path) -> bool:
+    if not path.name.endswith(".partial"):
+        return False
+    token = path.name[: -len(".partial")].rsplit(".", 1)[-1]
+    return len(token) == 32 and all(c in "0123456789abcdef" for c in token)
+
+
+def _only_partial_writes(store: Path) -> bool:
+    """Whether `store` holds nothing but zarr's temporary files (and folders): what a run killed
+    while it created the store leaves."""
+    files = [path for path in store.rglob("*") if not path.is_dir()]
+    return bool(files) and all(_is_partial_write(path) for path in files)
 
 
 def _differences(stored: dict, now: dict) -> list[str]:
