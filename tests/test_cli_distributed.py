@@ -283,6 +283,7 @@ def _dask_args(files, out, *extra):
         (["--workers", -3], ["--workers must be a positive number"], 2),
         (["--scheduler", "synchronous", "--size", "8x8"], ["--size"], 2),
         (["--scheduler", "synchronous", "--unsafe"], ["--unsafe", "safe_mode"], 2),
+        (["--scheduler", "synchronous", "--sparse"], ["--sparse", "one or the other"], 2),
         (["--scheduler", "no-port-here"], ["--scheduler must be a Dask scheduler address",
                                            "'no-port-here'"], 1),
     ],

@@ -269,6 +269,12 @@ def jacobian(
     if scheduler is not None or workers is not None:  # on Dask, resumable: _cli_distributed.py
         from . import _cli_distributed
 
+        if sparse or sparsity is not None:
+            _usage(
+                "--sparse writes one .npz file and runs in this process; --scheduler and "
+                "--workers write a dense .zarr store. Pass one or the other."
+            )
+
         return _cli_distributed.jacobian(
             model=model, inputs=inputs, out=out, scheduler=scheduler, workers=workers,
             mode=mode.value, chunk_size=chunk_size, flatten=flatten, batch_size=batch_size,
