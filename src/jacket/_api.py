@@ -656,7 +656,18 @@ def _retrying(fn_name: str, prepared: _Prepared, key, run):
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    """An out-of-memory error of Python or of a backend (matched by name: no framework import)."""
+    """An out-of-memory error of Python or of a backend (matched by name: no framework import),
+    or an error raised while handling one (TensorFlow wraps errors raised while tracing)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _is_out_of_memory_itself(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_out_of_memory_itself(error: BaseException) -> bool:
     if isinstance(error, JacketMemoryError):
         return False
     if isinstance(error, MemoryError):
