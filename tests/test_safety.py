@@ -340,3 +340,262 @@ def test_the_walk_leaves_the_models_graph_as_it_was(rng):
         jacket.jacobian(model, rng.normal(size=(2, 3)))
     after = {id(layer): len(layer._inbound_nodes) for layer in model._flatten_layers()}
     assert after == before
+
+
+# ------------------------------------------------------------------------------ untrusted files
+
+
+def _crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib's crc32_combine: the CRC-32 of `a + b` from those of `a` and `b` (`len2 = len(b)`)."""
+
+    def times(matrix, vector):
+        out, i = 0, 0
+        while vector:
+            if vector & 1:
+                out ^= matrix[i]
+            vector >>= 1
+            i += 1
+        return out
+
+    def square(matrix):
+        return [times(matrix, matrix[n]) for n in range(32)]
+
+    odd = [0xEDB88320] + [1 << n for n in range(31)]
+    even = square(odd)
+    odd = square(even)
+    while len2:
+        even = square(odd)
+        if len2 & 1:
+            crc1 = times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = square(even)
+        if len2 & 1:
+            crc1 = times(odd, crc1)
+        len2 >>= 1
+    return crc1 ^ crc2
+
+
+def _zip_bomb(path, name: str = "x.npy", size: int = 1 << 30) -> None:
+    """A real zip bomb: one member, an `.npy` of `size` bytes of zeros (float32), deflated to about
+    a thousandth. Each MiB of zeros is deflated with a full flush, so the compressed MiBs are all
+    alike and the file is written without compressing a GiB (and its CRC computed by combining)."""
+    import struct
+    import zlib
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, "float32"))
+    header["shape"] = (size // 4,)
+    buffer = __import__("io").BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    head = buffer.getvalue()
+    mib = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert block == deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    data = first + block * (size >> 20) + deflate.flush()
+    crc = zlib.crc32(mib)
+    for _ in range((size >> 20).bit_length() - 1):  # size is a power of two MiB
+        crc = _crc32_combine(crc, crc, len(mib) << _)
+    assert _crc32_combine(zlib.crc32(mib), zlib.crc32(mib), 1 << 20) == zlib.crc32(mib + mib)
+    crc = _crc32_combine(zlib.crc32(head), crc, size)
+    total, encoded = len(head) + size, name.encode()
+    fields = (20, 20, 0, 8, 0, 0, crc, len(data), total, len(encoded))
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields[1:], 0) + encoded
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, *fields, 0, 0, 0, 0, 0, 0) + encoded
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local + data), 0)
+    with open(path, "wb") as file:
+        file.write(local + data + central + end)
+
+
+def test_zip_bombs_are_refused_before_they_inflate(tmp_path):
+    import time
+    import zipfile
+
+    from jacket import io
+
+    bomb = tmp_path / "x.npz"
+    _zip_bomb(bomb)
+    assert bomb.stat().st_size < 2 << 20
+    with zipfile.ZipFile(bomb) as archive:  # it is a valid archive that inflates to 1 GiB
+        (member,) = archive.infolist()
+        assert member.file_size > 1 << 30
+        with archive.open(member) as stream:
+            assert np.lib.format.read_magic(stream) == (1, 0)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            assert shape == ((1 << 30) // 4,) and dtype == np.float32
+            assert stream.read(1 << 20) == bytes(1 << 20)
+    start = time.perf_counter()
+    for read in (lambda: io.read_inputs(bomb, None), lambda: io.read_result(bomb)):
+        with pytest.raises(jacket.JacketValueError, match=r"zip bomb") as info:
+            read()
+        assert "'x.npy'" in str(info.value) and "1.0 GiB" in str(info.value)
+    model_bomb = tmp_path / "model.keras"
+    bomb.rename(model_bomb)
+    with pytest.raises(jacket.JacketValueError, match=r"refused to open .*model.keras.*zip bomb"):
+        io.load_model(model_bomb)
+    assert time.perf_counter() - start < 2.0  # refused from the directory, nothing inflated
+
+
+def test_archives_over_the_size_limit_are_refused_unless_raised(tmp_path, monkeypatch, rng):
+    from jacket import io
+
+    x = rng.normal(size=(4, 300))
+    path = tmp_path / "x.npz"
+    np.savez(path, x=x)  # 9.6 KB uncompressed
+    monkeypatch.setenv("JACKET_MAX_ARCHIVE_BYTES", "4KiB")
+    with pytest.raises(
+        jacket.JacketValueError, match=r"9.5 KiB uncompressed, more than .* 4.0 KiB"
+    ):
+        io.read_result(path)
+    with pytest.raises(jacket.JacketValueError, match="JACKET_MAX_ARCHIVE_BYTES=16GiB"):
+        io.read_inputs(path, None)
+    monkeypatch.setenv("JACKET_MAX_ARCHIVE_BYTES", "1MiB")
+    array, key = io.read_result(path)
+    assert key == "x" and np.array_equal(array, x)
+    monkeypatch.setenv("JACKET_MAX_ARCHIVE_BYTES", "lots")
+    with pytest.raises(jacket.JacketValueError, match="Received: JACKET_MAX_ARCHIVE_BYTES='lots'"):
+        io.read_result(path)
+
+
+def test_archives_with_too_many_members_are_refused(tmp_path, monkeypatch):
+    from jacket import io
+
+    monkeypatch.setattr(io, "MAX_ARCHIVE_MEMBERS", 3)
+    path = tmp_path / "x.npz"
+    np.savez(path, *[np.zeros(2) for _ in range(4)])
+    with pytest.raises(jacket.JacketValueError, match="it has 4 members, more than the 3"):
+        io.read_result(path, "arr_0")
+    np.savez(path, *[np.arange(2.0) for _ in range(3)])
+    assert np.array_equal(io.read_result(path, "arr_2")[0], np.arange(2.0))
+
+
+@pytest.mark.parametrize("name", ["../escape.npy", "/absolute.npy", "a/../../b.npy", "C:/x.npy"])
+@pytest.mark.parametrize("suffix", [".npz", ".keras"])
+def test_archive_members_named_outside_are_refused(name, suffix, tmp_path):
+    import zipfile
+
+    from jacket import io
+
+    path = tmp_path / f"x{suffix}"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ok.npy", b"")
+        archive.writestr(zipfile.ZipInfo(name), b"")
+    with zipfile.ZipFile(path) as archive:
+        assert name in archive.namelist()  # the crafted name is really stored
+    with pytest.raises(jacket.JacketValueError, match=r"has an absolute path or climbs out"):
+        io.load_model(path) if suffix == ".keras" else io.read_inputs(path, None)
+    assert not (tmp_path.parent / "escape.npy").exists()
+
+
+class _Planted:
+    """Unpickling this creates a file: the proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_arrays_are_never_unpickled(tmp_path):
+    from jacket import io
+
+    marker = tmp_path / "pickle-ran"
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.array([_Planted(str(marker))], dtype=object))
+    with pytest.raises(jacket.JacketValueError, match="non-numeric"):
+        io.read_inputs(path, None)
+    with pytest.raises(jacket.JacketValueError):
+        io.read_result(path)
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.array([_Planted(str(marker))], dtype=object))
+    with pytest.raises(jacket.JacketValueError):
+        io.read_inputs(npy, None)
+    assert not marker.exists()
+    np.load(path, allow_pickle=True)["x"]  # the oracle: unpickling it does run the code
+    assert marker.exists()
+
+
+def _h5_model(path):
+    model = keras.Sequential([layers.Input((3,)), layers.Dense(2)])
+    model.save(path)
+    return model
+
+
+def test_hdf5_models_that_read_other_files_are_refused(tmp_path, rng):
+    import h5py
+
+    from jacket import io
+
+    model = _h5_model(tmp_path / "m.h5")
+    x = rng.normal(size=(2, 3)).astype("float32")
+    loaded = io.load_model(tmp_path / "m.h5")  # the honest file loads
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(model(x)), rtol=1e-6)
+
+    (tmp_path / "secret.bin").write_bytes(bytes(40))
+    linked = tmp_path / "linked.h5"
+    _h5_model(linked)
+    with h5py.File(linked, "a") as file:
+        file["elsewhere"] = h5py.ExternalLink(str(tmp_path / "secret.h5"), "/")
+    with pytest.raises(jacket.JacketValueError, match="'elsewhere' links to the file"):
+        io.load_model(linked)
+    external = tmp_path / "external.h5"
+    _h5_model(external)
+    with h5py.File(external, "a") as file:
+        file.create_dataset("raw", (10,), "f4", external=[(str(tmp_path / "secret.bin"), 0, 40)])
+    with pytest.raises(jacket.JacketValueError, match="dataset 'raw' stores its data in other"):
+        io.load_model(external)
+
+
+def test_hdf5_models_over_the_size_limit_are_refused(tmp_path, monkeypatch):
+    from jacket import io
+
+    _h5_model(tmp_path / "m.h5")  # 3 * 2 + 2 float32 weights: 32 bytes
+    monkeypatch.setenv("JACKET_MAX_ARCHIVE_BYTES", "16")
+    with pytest.raises(jacket.JacketValueError, match="datasets declare 32 bytes, more than .* 16"):
+        io.load_model(tmp_path / "m.h5")
+
+
+def test_hdf5_lambda_layers_are_refused_without_unsafe(tmp_path, rng):
+    from jacket import io
+
+    model = keras.Sequential([layers.Input((3,)), layers.Lambda(lambda t: t * 2.0)])
+    model.save(tmp_path / "m.h5")
+    with pytest.raises(jacket.JacketValueError, match="Lambda layer.*--unsafe"):
+        io.load_model(tmp_path / "m.h5")
+    x = rng.normal(size=(2, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(io.load_model(tmp_path / "m.h5", unsafe=True)(x)), 2 * x)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".npz"])
+def test_output_names_cannot_escape_the_result(suffix, tmp_path, rng):
+    from jacket import io
+
+    names = ["..", "../../up", "a/b", "c\\d", ".", "", "\x00nul"]
+    x = {name: rng.normal(size=(2, 1)) for name in names}
+    J = {out: {name: rng.normal(size=(2, 1, 1)) for name in names} for out in ("..", "/abs")}
+    blocks = io.jacobian_blocks(J, x)
+    assert len(blocks) == 2 * len(names)  # no two names collapse into one key
+    for key in blocks:
+        parts = key.split("/")
+        assert len(parts) == 2 and not {"", ".", ".."} & set(parts) and "\\" not in key, key
+    out = tmp_path / "inside" / f"J{suffix}"
+    out.parent.mkdir()
+    io.write_result(out, blocks)
+    written = {p.resolve() for p in tmp_path.rglob("*")}
+    assert all(out.parent.resolve() in p.parents or p == out.parent.resolve() for p in written)
+    for key, block in blocks.items():  # each block reads back under its key (the oracle)
+        assert np.array_equal(np.asarray(io.read_result(out, key)[0]), block)
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a/../../b", "a//b", "C:/x", "a\\..\\b", "."])
+def test_result_keys_naming_a_path_outside_are_refused(key, tmp_path):
+    from jacket import io
+
+    with pytest.raises(jacket.JacketValueError, match="must be one or more plain names"):
+        io.write_result(tmp_path / "J.zarr", {key: np.zeros((2, 1))})
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escape").exists()
