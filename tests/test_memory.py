@@ -18,9 +18,13 @@ GiB, MiB = 1 << 30, 1 << 20
 
 @pytest.fixture
 def fresh_budget():
-    _plan.default_memory_budget.cache_clear()
+    def clear():
+        _plan.default_memory_budget.cache_clear()
+        getattr(_api, "_CHECKED", {}).clear()  # checked options hold the budget they resolved
+
+    clear()
     yield
-    _plan.default_memory_budget.cache_clear()
+    clear()
 
 
 @pytest.mark.parametrize(

@@ -68,8 +68,7 @@ def _diagonal_oracle(call, x):
     [(batchnorm_model, True), (batch_mean_model, False)],
     ids=["batchnorm_training", "batch_mean"],
 )
-@pytest.mark.parametrize("chunk_size", [None, 3])
-@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("chunk_size, flatten", [(None, False), (3, True)])  # one pass; several
 def test_diagonal_blocks_of_coupled_models_match_finite_differences(
     build, training, chunk_size, flatten, rng
 ):
