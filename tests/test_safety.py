@@ -3,7 +3,9 @@ paths (zeros with a `JacketWarning` naming where the gradient stops), on every b
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import warnings
 
 import keras
@@ -202,6 +204,25 @@ class StopLayer(layers.Layer):
         return ops.stop_gradient(x) * 2.0
 
 
+@contextlib.contextmanager
+def _jacket_warnings():
+    """The messages of the `JacketWarning`s raised inside; other warnings keep pytest's filters
+    (`pytest.warns` would record the frameworks' own deprecations and re-raise them as errors)."""
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", jacket.JacketWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, jacket.JacketWarning):
+                messages.append(str(message))
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield messages
+
+
 def _functional(cut):
     x = keras.Input((3,), dtype="float64")
     h = layers.Dense(4, dtype="float64")(x)
@@ -257,10 +278,9 @@ def test_cut_gradients_give_zeros_and_one_warning_naming_the_layer(name, rng):
     build, words, *oracle = CUT_MODELS[name]
     model = build()
     x = rng.normal(size=(3, 3)) + 0.123  # away from rounding and sign boundaries
-    with pytest.warns(jacket.JacketWarning) as record:
+    with _jacket_warnings() as record:
         J = jacket.jacobian(model, x)
-    (warning,) = [w for w in record if issubclass(w.category, jacket.JacketWarning)]
-    message = str(warning.message)
+    (message,) = record
     for word in words:
         assert word in message, (word, message)
     if oracle == ["native"]:
@@ -270,7 +290,7 @@ def test_cut_gradients_give_zeros_and_one_warning_naming_the_layer(name, rng):
     assert np.all(expected == 0.0)  # the oracle agrees the gradient is cut
     assert_close(J, expected, rtol=0.0, atol=0.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per model
+        warnings.simplefilter("error", jacket.JacketWarning)  # once per model
         jacket.jacobian(model, x[:2])
 
 
@@ -279,8 +299,9 @@ def test_one_cut_output_warns_and_the_other_is_exact(rng):
     h = layers.Dense(4, activation="tanh", dtype="float64")(x_in)
     model = keras.Model(x_in, [ops.floor(h * 3.0), layers.Dense(2, dtype="float64")(h)])
     x = rng.normal(size=(2, 3))
-    with pytest.warns(jacket.JacketWarning, match=r"operation 'floor[_0-9]*' \(Floor\)"):
+    with _jacket_warnings() as record:
         J = jacket.jacobian(model, x)
+    assert len(record) == 1 and re.search(r"operation 'floor[_0-9]*' \(Floor\)", record[0])
     assert np.all(to_numpy(J[0]) == 0.0)
     assert_close(J[1], central_differences(lambda v: model(v)[1], x), rtol=1e-6)
 
@@ -313,7 +334,7 @@ def test_no_warning_when_every_output_carries_a_gradient(build, rng):
     )
     x = rng.normal(size=(2, in_size)) + 0.123
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", jacket.JacketWarning)
         J = jacket.jacobian(model, x)
     assert np.abs(to_numpy(J)).max() > 0
     assert_close(J, central_differences(lambda v: model(v), x), rtol=1e-5)
@@ -326,7 +347,7 @@ def test_a_zero_jacobian_without_a_cut_is_legal_and_silent(rng):
     model.layers[0].kernel.assign(np.zeros((3, 2)))
     x = rng.normal(size=(2, 3))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", jacket.JacketWarning)
         J = jacket.jacobian(model, x)
     assert np.all(to_numpy(J) == 0.0)
 
@@ -335,8 +356,9 @@ def test_the_walk_leaves_the_models_graph_as_it_was(rng):
     model = Subclassed()
     model(rng.normal(size=(2, 3)))
     before = {id(layer): len(layer._inbound_nodes) for layer in model._flatten_layers()}
-    with pytest.warns(jacket.JacketWarning):
+    with _jacket_warnings() as record:
         jacket.jacobian(model, rng.normal(size=(2, 3)))
+    assert len(record) == 1
     after = {id(layer): len(layer._inbound_nodes) for layer in model._flatten_layers()}
     assert after == before
 
