@@ -27,6 +27,8 @@ _EXPORTS = {
     "JacketValueError": "._errors",
     "JacketTypeError": "._errors",
     "CouplingError": "._errors",
+    "JacketMemoryError": "._errors",
+    "JacketWarning": "._errors",
     "JacobianOperator": ".operator",
     "sparsity": ".sparse",
     "SparseJacobian": ".sparse",
@@ -47,8 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._check import check as check
     from ._errors import CouplingError as CouplingError
     from ._errors import JacketError as JacketError
+    from ._errors import JacketMemoryError as JacketMemoryError
     from ._errors import JacketTypeError as JacketTypeError
     from ._errors import JacketValueError as JacketValueError
+    from ._errors import JacketWarning as JacketWarning
     from .operator import JacobianOperator as JacobianOperator
     from .sparse import SparseJacobian as SparseJacobian
     from .sparse import SparsityWarning as SparsityWarning

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _kernels, backends
-from ._errors import CouplingError, JacketTypeError, JacketValueError
+from ._errors import CouplingError, JacketMemoryError, JacketTypeError, JacketValueError
 from ._model import (
     Inputs,
     Leaf,
@@ -34,7 +34,17 @@ from ._model import (
     prepare_inputs,
     skeleton,
 )
-from ._plan import DEFAULT_MEMORY_BUDGET, Plan, choose_mode, make_plan, parse_bytes
+from ._nondiff import warn_if_cut
+from ._plan import (
+    FALLBACK_BUDGET,
+    Plan,
+    available_memory,
+    choose_mode,
+    default_memory_budget,
+    format_bytes,
+    make_plan,
+    parse_bytes,
+)
 from ._plan import STRATEGIES as PLAN_STRATEGIES
 
 MODES = ("auto", "reverse", "forward")
@@ -53,7 +63,7 @@ def jacobian(
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
-    per_sample: bool = True,
+    per_sample: bool | str = True,
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
@@ -70,13 +80,20 @@ def jacobian(
       mode: "reverse" (one pass per output, VJPs), "forward" (one pass per input, JVPs) or "auto"
         (reverse when `out_size <= in_size`). The result does not depend on it.
       chunk_size: Seeds (output rows or input columns) pushed per pass; bounds memory. Default: as
-        many as fit a working-memory budget of 1 GiB.
+        many as fit `memory_budget`. A pass that runs out of memory is retried with half as many
+        seeds (down to one), and the smaller chunk is kept for later calls.
       flatten: Return `(batch, out_size, in_size)` instead of `(batch, *out_shape, *in_shape)`.
       per_sample: With `False`, the full Jacobian of the batch, `(batch, *out_shape, batch,
         *in_shape)`, for models whose samples interact (BatchNormalization in training mode).
+        With `"diagonal"`, the per-sample blocks `J[b, ..., b, ...]` of that full Jacobian,
+        shaped like the per-sample result: what each sample's outputs owe to its own inputs
+        while the other samples are held fixed, for models whose samples interact (it costs a
+        full Jacobian: `batch` times the passes of a per-sample one).
       training: Call the model in training mode. The model itself is never changed.
       memory_budget: Working memory one pass may use, in bytes or as a string ("500MB", "2GiB");
-        sets the default `chunk_size`. Default: 1 GiB.
+        sets the default `chunk_size`. Default: a quarter of the memory free when jacket first
+        needs it (the GPU's where PyTorch or JAX can tell, else the host's), between 64 MiB and
+        4 GiB (see NOTE [Memory] in `jacket._plan`).
       strategy: How the seeds of one pass are batched: "replicate" (the batch tiled once per seed,
         one ordinary pass), "vmap" (one forward pass, the pullbacks vectorised), "loop" (one
         forward pass, the pullbacks one after the other), "auto" (the plan's cost model, see
@@ -95,7 +112,16 @@ def jacobian(
 
     Raises:
       CouplingError: if `per_sample=True` and the model's outputs for one sample depend on other
-        samples' inputs (the batch-sum trick would give wrong numbers); use `per_sample=False`.
+        samples' inputs (the batch-sum trick would give wrong numbers); use `per_sample=False`
+        or `per_sample="diagonal"`.
+      JacketMemoryError: if the result alone would not fit in the memory available (the message
+        gives its size and the ways around it), or a pass runs out of memory one seed at a time.
+
+    Warns:
+      JacketWarning: once per model, if an output reaches an input only through operations
+        without a derivative (argmax, round, floor, integer casts, comparisons,
+        `stop_gradient`): those Jacobian entries are zeros; the warning names where the
+        gradient stops.
       JacketValueError, JacketTypeError: for bad arguments, with the received value and the fix.
 
     Example:
@@ -107,6 +133,7 @@ def jacobian(
         from . import sparse as _sparse
 
         _check_flag("jacobian", "sparse", sparse)
+        _check_not_diagonal("jacobian", per_sample)
         kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
         kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
         return _sparse.prepared("jacobian", model, **kw)(x)
@@ -122,7 +149,7 @@ def jacobian_fn(
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
-    per_sample: bool = True,
+    per_sample: bool | str = True,
     training: bool = False,
     memory_budget: int | str | None = None,
     strategy: str = "auto",
@@ -144,6 +171,7 @@ def jacobian_fn(
         from . import sparse as _sparse
 
         _check_flag("jacobian_fn", "sparse", sparse)
+        _check_not_diagonal("jacobian_fn", per_sample)
         kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
         kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
         return _sparse.prepared("jacobian_fn", model, **kw)
@@ -241,14 +269,22 @@ def _check_flag(fn_name: str, name: str, value) -> None:
         )
 
 
+def _check_not_diagonal(fn_name: str, per_sample) -> None:
+    if isinstance(per_sample, str) and per_sample == "diagonal":
+        raise JacketValueError(
+            f"{fn_name}: sparse Jacobians are per sample. Received: per_sample='diagonal' with "
+            "sparse=True (or a `sparsity` pattern). Drop one of them."
+        )
+
+
 @dataclass(frozen=True)
 class _Options:
     mode: str = "auto"
     chunk_size: int | None = None
     flatten: bool = False
-    per_sample: bool = True
+    per_sample: bool | str = True  # True, False or "diagonal"
     training: bool = False
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_budget: int = FALLBACK_BUDGET
     strategy: str = "auto"
 
     @classmethod
@@ -299,14 +335,19 @@ class _Options:
                     f"Received: chunk_size={chunk_size}. Pass None to choose it from memory."
                 )
             chunk_size = int(chunk_size)
-        for name, value in (
-            ("flatten", flatten),
-            ("per_sample", per_sample),
-            ("training", training),
-        ):
+        for name, value in (("flatten", flatten), ("training", training)):
             _check_flag(fn_name, name, value)
+        if isinstance(per_sample, str):
+            if per_sample != "diagonal":
+                raise JacketValueError(
+                    f"{fn_name}: `per_sample` must be True, False or 'diagonal'. "
+                    f"Received: per_sample={per_sample!r}."
+                )
+        else:
+            _check_flag(fn_name, "per_sample", per_sample)
+            per_sample = bool(per_sample)
         budget = (
-            DEFAULT_MEMORY_BUDGET
+            default_memory_budget()
             if memory_budget is None
             else parse_bytes(fn_name, "memory_budget", memory_budget)
         )
@@ -315,16 +356,14 @@ class _Options:
                 f"{fn_name}: `strategy` must be one of {', '.join(map(repr, STRATEGIES))}. "
                 f"Received: strategy={strategy!r}."
             )
-        if strategy == "replicate" and (not per_sample or training):
+        if strategy == "replicate" and (per_sample is not True or training):
             raise JacketValueError(
                 f"{fn_name}: `strategy='replicate'` tiles the batch, which changes what the model "
                 f"sees when samples interact or the model runs in training mode. Received: "
-                f"strategy='replicate' with per_sample={bool(per_sample)}, "
+                f"strategy='replicate' with per_sample={per_sample!r}, "
                 f"training={bool(training)}. Use strategy='vmap', 'loop' or 'auto'."
             )
-        return cls(
-            mode, chunk_size, bool(flatten), bool(per_sample), bool(training), budget, strategy
-        )
+        return cls(mode, chunk_size, bool(flatten), per_sample, bool(training), budget, strategy)
 
 
 _PLAIN = (str, int, bool, type(None))
@@ -361,6 +400,7 @@ class _Engine:
         self._independent: dict = {}
         self._plans: dict = {}
         self._starts: dict = {}
+        self._cuts_checked = False
         self.prepared: dict = {}  # (fast key, options) -> _Prepared
 
     def kernel(self, key, build):
@@ -399,6 +439,9 @@ class _Engine:
                 model_kind(self.model),
             )
             self._entries[inputs.signature] = entry
+            if not self._cuts_checked:  # once per model: see NOTE [Non-differentiable paths]
+                self._cuts_checked = True
+                warn_if_cut(fn_name, self.model, inputs.structure, inputs.leaves, self.training)
         return entry
 
     def plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
@@ -429,7 +472,7 @@ class _Engine:
         if options.mode == "auto" and max(out_size, in_size) <= 4 * min(out_size, in_size):
             modes = ["reverse", "forward"]
         strategies = list(PLAN_STRATEGIES)
-        if not options.per_sample or options.training:
+        if options.per_sample is not True or options.training:
             strategies.remove("replicate")
         best, best_time, failure = None, math.inf, None
         for mode in modes:
@@ -469,7 +512,7 @@ class _Engine:
         return make_plan(
             mode=options.mode,
             chunk_size=options.chunk_size,
-            per_sample=options.per_sample,
+            per_sample=options.per_sample is True,  # "diagonal": the full Jacobian, sliced
             training=options.training,
             batch=inputs.batch,
             in_size=sum(leaf.size for leaf in inputs.leaves),
@@ -509,7 +552,8 @@ class _Engine:
                 f"batch (batch size {inputs.batch}), so per-sample Jacobians would be wrong. "
                 "Received: a model that mixes samples (BatchNormalization with training=True, or a "
                 "layer that reduces over the batch). Pass `per_sample=False` for the full "
-                "`(batch, *out_shape, batch, *in_shape)` Jacobian, or `training=False`."
+                "`(batch, *out_shape, batch, *in_shape)` Jacobian, `per_sample='diagonal'` for "
+                "its per-sample blocks, or `training=False`."
             )
 
     def _probe(self, inputs: Inputs, entry: _Entry) -> bool:
@@ -587,16 +631,77 @@ def _jacobian(fn_name: str, model, x, options: _Options):
     if key is not None:
         prepared = engine.prepared.get((key, options))
         if prepared is not None:
-            return prepared.from_array(fn_name, x)
+            return _retrying(fn_name, prepared, key, lambda p: p.from_array(fn_name, x))
     inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
     entry = engine.entry(fn_name, inputs)
     plan = engine.plan(inputs, entry, options)
     if plan.per_sample:
         engine.check_independent(fn_name, inputs, entry)
+    _check_result_fits(fn_name, inputs, entry, plan)
     prepared = _Prepared(engine, inputs, entry, plan, options)
     if key is not None:
         engine.prepared[(key, options)] = prepared
-    return prepared(fn_name, inputs.tensors)
+    return _retrying(fn_name, prepared, key, lambda p: p(fn_name, inputs.tensors))
+
+
+def _check_result_fits(fn_name: str, inputs: Inputs, entry: _Entry, plan: Plan) -> None:
+    """Refuse a result larger than the host memory available (NOTE [Memory] in `jacket._plan`)."""
+    out_size = sum(leaf.size for leaf in entry.out_leaves)
+    in_size = sum(leaf.size for leaf in inputs.leaves)
+    dtype = _kernels.result_dtype(inputs.leaves + entry.out_leaves)
+    elements = inputs.batch * out_size * in_size * (1 if plan.per_sample else inputs.batch)
+    size = elements * np.dtype(_numpy_dtype(dtype)).itemsize
+    available = available_memory()
+    if available is None or size <= available:
+        return
+    what = "per-sample" if plan.per_sample else f"full (batch x batch = {inputs.batch}^2)"
+    raise JacketMemoryError(
+        f"{fn_name}: the result would take {format_bytes(size)} ({what} Jacobian of "
+        f"{out_size} outputs x {in_size} inputs per sample, batch {inputs.batch}, {dtype}), "
+        f"more than the {format_bytes(available)} of memory available. Pass a smaller batch, "
+        "`sparse=True` (only the nonzeros), or stream it to disk: `jacket jacobian MODEL INPUTS "
+        "-o J.zarr --batch-size N`, `jacket.io.stream_jacobian`, or "
+        "`jacket.distributed.jacobian_dataset`."
+    )
+
+
+def _retrying(fn_name: str, prepared: _Prepared, key, run):
+    """`run(prepared)`, retried with half the chunk while a pass runs out of memory."""
+    while True:
+        try:
+            return run(prepared)
+        except Exception as error:
+            if not _is_out_of_memory(error):
+                raise
+            prepared = prepared.halved(fn_name, key, error)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """An out-of-memory error of Python or of a backend (matched by name: no framework import),
+    or an error raised while handling one (TensorFlow wraps errors raised while tracing)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _is_out_of_memory_itself(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_out_of_memory_itself(error: BaseException) -> bool:
+    if isinstance(error, JacketMemoryError):
+        return False
+    if isinstance(error, MemoryError):
+        return True
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"ResourceExhaustedError", "OutOfMemoryError"}:  # TensorFlow, PyTorch
+        return True
+    text = str(error)
+    if names & {"XlaRuntimeError", "JaxRuntimeError"} and "RESOURCE_EXHAUSTED" in text:
+        return True
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text
+    )
 
 
 def _to_backend(array: np.ndarray, shape: tuple):
@@ -623,6 +728,7 @@ class _Prepared:
 
     def __init__(self, engine: _Engine, inputs: Inputs, entry: _Entry, plan: Plan, options):
         self.engine, self.entry, self.plan, self.options = engine, entry, plan, options
+        self.described = dataclasses.replace(inputs, tensors=[])  # the signature, not the data
         self.structure, self.leaves, self.batch = inputs.structure, inputs.leaves, inputs.batch
         self.whole = plan.n_chunks == 1  # one compiled call does everything, assembly included
         flatten = options.flatten if self.whole else None
@@ -665,6 +771,24 @@ class _Prepared:
                     break
         return best
 
+    def halved(self, fn_name: str, key, error: BaseException) -> _Prepared:
+        """The same computation with half as many seeds per pass, kept for later calls."""
+        plan = self.plan
+        if plan.chunk == 1:
+            raise JacketMemoryError(
+                f"{fn_name}: out of memory even with one seed per pass ({plan.describe()}; "
+                f"{type(error).__name__}: {str(error)[:200]}). Pass a smaller batch, or stream "
+                "the batch in parts (`jacket.io.stream_jacobian`)."
+            ) from error
+        smaller = dataclasses.replace(plan, chunk=max(1, plan.chunk // 2))
+        engine = self.engine
+        engine._kernels.pop(self.kernel_key, None)
+        engine._plans[(self.described.signature, self.options)] = smaller
+        prepared = _Prepared(engine, self.described, self.entry, smaller, self.options)
+        if key is not None:
+            engine.prepared[(key, self.options)] = prepared
+        return prepared
+
     def from_array(self, fn_name: str, x: np.ndarray):
         """The fast path: `x` is one float NumPy array whose shape and dtype were seen before."""
         if not np.isfinite(x).all():
@@ -686,6 +810,11 @@ class _Prepared:
             n_in = len(self.leaves)
             blocks = list(blocks)
             rows = [blocks[k : k + n_in] for k in range(0, len(blocks), n_in)]
+            if self.options.per_sample == "diagonal":
+                rows = [
+                    [self._diagonal(block, out, inp) for block, inp in zip(row, self.leaves)]
+                    for row, out in zip(rows, out_leaves)
+                ]
         else:
             in_size = sum(leaf.size for leaf in self.leaves)
             out_size = sum(leaf.size for leaf in out_leaves)
@@ -695,9 +824,12 @@ class _Prepared:
                 if i == 0:
                     self._check_finite(fn_name, tensors, finite, checked)
                 assembler.add(offset, np.asarray(keras.ops.convert_to_numpy(block)))
+            J = assembler.finish()
+            if self.options.per_sample == "diagonal":  # (B, m, B, n) -> (B, m, n)
+                J = J[np.arange(self.batch), :, np.arange(self.batch), :]
             rows = _kernels.split_blocks(
-                assembler.finish(),
-                self.plan.per_sample,
+                J,
+                self.plan.per_sample or self.options.per_sample == "diagonal",
                 self.batch,
                 self.leaves,
                 out_leaves,
@@ -705,6 +837,15 @@ class _Prepared:
                 reshape=_to_backend,
             )
         return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
+
+    def _diagonal(self, block, out: Leaf, inp: Leaf):
+        """A block of the full Jacobian `(B, *out, B, *in)` -> its per-sample blocks
+        `(B, *out, *in)` (flattened like the block)."""
+        ops, B = keras.ops, self.batch
+        J = ops.transpose(ops.reshape(block, (B, out.size, B, inp.size)), (1, 3, 0, 2))
+        diagonal = ops.transpose(ops.diagonal(J, axis1=2, axis2=3), (2, 0, 1))
+        shape = (B, out.size, inp.size) if self.options.flatten else (B,) + out.shape + inp.shape
+        return ops.reshape(diagonal, shape)
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -17,3 +17,13 @@ class JacketTypeError(JacketError, TypeError):
 
 class CouplingError(JacketValueError):
     """The model mixes samples of a batch, so per-sample Jacobians would be wrong."""
+
+
+class JacketMemoryError(JacketError, MemoryError):
+    """A request that cannot fit in memory: the result is larger than the memory available, or a
+    pass ran out of memory even one seed at a time."""
+
+
+class JacketWarning(UserWarning):
+    """Something the result holds that the caller should know of (a Jacobian that is zero because
+    the gradient stops at a non-differentiable operation)."""

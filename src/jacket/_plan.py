@@ -21,20 +21,35 @@ NOTE: [How the plan decides]
   the first call instead (`jacket._api._Engine._autotune`).
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
-  within `memory_budget`; the chunks run one after the other through one compiled kernel.
+  within `memory_budget`; the chunks run one after the other through one compiled kernel. The
+  default budget is a fraction of the free memory (see NOTE [Memory] below).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from dataclasses import dataclass
 
 from ._errors import JacketTypeError, JacketValueError
 
-DEFAULT_MEMORY_BUDGET = (
-    1 << 30
-)  # bytes of working memory for one pass (activations and result rows)
+# NOTE: [Memory]
+# The default `memory_budget` (working memory of one pass: activations and result rows) is
+# `BUDGET_FRACTION` of the memory free when jacket first needs it: the accelerator's where the
+# backend can tell (PyTorch's CUDA, JAX's device statistics), else the host's available memory
+# (/proc/meminfo's MemAvailable, or the physical memory where that file is missing); at least
+# `MIN_BUDGET`, at most `MAX_BUDGET`, and `FALLBACK_BUDGET` where nothing can be measured. It is
+# measured once per process, so that the plans (and their compiled kernels) stay the same from
+# call to call. Before a new input signature runs, the result's own size is compared with the
+# host memory available (`jacket._api`): a result that cannot fit is refused, with its size and
+# the ways around it. A pass that still runs out of memory is retried with half as many seeds,
+# down to one, and the smaller chunk is kept for later calls.
+BUDGET_FRACTION = 0.25
+MIN_BUDGET = 64 << 20
+MAX_BUDGET = 4 << 30
+FALLBACK_BUDGET = 1 << 30
 STRATEGIES = ("replicate", "vmap", "loop")
 MAX_UNROLLED = 32  # seeds per pass when the backend unrolls a "loop" into its graph
 
@@ -75,7 +90,7 @@ def make_plan(
     out_size: int,
     itemsize: int,
     activation_size: int | None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = FALLBACK_BUDGET,
     preferred: dict | None = None,
     kind: str = "other",
     strategy: str = "auto",
@@ -147,3 +162,40 @@ def parse_bytes(fn_name: str, name: str, value) -> int:
             f"{fn_name}: `{name}` must be at least one byte. Received: {name}={value!r}."
         )
     return int(value)
+
+
+@functools.cache
+def default_memory_budget() -> int:
+    """`memory_budget` when none is given (see NOTE [Memory]); measured once per process."""
+    import keras
+
+    from .backends._memory import device_free_memory
+
+    free = device_free_memory(keras.backend.backend()) or available_memory()
+    if free is None:
+        return FALLBACK_BUDGET
+    return int(min(MAX_BUDGET, max(MIN_BUDGET, free * BUDGET_FRACTION)))
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation without swapping, or None."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """`1536` -> "1.5 KiB"."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -9,7 +9,20 @@ The command line is built from these functions, and so can other commands and sc
 
 - Models: `.keras` (Keras 3), `.h5`/`.hdf5` (legacy), or `module:function` / `file.py:function`
   naming a function that returns a model. Files load with Keras's `safe_mode`, which refuses a
-  Lambda layer's Python code unless `unsafe=True`.
+  Lambda layer's Python code unless `unsafe=True`; nothing is unpickled.
+
+NOTE: [Untrusted files]
+Model and input files may come from anyone, so before Keras or NumPy opens one: a zip archive
+(`.keras`, `.npz`) is refused when it has more than `MAX_ARCHIVE_MEMBERS` members, a member whose
+name is absolute or climbs out with `..`, a member over 16 MiB that decompresses to more than
+`MAX_COMPRESSION_RATIO` times its stored size (a zip bomb), or more than `max_archive_bytes()`
+uncompressed in all (4 GiB, or the environment variable `JACKET_MAX_ARCHIVE_BYTES`, e.g. "16GiB").
+Python's `zipfile` never inflates a member past the size its directory declares, so checking the
+declared sizes bounds what is read. An HDF5 model is refused when it links to other files
+(external links, external or virtual datasets) or declares more than that many bytes of datasets.
+Arrays are read with `allow_pickle=False` always. Names that come from a model or a caller (output
+and input names in result keys) are made into one plain path component each, and a key that still
+names a path outside the result (`..`, an absolute path) is refused.
 - Inputs: `.npy` (memory-mapped), `.npz` or a zarr group (named arrays, matched to the model's
   input names), a `.zarr` array, a CSV table (one sample per row), or a folder or glob of images.
 - Results: `.npy` (one array), `.npz` or `.zarr` (one array per output x input block, keys `"J"`
@@ -46,6 +59,10 @@ OUTPUT_SUFFIXES = (".npy", ".npz", ".zarr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SINGLE_KEY = "J"  # the key of a result with one output and one input
 
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_COMPRESSION_RATIO = 100  # for members over _RATIO_FLOOR bytes uncompressed
+DEFAULT_MAX_ARCHIVE_BYTES = 4 << 30
+_RATIO_FLOOR = 16 << 20
 _FUNCTION_SPEC = re.compile(r"^(?P<module>[\w.\-/\\]+):(?P<function>[A-Za-z_]\w*)$")
 _ZARR_CHUNK_BYTES = 64 * 2**20  # upper bound on one zarr chunk
 
@@ -128,16 +145,127 @@ def load_model(source: str | os.PathLike, *, unsafe: bool = False):
     if path.suffix.lower() == ".keras":
         if not zipfile.is_zipfile(path):
             raise _corrupt_model(path, "not a zip archive: a .keras file is one")
+        check_archive(path)
     else:
         h5py = _optional("h5py", "reading .h5 models")
         if not h5py.is_hdf5(path):
             raise _corrupt_model(path, "not an HDF5 file")
+        _check_hdf5(path, h5py)
     import keras
 
     try:
         return keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
     except Exception as error:  # noqa: BLE001 - every failure to load becomes one clear message
         raise _load_error(path, error) from None
+
+
+def max_archive_bytes() -> int:
+    """The most bytes an archive or HDF5 file may declare (NOTE [Untrusted files])."""
+    value = os.environ.get("JACKET_MAX_ARCHIVE_BYTES")
+    if not value:
+        return DEFAULT_MAX_ARCHIVE_BYTES
+    from ._plan import parse_bytes
+
+    return parse_bytes("jacket", "JACKET_MAX_ARCHIVE_BYTES", value)
+
+
+def check_archive(path: str | os.PathLike) -> None:
+    """Refuse a zip archive (`.keras`, `.npz`) that is not safe to open: too many members, a
+    member named outside the archive's folder, a zip bomb, or too much data in all.
+
+    Raises:
+      JacketValueError: naming the archive, what was found and the limit (see NOTE [Untrusted
+        files] in `jacket.io`).
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise JacketValueError(
+            f"cannot open {str(path)!r}: the file is corrupt or truncated, not a zip archive "
+            f"({type(error).__name__}: {error})."
+        ) from None
+    refused = f"refused to open {str(path)!r}"
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise JacketValueError(
+            f"{refused}: it has {len(members)} members, more than the {MAX_ARCHIVE_MEMBERS} "
+            "a model or an array file needs."
+        )
+    limit = max_archive_bytes()
+    total = 0
+    for member in members:
+        if _escapes(member.filename):
+            raise JacketValueError(
+                f"{refused}: member {member.filename!r} has an absolute path or climbs out of "
+                "its folder with '..'."
+            )
+        size = member.file_size
+        if size > _RATIO_FLOOR and size > MAX_COMPRESSION_RATIO * max(member.compress_size, 1):
+            raise JacketValueError(
+                f"{refused}: member {member.filename!r} would inflate from "
+                f"{_human(member.compress_size)} to {_human(size)}, more than "
+                f"{MAX_COMPRESSION_RATIO} times (a zip bomb)."
+            )
+        total += size
+    if total > limit:
+        raise JacketValueError(
+            f"{refused}: it holds {_human(total)} uncompressed, more than the limit of "
+            f"{_human(limit)}. If you trust the file, raise the limit with the environment "
+            f"variable JACKET_MAX_ARCHIVE_BYTES (e.g. JACKET_MAX_ARCHIVE_BYTES=16GiB)."
+        )
+
+
+def _escapes(name: str) -> bool:
+    """True for a path that is absolute (`/x`, `\\x`, `C:x`) or has a `..` component."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return True
+    return ".." in re.split(r"[/\\]", name)
+
+
+def _check_hdf5(path: Path, h5py) -> None:
+    """Refuse an HDF5 model that reads other files or declares too much data."""
+    refused = f"refused to open {str(path)!r}"
+    limit = max_archive_bytes()
+    total = 0
+    try:
+        with h5py.File(path, "r") as file:
+            found: list[str] = []
+
+            def visit(name, link):
+                if isinstance(link, h5py.ExternalLink):
+                    found.append(f"{name!r} links to the file {link.filename!r}")
+                    return None
+                if isinstance(link, h5py.SoftLink):
+                    return None
+                node = file.get(name, getlink=False)
+                if isinstance(node, h5py.Dataset):
+                    if node.external or node.is_virtual:
+                        found.append(f"dataset {name!r} stores its data in other files")
+                    nonlocal total
+                    total += int(node.size) * node.dtype.itemsize
+                return None
+
+            file.visititems_links(visit)
+    except (OSError, ValueError, KeyError) as error:
+        raise _corrupt_model(path, f"{type(error).__name__}: {error}") from None
+    if found:
+        raise JacketValueError(
+            f"{refused}: {found[0]}; a model file must hold its own data. Save it again "
+            "with `model.save(...)`."
+        )
+    if total > limit:
+        raise JacketValueError(
+            f"{refused}: its datasets declare {_human(total)}, more than the limit of "
+            f"{_human(limit)}. If you trust the file, raise the limit with the environment "
+            f"variable JACKET_MAX_ARCHIVE_BYTES (e.g. JACKET_MAX_ARCHIVE_BYTES=16GiB)."
+        )
+
+
+def _human(n: int) -> str:
+    from ._plan import format_bytes
+
+    return format_bytes(n)
 
 
 def _corrupt_model(path: Path, why: str) -> JacketValueError:
@@ -350,6 +478,7 @@ def read_inputs(source: str | os.PathLike, model, *, size: tuple[int, int] | Non
             ) from None
         return _check_fits(_match_arrays({"arr_0": array}, model, text), model, text)
     if suffix == ".npz":
+        check_archive(path)
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
@@ -766,7 +895,26 @@ def _publish(tmp: Path, path: Path, *, force: bool) -> None:
 
 
 def _block_name(name: Any) -> str:
-    return str(name).replace("/", "_") or "_"
+    """One plain path component from an input or output name: path separators and control
+    characters become "_", and a name of dots alone (".", "..") or none gets a "_" in front."""
+    text = re.sub(r"[/\\\x00-\x1f]", "_", str(name))
+    return "_" + text if set(text) <= {"."} else text
+
+
+def _check_key(key: str) -> None:
+    """Refuse a result key that names a path outside the result (NOTE [Untrusted files])."""
+    if (
+        not isinstance(key, str)
+        or "\\" in key
+        or re.match(r"^[A-Za-z]:", key)
+        or any(part in ("", ".", "..") for part in key.split("/"))
+        or re.search(r"[\x00-\x1f]", key)
+    ):
+        raise JacketValueError(
+            f"ResultWriter.write: block key {key!r} must be one or more plain names joined by "
+            "'/' (no '..', '.', empty or absolute parts, backslashes or control characters), so "
+            "that every block stays inside the result."
+        )
 
 
 def jacobian_blocks(J, x, model=None) -> dict[str, np.ndarray]:
@@ -972,6 +1120,8 @@ class ResultWriter:
     def _open(self, blocks: dict[str, np.ndarray]) -> None:
         if not blocks:
             raise JacketValueError("ResultWriter.write: no blocks given.")
+        for key in blocks:
+            _check_key(key)
         if self.format == ".npy" and len(blocks) != 1:
             raise JacketValueError(
                 f"cannot write {len(blocks)} blocks ({', '.join(blocks)}) to {str(self.path)!r}: "
@@ -1067,6 +1217,7 @@ def read_result(path: str | os.PathLike, key: str | None = None):
         if suffix == ".npy":
             return np.load(path, mmap_mode="r", allow_pickle=False), None
         if suffix == ".npz":
+            check_archive(path)
             with np.load(path, allow_pickle=False) as archive:
                 key = _choose_key(path, list(archive.files), key)
                 return archive[key], key

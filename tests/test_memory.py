@@ -1,0 +1,162 @@
+"""Memory: the default budget from free memory, results too large refused before any work, and
+passes that run out of memory retried with half the chunk (faults injected), on every backend."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+from oracles import assert_close, central_differences, to_numpy
+from scenarios import seed_mlp
+
+import jacket
+from jacket import _api, _kernels, _plan
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture
+def fresh_budget():
+    def clear():
+        _plan.default_memory_budget.cache_clear()
+        getattr(_api, "_CHECKED", {}).clear()  # checked options hold the budget they resolved
+
+    clear()
+    yield
+    clear()
+
+
+@pytest.mark.parametrize(
+    "device, host, expected",
+    [
+        (None, 8 * GiB, 2 * GiB),  # a quarter of the host's available memory
+        (None, 100 * MiB, 64 * MiB),  # at least 64 MiB
+        (None, 100 * GiB, 4 * GiB),  # at most 4 GiB
+        (None, None, 1 * GiB),  # nothing measurable
+        (2 * GiB, 100 * GiB, 512 * MiB),  # the accelerator's free memory first
+    ],
+)
+def test_default_budget_is_a_fraction_of_free_memory(
+    device, host, expected, monkeypatch, fresh_budget
+):
+    from jacket.backends import _memory
+
+    monkeypatch.setattr(_memory, "device_free_memory", lambda name: device)
+    monkeypatch.setattr(_plan, "available_memory", lambda: host)
+    assert _plan.default_memory_budget() == expected
+    monkeypatch.setattr(_plan, "available_memory", lambda: 2 * host if host else 3 * GiB)
+    assert _plan.default_memory_budget() == expected  # measured once per process
+
+
+def test_available_memory_reads_the_host(fresh_budget):
+    with open("/proc/meminfo") as file:
+        fields = dict(line.split(":", 1) for line in file)
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    total = int(fields["MemTotal"].split()[0]) * 1024
+    measured = _plan.available_memory()
+    assert 0 < measured <= total
+    assert abs(measured - available) < 0.25 * total  # other processes move it a little
+    assert 64 * MiB <= _plan.default_memory_budget() <= 4 * GiB
+
+
+def test_default_budget_sets_the_chunk(monkeypatch, fresh_budget, rng):
+    monkeypatch.setattr(_plan, "available_memory", lambda: 4 * 200_000)  # 64 MiB floor
+    from jacket.backends import _memory
+
+    monkeypatch.setattr(_memory, "device_free_memory", lambda name: None)
+    model = keras.Sequential([layers.Input((4000,)), layers.Dense(300)])
+    x = rng.normal(size=(64, 4000)).astype("float32")
+    default = jacket.jacobian_fn(model).plan(x)
+    explicit = jacket.jacobian_fn(model, memory_budget=64 * MiB).plan(x)
+    assert default == explicit
+    assert default.n_chunks > 1
+
+
+def test_a_result_too_large_is_refused_with_its_size(monkeypatch, rng):
+    monkeypatch.setattr(_api, "available_memory", lambda: 10 * MiB)
+    model = keras.Sequential([layers.Input((1000,)), layers.Dense(10)])
+    x = rng.normal(size=(320, 1000)).astype("float32")
+    size = 320 * 10 * 1000 * 4  # (batch, out, in) float32: 12.2 MiB
+    with pytest.raises(jacket.JacketMemoryError) as info:
+        jacket.jacobian(model, x)
+    message = str(info.value)
+    assert _plan.format_bytes(size) == "12.2 MiB"
+    for words in ("12.2 MiB", "10.0 MiB", "smaller batch", "sparse=True", ".zarr", "distributed"):
+        assert words in message, (words, message)
+    assert isinstance(info.value, MemoryError)
+    J = jacket.jacobian(model, x[:80])  # a quarter of it fits
+    assert_close(J, np.broadcast_to(to_numpy(model.layers[0].kernel).T, (80, 10, 1000)), rtol=0)
+    with pytest.raises(jacket.JacketMemoryError, match=r"full \(batch x batch = 40\^2\)"):
+        jacket.jacobian(model, x[:40], per_sample=False)  # 40 * 40 * 10 * 1000 * 4 bytes
+    with pytest.raises(jacket.JacketMemoryError, match="12.2 MiB"):
+        jacket.jacobian(model, x)  # refused again: a refused signature is never cached
+
+
+def _backend_out_of_memory():
+    """The error the active backend raises when a device allocation fails."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    if backend == "jax":
+        import jax
+
+        return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating bytes")
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _inject(monkeypatch, error, above: int) -> list:
+    """Every pass with more than `above` seeds fails with `error`; returns the chunks tried."""
+    tried = []
+    build = _kernels.jacobian_kernel
+
+    def faulty(backend, plan, *args, **kwargs):
+        kernel = build(backend, plan, *args, **kwargs)
+
+        def run(call, xs, start):
+            tried.append(plan.chunk)
+            if plan.chunk > above:
+                raise error
+            return kernel(call, xs, start)
+
+        return run
+
+    monkeypatch.setattr(_kernels, "jacobian_kernel", faulty)
+    return tried
+
+
+@pytest.mark.parametrize("error", ["backend", "memory_error"])
+def test_out_of_memory_is_retried_with_half_the_chunk(error, monkeypatch, rng):
+    error = _backend_out_of_memory() if error == "backend" else MemoryError()
+    tried = _inject(monkeypatch, error, above=2)
+    model = keras.Sequential(
+        [layers.Input((8,), dtype="float64"), layers.Dense(5, activation="tanh", dtype="float64")]
+    )
+    x = rng.normal(size=(3, 8))
+    jac = jacket.jacobian_fn(model, mode="forward", chunk_size=8)  # 8 columns: 8, 4, then 2
+    J = jac(x)
+    assert tried[:2] == [8, 4] and set(tried[2:]) == {2}
+    assert_close(J, central_differences(lambda v: model(v), x), rtol=1e-6)
+    assert jac.plan(x).chunk == 2  # kept for later calls
+    tried.clear()
+    assert_close(jac(x + 0.5), central_differences(lambda v: model(v), x + 0.5), rtol=1e-6)
+    assert set(tried) <= {2}  # no failed pass again
+
+
+def test_out_of_memory_at_one_seed_per_pass_is_a_clear_error(monkeypatch, rng):
+    tried = _inject(monkeypatch, _backend_out_of_memory(), above=0)
+    model = seed_mlp("float64")
+    with pytest.raises(jacket.JacketMemoryError, match="out of memory even with one seed per pass"):
+        jacket.jacobian(model, rng.normal(size=(2, 5)), chunk_size=2)
+    assert tried[0] == 2 and tried[-1] == 1
+
+
+def test_other_errors_are_not_retried(monkeypatch, rng):
+    tried = _inject(monkeypatch, RuntimeError("a bug, not memory"), above=0)
+    with pytest.raises(RuntimeError, match="a bug, not memory"):
+        jacket.jacobian(seed_mlp("float64"), rng.normal(size=(2, 5)), chunk_size=2)
+    assert tried == [2]
