@@ -148,3 +148,89 @@ def test_training_mode_jvp_and_vjp_see_the_jacobians_mask(rng):
     v, u = rng.normal(size=(3, 3)), rng.normal(size=(3, 4))
     assert_close(jacket.jvp(model, x, v, training=True), np.einsum("bon,bn->bo", J, v), rtol=1e-12)
     assert_close(jacket.vjp(model, x, u, training=True), np.einsum("bo,bon->bn", u, J), rtol=1e-12)
+
+
+# ------------------------------------------------------------- analyses: outputs, streams, JSMA
+
+
+def _two_output_model():
+    """x -> tanh(Dense 3) -> [Dense 2, Dense 1], and one single-output model per output (the same
+    layers) for the oracle."""
+    inputs = keras.Input((4,), dtype="float64")
+    hidden = layers.Dense(3, activation="tanh", dtype="float64")(inputs)
+    outs = [layers.Dense(2, dtype="float64")(hidden), layers.Dense(1, dtype="float64")(hidden)]
+    return keras.Model(inputs, outs), [keras.Model(inputs, out) for out in outs]
+
+
+def test_sensitivity_of_a_two_output_model_takes_the_outputs_together(rng):
+    model, parts = _two_output_model()
+    x = rng.normal(size=(5, 4))
+    # oracle: each output's Jacobian by central differences, concatenated (5, 3, 4)
+    J = np.concatenate([central_differences(p, x).reshape(5, -1, 4) for p in parts], axis=1)
+    s = jacket.analysis.sensitivity(model, x, reduce="max_abs", batch_size=2)
+    np.testing.assert_allclose(s.values, np.abs(J).max(axis=(0, 1)), rtol=1e-6)
+    s = jacket.analysis.sensitivity(model, x, reduce="mean_abs")
+    np.testing.assert_allclose(s.values, np.abs(J).mean(axis=(0, 1)), rtol=1e-6)
+    # output=2: the first (only) entry of the second output
+    s = jacket.analysis.sensitivity(model, x, reduce="rms", output=2, batch_size=3)
+    np.testing.assert_allclose(s.values, np.sqrt((J[:, 2] ** 2).mean(axis=0)), rtol=1e-6)
+    with pytest.raises(jacket.JacketValueError, match=r"`output` must index the model's 3"):
+        jacket.analysis.sensitivity(model, x, output=3)
+
+
+@pytest.mark.parametrize(
+    "name,call",
+    [
+        ("jacobian_norm", lambda m, x: jacket.analysis.jacobian_norm(m, x)),
+        ("jacobian_norm", lambda m, x: jacket.analysis.jacobian_norm(m, x, "nuc")),
+        ("jacobian_norm", lambda m, x: jacket.analysis.jacobian_norm(m, x, 2)),
+        ("lipschitz", lambda m, x: jacket.analysis.lipschitz(m, x)),
+        ("logdet", lambda m, x: jacket.analysis.logdet(m, x)),
+        ("saliency", lambda m, x: jacket.analysis.saliency(m, x)),
+    ],
+)
+def test_single_output_analyses_refuse_two_outputs_by_name(name, call, rng):
+    model, _ = _two_output_model()
+    with pytest.raises(jacket.JacketValueError, match=rf"^{name}: `model` must have one output"):
+        call(model, rng.normal(size=(2, 4)))
+
+
+def test_stream_items_tuples_are_pairs_and_lists_are_model_inputs(rng):
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), layers.Dense(2, dtype="float64")])
+    x = rng.normal(size=(6, 4))
+    W = to_numpy(model.layers[0].kernel)  # J[b] = W^T for every sample
+    expected = np.abs(W.T).mean(axis=0)
+    pairs = [(x[:3], np.zeros(3)), (x[3:], np.zeros(3), np.ones(3)), (x[:2],)]
+    s = jacket.analysis.sensitivity(model, pairs, batch_size=4)
+    np.testing.assert_allclose(s.values, expected, rtol=1e-12)
+    assert s.samples == 8
+    # a list is a model's several inputs: never silently cut to its first array
+    with pytest.raises(jacket.JacketValueError, match=r"a list of 2.*yield tuples"):
+        jacket.analysis.sensitivity(model, [[x[:3], x[3:]]])
+    with pytest.raises(jacket.JacketValueError, match=r"a list of 2.*yield tuples"):
+        jacket.analysis.lipschitz(model, iter([[x[:3], x[3:]]]))
+
+
+def test_jsma_does_not_count_samples_already_of_their_target(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="float64"),
+            layers.Dense(8, activation="tanh", dtype="float64"),
+            layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = rng.uniform(0.0, 0.5, size=(6, 6))
+    predicted = to_numpy(model(x)).argmax(axis=1)
+    target = (predicted + 1) % 3
+    target[:2] = predicted[:2]  # the first two already are of their target
+    r = jacket.attacks.jsma(model, x, target=target, theta=0.5, gamma=1.0)
+    np.testing.assert_array_equal(r.skipped, [True, True, False, False, False, False])
+    np.testing.assert_array_equal(r.x_adv[:2], x[:2])
+    assert not r.success[:2].any() and (r.iterations[:2] == 0).all()
+    # the others: success is the model's class on x_adv, the rate over the attacked samples only
+    reached = to_numpy(model(r.x_adv)).argmax(axis=1) == target
+    np.testing.assert_array_equal(r.success[2:], reached[2:])
+    assert r.success_rate == pytest.approx(reached[2:].mean())
+    assert r.summary()["attacked"] == 4
+    everything = jacket.attacks.jsma(model, x[:2], target=predicted[:2], gamma=1.0)
+    assert everything.skipped.all() and np.isnan(everything.success_rate)
