@@ -171,7 +171,7 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     Returns:
       `(batch, *out_shape)` (the model's output structure): `out[b] = J_b @ v[b]`.
 
-    Forward mode is checked against reverse mode once per model and input signature on the
+    Forward mode is checked against reverse mode once per model and input shape on the
     backends whose forward mode can be silently wrong (TensorFlow, PyTorch); where it fails, the
     product is computed from reverse passes (see `jacket.jacobian`'s `mode`).
     """
@@ -351,7 +351,7 @@ class _Engine:
         self._entries: dict = {}
         self._independent: dict = {}
         self._plans: dict = {}
-        self._forward: dict = {}  # input signature -> name in `backend.JVPS`, or None
+        self._forward: dict = {}  # per-sample input shapes -> name in `backend.JVPS`, or None
         self._starts: dict = {}
         self.prepared: dict = {}  # (fast key, options) -> _Prepared
 
@@ -390,17 +390,18 @@ class _Engine:
         again; where that second derivative is declared missing (`ResizeBilinearGrad`, the backward
         op of bilinear resizing) it gives zeros without an error, and so does the double-VJP form.
         So on a backend whose `TRUSTED_JVP` is False, each candidate in `backend.JVPS` is checked
-        once per input signature by the dot-product test `<u, J v> == <J^T u, v>` against reverse
+        once by the dot-product test `<u, J v> == <J^T u, v>` against reverse
         mode, with three pairs of random `u`, `v` over the whole batch. The error allowed is
         `sqrt(eps)` of the dtype times `||u * J v|| + ||J^T u * v||` (norms of the elementwise
         products, whose sums are the two sides): rounding in a right JVP stays orders of magnitude
         below it, while a missing contribution moves a side by about its own norm. A candidate that
         fails to build or run, or gives non-finite values, fails too. The first to pass is kept;
         when none does, `jacobian` runs forward-mode plans in reverse mode and `jvp` contracts the
-        reverse-mode Jacobian with `v`: slower, never wrong. The check costs one JVP kernel (kept
-        for `jacket.jvp`) and one VJP kernel (shared with the coupling probe), traced once.
+        reverse-mode Jacobian with `v`: slower, never wrong. The check costs the trace of one
+        JVP kernel (kept for `jacket.jvp`) and three eager VJPs (the reference needs no trace),
+        once per model, `training` flag and per-sample input shapes (any batch size).
         """
-        key = inputs.signature
+        key = inputs.signature[1]  # the per-sample shapes and dtypes: any batch size
         if key in self._forward:
             return self._forward[key]
         methods = list(self.backend.JVPS)
@@ -410,7 +411,15 @@ class _Engine:
         # random vectors on NaN inputs prove nothing, and the verdict is kept: refuse them first
         for tensor, leaf in zip(inputs.tensors, inputs.leaves):
             check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
-        vjp = self.vjp(inputs)
+        if self.backend.EAGER:
+            vjp = self.vjp(inputs)
+        else:  # the reference runs eagerly: no second kernel to trace
+            kernel = _kernels.vjp_kernel(self.backend, inputs.structure)
+            call = eager_call(self.model, self.training)
+
+            def vjp(xs, cts):
+                return kernel(call, xs, cts)
+
         chosen = None
         for method in methods:
             try:
