@@ -188,6 +188,14 @@ def test_sensitivity_of_a_two_output_model_takes_the_outputs_together(rng):
         ("logdet", lambda m, x: jacket.analysis.logdet(m, x)),
         ("saliency", lambda m, x: jacket.analysis.saliency(m, x)),
     ],
+    ids=[
+        "jacobian_norm-fro",
+        "jacobian_norm-nuc",
+        "jacobian_norm-2",
+        "lipschitz",
+        "logdet",
+        "saliency",
+    ],
 )
 def test_single_output_analyses_refuse_two_outputs_by_name(name, call, rng):
     model, _ = _two_output_model()
