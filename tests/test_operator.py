@@ -157,5 +157,5 @@ def test_a_model_with_several_outputs_is_refused(rng):
         inputs, [layers.Dense(2, dtype="float64")(inputs), layers.Dense(1, dtype="float64")(inputs)]
     )
     op = jacket.JacobianOperator(model, rng.normal(size=(2, 3)))
-    with pytest.raises(jacket.JacketValueError, match="the model must have one output tensor"):
+    with pytest.raises(jacket.JacketValueError, match="`model` must have one output tensor"):
         op @ rng.normal(size=(2, 3))

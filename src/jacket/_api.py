@@ -78,7 +78,11 @@ def jacobian(
       x: Input of shape `(batch, *in_shape)`: a NumPy array or backend tensor, or a list/tuple/dict of
         them for a model with several inputs. Integer arrays are cast to the model's float dtype.
       mode: "reverse" (one pass per output, VJPs), "forward" (one pass per input, JVPs) or "auto"
-        (reverse when `out_size <= in_size`). The result does not depend on it.
+        (reverse when `out_size <= in_size`). The result does not depend on it. On TensorFlow
+        and PyTorch, forward mode is first checked against reverse mode on random vectors (once
+        per model and input signature): some TensorFlow ops have no forward rule and give zeros
+        without an error (`UpSampling2D(interpolation="bilinear")`, `Resizing` bilinear), and a
+        model whose forward mode fails the check is computed in reverse mode.
       chunk_size: Seeds (output rows or input columns) pushed per pass; bounds memory. Default: as
         many as fit `memory_budget`. A pass that runs out of memory is retried with half as many
         seeds (down to one), and the smaller chunk is kept for later calls.
@@ -194,6 +198,10 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
 
     Returns:
       `(batch, *out_shape)` (the model's output structure): `out[b] = J_b @ v[b]`.
+
+    Forward mode is checked against reverse mode once per model and input shape on the
+    backends whose forward mode can be silently wrong (TensorFlow, PyTorch); where it fails, the
+    product is computed from reverse passes (see `jacket.jacobian`'s `mode`).
     """
     _check_flag("jvp", "per_sample", per_sample)
     _check_flag("jvp", "training", training)
@@ -204,7 +212,11 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     entry = engine.entry("jvp", inputs)
     if per_sample:
         engine.check_independent("jvp", inputs, entry)
-    outs = engine.jvp(inputs)(inputs.tensors, tangents)
+    method = engine.forward_method("jvp", inputs, entry)
+    if method is None:  # no forward mode passed the check: `J v` from reverse passes
+        outs = _jvp_by_reverse(engine, inputs, entry, tangents, per_sample)
+    else:
+        outs = engine.jvp(inputs, method)(inputs.tensors, tangents)
     return pack(entry.y_structure, list(outs))
 
 
@@ -399,6 +411,7 @@ class _Engine:
         self._entries: dict = {}
         self._independent: dict = {}
         self._plans: dict = {}
+        self._forward: dict = {}  # per-sample input shapes -> name in `backend.JVPS`, or None
         self._starts: dict = {}
         self._cuts_checked = False
         self.prepared: dict = {}  # (fast key, options) -> _Prepared
@@ -422,11 +435,98 @@ class _Engine:
             lambda: _kernels.vjp_kernel(self.backend, inputs.structure),
         )
 
-    def jvp(self, inputs: Inputs):
+    def jvp(self, inputs: Inputs, method: str):
+        """The JVP kernel by `backend.JVPS[method]` (see `forward_method`)."""
         return self.kernel(
-            ("jvp", inputs.signature),
-            lambda: _kernels.jvp_kernel(self.backend, inputs.structure),
+            ("jvp", inputs.signature, method),
+            lambda: _kernels.jvp_kernel(self.backend, inputs.structure, self.backend.JVPS[method]),
         )
+
+    def forward_method(self, fn_name: str, inputs: Inputs, entry: _Entry) -> str | None:
+        """The name in `backend.JVPS` of a forward mode that is right for this model, or None
+        when none is (forward mode is then computed from reverse passes).
+
+        NOTE: [Checked forward mode]
+        TensorFlow's `ForwardAccumulator` derives a JVP from each op's gradient, differentiated
+        again; where that second derivative is declared missing (`ResizeBilinearGrad`, the backward
+        op of bilinear resizing) it gives zeros without an error, and so does the double-VJP form.
+        So on a backend whose `TRUSTED_JVP` is False, each candidate in `backend.JVPS` is checked
+        once by the dot-product test `<u, J v> == <J^T u, v>` against reverse
+        mode, with three pairs of random `u`, `v` over the whole batch. The error allowed is
+        `sqrt(eps)` of the dtype times `||u * J v|| + ||J^T u * v||` (norms of the elementwise
+        products, whose sums are the two sides): rounding in a right JVP stays orders of magnitude
+        below it, while a missing contribution moves a side by about its own norm. A candidate that
+        fails to build or run, or gives non-finite values, fails too. The first to pass is kept;
+        when none does, `jacobian` runs forward-mode plans in reverse mode and `jvp` contracts the
+        reverse-mode Jacobian with `v`: slower, never wrong. The check costs the trace of one
+        JVP kernel (kept for `jacket.jvp`) and three eager VJPs (the reference needs no trace),
+        once per model, `training` flag and per-sample input shapes (any batch size).
+        """
+        key = inputs.signature[1]  # the per-sample shapes and dtypes: any batch size
+        if key in self._forward:
+            return self._forward[key]
+        methods = list(self.backend.JVPS)
+        if self.backend.TRUSTED_JVP:
+            self._forward[key] = methods[0]
+            return methods[0]
+        # random vectors on NaN inputs prove nothing, and the verdict is kept: refuse them first
+        for tensor, leaf in zip(inputs.tensors, inputs.leaves):
+            check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
+        if self.backend.EAGER:
+            vjp = self.vjp(inputs)
+        else:  # the reference runs eagerly: no second kernel to trace
+            kernel = _kernels.vjp_kernel(self.backend, inputs.structure)
+            call = eager_call(self.model, self.training)
+
+            def vjp(xs, cts):
+                return kernel(call, xs, cts)
+
+        chosen = None
+        for method in methods:
+            try:
+                passed = self._dot_test(inputs, entry, self.jvp(inputs, method), vjp)
+            except Exception:  # noqa: BLE001 - a form of forward mode this model cannot run
+                passed = False
+            if passed:
+                chosen = method
+                break
+            self._kernels.pop(("jvp", inputs.signature, method), None)
+        self._forward[key] = chosen
+        return chosen
+
+    def _dot_test(self, inputs: Inputs, entry: _Entry, jvp, vjp) -> bool:
+        """`<u, J v> == <J^T u, v>` for three random pairs (NOTE: [Checked forward mode])."""
+        rng = np.random.default_rng(0)
+        leaves = inputs.leaves + entry.out_leaves
+        eps = max(float(ml_dtypes.finfo(_numpy_dtype(leaf.dtype)).eps) for leaf in leaves)
+        batch = inputs.batch
+
+        def draw(leaves):
+            arrays = [rng.standard_normal((batch,) + leaf.shape) for leaf in leaves]
+            tensors = [
+                keras.ops.convert_to_tensor(a.astype(_numpy_dtype(leaf.dtype)))
+                for a, leaf in zip(arrays, leaves)
+            ]
+            return arrays, tensors
+
+        def products(arrays, tensors):
+            return np.concatenate(
+                [
+                    (a * np.asarray(keras.ops.convert_to_numpy(t), np.float64)).ravel()
+                    for a, t in zip(arrays, tensors)
+                ]
+            )
+
+        for _ in range(3):
+            v, v_tensors = draw(inputs.leaves)
+            u, u_tensors = draw(entry.out_leaves)
+            left = products(u, jvp(inputs.tensors, v_tensors))  # u * (J v)
+            right = products(v, vjp(inputs.tensors, u_tensors))  # (J^T u) * v
+            scale = np.linalg.norm(left) + np.linalg.norm(right)
+            gap = abs(left.sum() - right.sum())
+            if not (np.isfinite(scale) and np.isfinite(gap)) or gap > math.sqrt(eps) * scale:
+                return False
+        return True
 
     def entry(self, fn_name: str, inputs: Inputs) -> _Entry:
         entry = self._entries.get(inputs.signature)
@@ -444,18 +544,22 @@ class _Engine:
                 warn_if_cut(fn_name, self.model, inputs.structure, inputs.leaves, self.training)
         return entry
 
-    def plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+    def plan(
+        self, inputs: Inputs, entry: _Entry, options: _Options, fn_name: str = "jacobian"
+    ) -> Plan:
         key = (inputs.signature, options)
         plan = self._plans.get(key)
         if plan is None:
             if options.strategy == "autotune":
-                plan = self._autotune(inputs, entry, options)
+                plan = self._autotune(inputs, entry, options, fn_name)
             else:
-                plan = self._make_plan(inputs, entry, options)
+                plan = self._make_plan(inputs, entry, options, fn_name)
             self._plans[key] = plan
         return plan
 
-    def _autotune(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+    def _autotune(
+        self, inputs: Inputs, entry: _Entry, options: _Options, fn_name: str = "jacobian"
+    ) -> Plan:
         """The fastest plan among the candidates, each compiled and timed on these inputs.
 
         NOTE: [Autotuning]
@@ -478,7 +582,7 @@ class _Engine:
         for mode in modes:
             for strategy in strategies:
                 candidate = dataclasses.replace(options, mode=mode, strategy=strategy)
-                plan = self._make_plan(inputs, entry, candidate)
+                plan = self._make_plan(inputs, entry, candidate, fn_name)
                 try:
                     prepared = _Prepared(self, inputs, entry, plan, options)
                     seconds = prepared.time_one_pass(inputs.tensors) * plan.n_chunks
@@ -505,18 +609,28 @@ class _Engine:
             self._starts[plan] = starts
         return starts
 
-    def _make_plan(self, inputs: Inputs, entry: _Entry, options: _Options) -> Plan:
+    def _make_plan(
+        self, inputs: Inputs, entry: _Entry, options: _Options, fn_name: str = "jacobian"
+    ) -> Plan:
         itemsize = np.dtype(
             _numpy_dtype(_kernels.result_dtype(inputs.leaves + entry.out_leaves))
         ).itemsize
+        out_size = sum(leaf.size for leaf in entry.out_leaves)
+        in_size = sum(leaf.size for leaf in inputs.leaves)
+        mode = options.mode
+        if (
+            choose_mode(mode, out_size, in_size) == "forward"
+            and self.forward_method(fn_name, inputs, entry) is None
+        ):
+            mode = "reverse"  # no forward mode passed the check (NOTE: [Checked forward mode])
         return make_plan(
-            mode=options.mode,
+            mode=mode,
             chunk_size=options.chunk_size,
             per_sample=options.per_sample is True,  # "diagonal": the full Jacobian, sliced
             training=options.training,
             batch=inputs.batch,
-            in_size=sum(leaf.size for leaf in inputs.leaves),
-            out_size=sum(leaf.size for leaf in entry.out_leaves),
+            in_size=in_size,
+            out_size=out_size,
             itemsize=itemsize,
             activation_size=entry.activation_size,
             memory_budget=options.memory_budget,
@@ -733,6 +847,9 @@ class _Prepared:
         self.whole = plan.n_chunks == 1  # one compiled call does everything, assembly included
         flatten = options.flatten if self.whole else None
         self.kernel_key = ("jacobian", inputs.signature, plan, flatten)
+        jvp = None
+        if plan.mode == "forward":  # the plan was made after the check: a method passed it
+            jvp = engine.backend.JVPS[engine.forward_method("jacobian", inputs, entry)]
         self.kernel = engine.kernel(
             self.kernel_key,
             lambda: _kernels.jacobian_kernel(
@@ -743,6 +860,7 @@ class _Prepared:
                 entry.out_leaves,
                 inputs.batch,
                 assemble_flatten=flatten,
+                jvp=jvp,
             ),
         )
         self.starts = engine.starts(plan)
@@ -799,6 +917,11 @@ class _Prepared:
         )
 
     def __call__(self, fn_name: str, tensors: list, checked: bool = False):
+        rows = self.blocks(fn_name, tensors, checked)
+        return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
+
+    def blocks(self, fn_name: str, tensors: list, checked: bool = False) -> list:
+        """The Jacobian as `blocks[j][i]` for output leaf j and input leaf i."""
         if not checked and self.engine.backend.EAGER:
             for tensor, leaf in zip(tensors, self.leaves):
                 check_finite_samples(fn_name, leaf.label, tensor, self.batch)
@@ -836,7 +959,32 @@ class _Prepared:
                 self.options.flatten,
                 reshape=_to_backend,
             )
-        return pack(self.entry.y_structure, [pack(self.structure, row) for row in rows])
+        return rows
+
+
+def _jvp_by_reverse(engine: _Engine, inputs: Inputs, entry: _Entry, tangents, per_sample):
+    """`J v` from the reverse-mode Jacobian, for models whose forward mode failed the check
+    (NOTE: [Checked forward mode]): one VJP per output row (of every sample when `per_sample` is
+    False), then a contraction with `v`."""
+    options = _Options(
+        mode="reverse", flatten=True, per_sample=per_sample, training=engine.training
+    )
+    plan = engine.plan(inputs, entry, options, "jvp")
+    rows = _Prepared(engine, inputs, entry, plan, options).blocks("jvp", inputs.tensors)
+    B = inputs.batch
+    outs = []
+    for row, out in zip(rows, entry.out_leaves):
+        total = None
+        for block, t, leaf in zip(row, tangents, inputs.leaves):
+            flat = keras.ops.cast(keras.ops.reshape(t, (B, leaf.size)), block.dtype)
+            part = (
+                keras.ops.einsum("bmn,bn->bm", block, flat)
+                if per_sample
+                else keras.ops.einsum("bmcn,cn->bm", block, flat)
+            )
+            total = part if total is None else total + part
+        outs.append(keras.ops.cast(keras.ops.reshape(total, (B,) + out.shape), out.dtype))
+    return outs
 
     def _diagonal(self, block, out: Leaf, inp: Leaf):
         """A block of the full Jacobian `(B, *out, B, *in)` -> its per-sample blocks

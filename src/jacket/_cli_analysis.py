@@ -753,8 +753,9 @@ def _attack(
                 "backend": keras.backend.backend(),
                 "parameters": {**shown, "batch_size": batch_size},
                 "targeted": result.target is not None,
-                "success_rate": result.success_rate,
+                "success_rate": _number(result.success_rate),
                 "successes": int(result.success.sum()),
+                "attacked": int(result.attacked.sum()),
                 "norm": result.norm,
                 "mean_perturbation": _number(result.mean_perturbation),
                 "mean_iterations": None
@@ -783,7 +784,12 @@ def _attack(
     _add_row(
         table,
         "success",
-        f"{summary['successes']} of {samples} ({result.success_rate:.1%})",
+        f"{summary['successes']} of {summary['attacked']} ({result.success_rate:.1%})"
+        + (
+            f"; {samples - summary['attacked']} already of their target, not attacked"
+            if summary["attacked"] < samples
+            else ""
+        ),
     )
     mean = summary["mean_perturbation"]
     _add_row(

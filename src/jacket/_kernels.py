@@ -70,6 +70,7 @@ def jacobian_kernel(
     out_leaves: list[Leaf],
     batch: int,
     assemble_flatten: bool | None = None,
+    jvp=None,
 ):
     """`kernel(call, xs, start) -> (finite, block)`: seeds `start .. start + k` pushed through.
 
@@ -79,8 +80,10 @@ def jacobian_kernel(
     where `jacket._api` checks the inputs before the call). `block` is
     `(k, batch, other_size)`; with `assemble_flatten` set (the plan has one chunk) it is instead the
     finished blocks, `blocks[j][i]` flattened output-major, so that one compiled call does all.
+    `jvp` is the forward-mode push to use (default `backend.jvp`; see `backend.JVPS`).
     """
     reverse = plan.mode == "reverse"
+    jvp = jvp or backend.jvp
     seed_leaves, other_leaves = (out_leaves, in_leaves) if reverse else (in_leaves, out_leaves)
     seed_size = sum(leaf.size for leaf in seed_leaves)
     k, B = plan.chunk, batch
@@ -114,7 +117,7 @@ def jacobian_kernel(
             flat_seeds = [
                 ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)
             ]
-            push = backend.vjp if reverse else backend.jvp
+            push = backend.vjp if reverse else jvp
             outs = push(f, tiled, flat_seeds)
         else:
             over = backend.vmap if plan.strategy == "vmap" else backend.loop
@@ -122,7 +125,7 @@ def jacobian_kernel(
                 _, pullback = backend.linearize_vjp(f, xs)
                 outs = over(pullback, seeds)
             else:
-                outs = over(lambda ts: backend.jvp(f, xs, ts), seeds)
+                outs = over(lambda ts: jvp(f, xs, ts), seeds)
         block = _flat(outs, (k, B), other_leaves, other_dtype)
         # compiled backends fuse the finite check into the kernel; eager ones check beforehand
         finite = None if backend.EAGER else _finite(xs, B)
@@ -155,11 +158,13 @@ def vjp_kernel(backend, in_structure):
     return kernel
 
 
-def jvp_kernel(backend, in_structure):
-    """`kernel(call, xs, ts) -> tangents`: one JVP of the batched model."""
+def jvp_kernel(backend, in_structure, jvp=None):
+    """`kernel(call, xs, ts) -> tangents`: one JVP of the batched model (`jvp`: as in
+    `jacobian_kernel`)."""
+    jvp = jvp or backend.jvp
 
     def kernel(call, xs, ts):
-        return backend.jvp(model_function(call, in_structure), xs, ts)
+        return jvp(model_function(call, in_structure), xs, ts)
 
     return kernel
 

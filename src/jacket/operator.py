@@ -80,6 +80,7 @@ class JacobianOperator:
         self.in_shape = shape[1:]
         self.in_size = math.prod(self.in_shape)
         self._out: tuple | None = None  # (out_shape, dtype), from the first forward product
+        self._caller = "JacobianOperator"  # the function named in errors (jacket.analysis sets it)
 
     # ------------------------------------------------------------------------------------ description
 
@@ -187,8 +188,9 @@ class JacobianOperator:
             )
             if not keras.ops.is_tensor(y):
                 raise JacketValueError(
-                    "JacobianOperator: the model must have one output tensor. Received: outputs of "
-                    f"type {type(y).__name__}. Wrap the model so that it returns one tensor."
+                    f"{self._caller}: `model` must have one output tensor. Received: outputs of "
+                    f"type {type(y).__name__}. Wrap the model so that it returns one tensor, e.g. "
+                    "`keras.Model(model.inputs, model.outputs[0])`."
                 )
             self._out = (
                 tuple(int(d) for d in y.shape[1:]),

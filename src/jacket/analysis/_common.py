@@ -106,8 +106,8 @@ def clip_bounds(fn_name: str, clip) -> tuple[float, float] | None:
     return low, high
 
 
-def outputs(model, x) -> np.ndarray:
-    """The model's (single) output on a NumPy batch, as NumPy.
+def output_structure(model, x):
+    """The model's outputs on a NumPy batch, as NumPy leaves in the model's output structure.
 
     A `keras.Model` runs through `predict_on_batch` (Keras compiles it once per shape); a layer or
     callable is called directly.
@@ -118,12 +118,26 @@ def outputs(model, x) -> np.ndarray:
         y = model(keras.ops.convert_to_tensor(x), training=False)
     else:
         y = model(keras.ops.convert_to_tensor(x))
+    return keras.tree.map_structure(to_numpy, y)
+
+
+def outputs(model, x, fn_name: str | None = None) -> np.ndarray:
+    """The model's (single) output on a NumPy batch, as NumPy (`output_structure`, checked by
+    `single_output`)."""
+    y = output_structure(model, x)
+    single_output(fn_name, y)
+    return y
+
+
+def single_output(fn_name: str | None, y, hint: str = "") -> None:
+    """Raise jacket's error naming `model` when the outputs `y` are a structure, not one array."""
     if isinstance(y, (list, tuple, dict)):
+        prefix = f"{fn_name}: " if fn_name else ""
         raise JacketValueError(
-            "the model must have one output tensor. Received: outputs of type "
-            f"{type(y).__name__}. Wrap the model so that it returns one tensor."
+            f"{prefix}`model` must have one output tensor. Received: a model whose outputs are a "
+            f"{type(y).__name__} of {len(keras.tree.flatten(y))} tensors. Pass a model of one of "
+            "them, e.g. `keras.Model(model.inputs, model.outputs[0])`" + hint + "."
         )
-    return to_numpy(y)
 
 
 def output_index(fn_name: str, name: str, value, size: int, batch: int) -> np.ndarray:
@@ -160,8 +174,15 @@ class Batch:
 
 
 def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch], int | None]:
-    """`data` (an array `(n, *in_shape)`, or an iterable of such arrays or of `(x, y)` pairs) in
-    batches of `batch_size`, and the number of samples when known."""
+    """`data` (an array `(n, *in_shape)`, or an iterable of such arrays or of `(x, y)` tuples) in
+    batches of `batch_size`, and the number of samples when known.
+
+    NOTE: [Items of a stream]
+    Keras's convention, made unambiguous: a tuple item is `(x,)`, `(x, y)` or `(x, y,
+    sample_weight)` (what `tf.data` and `keras.utils.PyDataset` yield), and only `x` is used; a
+    list item is the inputs of a model with several inputs, which the analyses do not support,
+    and is refused with an error that says so. (A two-element list of arrays could be either.)
+    """
     if isinstance(data, np.ndarray) or keras.ops.is_tensor(data):
         array = single_array(fn_name, "data", data)
         size = min(batch_size or array.shape[0], array.shape[0])
@@ -178,8 +199,15 @@ def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch]
         pending: list[np.ndarray] = []
         held = seen = 0
         for item in data:
-            if isinstance(item, (list, tuple)) and len(item) == 2 and np.ndim(item[0]) >= 2:
-                item = item[0]  # (x, y) pairs from a dataset
+            if isinstance(item, tuple) and 1 <= len(item) <= 3:
+                item = item[0]  # (x,), (x, y) or (x, y, sample_weight): NOTE: [Items of a stream]
+            if isinstance(item, (list, tuple, dict)):
+                raise JacketValueError(
+                    f"{fn_name}: each item of `data` must be an array `(batch, *in_shape)` or a "
+                    f"tuple `(x, y)`. Received: an item that is a {type(item).__name__} of "
+                    f"{len(item)}, which is read as the inputs of a model with several inputs "
+                    "(not supported here). For (x, y) pairs, yield tuples."
+                )
             array = single_array(fn_name, "data", item)
             if batch_size is None:
                 yield from _slices(array, array.shape[0], seen)

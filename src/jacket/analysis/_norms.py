@@ -16,6 +16,7 @@ from ._common import (
     positive_float,
     positive_int,
     single_array,
+    single_output,
     to_numpy,
 )
 
@@ -132,7 +133,6 @@ def jacobian_norm(
       >>> est = jacket.analysis.jacobian_norm(model, x, "fro", method="estimate", n_projections=16)
       >>> est.value, est.error
     """
-    from ..operator import JacobianOperator
 
     fn = "jacobian_norm"
     check_callable(fn, model)
@@ -150,7 +150,9 @@ def jacobian_norm(
     tol = positive_float(fn, "tol", tol)
     max_iter = positive_int(fn, "max_iter", max_iter, allow_none=True)
     x = single_array(fn, "x", x)
-    op = JacobianOperator(model, x)
+    op = _operator(fn, model, x)
+    if ord == 2 or method == "estimate":
+        op.out_shape  # noqa: B018 - one forward product: the output's shape, and its check
     if ord == 2:
         return _spectral(op, method, tol, max_iter, _rng(fn, seed))
     if ord == "fro" and method == "estimate":
@@ -220,6 +222,7 @@ def lipschitz(
     known = None  # the output's shape and dtype, learned on the first batch
     for part in stream:
         op = JacobianOperator(model, part.x)
+        op._caller = fn
         op._out = known
         result = _spectral(op, method, tol, max_iter, rng)
         known = op._out
@@ -257,12 +260,11 @@ def logdet(model, x) -> LogDet:
       `LogDet(sign, logabsdet)`, each `(batch,)`, from `numpy.linalg.slogdet` of the dense `J` in
       float64.
     """
-    from ..operator import JacobianOperator
 
     fn = "logdet"
     check_callable(fn, model)
     x = single_array(fn, "x", x)
-    op = JacobianOperator(model, x)
+    op = _operator(fn, model, x)
     if op.out_size != op.in_size:
         raise JacketValueError(
             f"{fn}: the Jacobian must be square (output size == input size). Received: a model "
@@ -274,6 +276,16 @@ def logdet(model, x) -> LogDet:
 
 
 # ------------------------------------------------------------------------------------- internals
+
+
+def _operator(fn: str, model, x: np.ndarray):
+    """`JacobianOperator(model, x)` with its output described: a model of several outputs is
+    refused here, by jacket's error naming `fn`."""
+    from ..operator import JacobianOperator
+
+    op = JacobianOperator(model, x)
+    op._caller = fn
+    return op
 
 
 def _rng(fn: str, seed) -> np.random.Generator:
@@ -289,7 +301,9 @@ def _rng(fn: str, seed) -> np.random.Generator:
 
 
 def _dense(op) -> np.ndarray:
-    return to_numpy(op.to_dense()).astype(np.float64)
+    J = op.to_dense()
+    single_output(op._caller, J)  # several outputs: one Jacobian per output
+    return to_numpy(J).astype(np.float64)
 
 
 def _frobenius_estimate(op, k: int, rng: np.random.Generator) -> JacobianNorm:

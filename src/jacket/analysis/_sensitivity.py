@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
 from .._errors import JacketTypeError, JacketValueError
@@ -15,6 +16,7 @@ from ._common import (
     check_callable,
     choice,
     output_index,
+    output_structure,
     outputs,
     positive_int,
     single_array,
@@ -56,14 +58,18 @@ def sensitivity(
     For each input feature `j`, reduces `|J[b, i, j]| = |d y[b, i] / d x[b, j]|` over the samples `b`
     and the outputs `i` (or one output `i`): "mean_abs" is the mean of `|J|`, "rms" the root mean
     square, "max_abs" the largest. Each batch's Jacobian is built by `jacket.jacobian` and dropped;
-    with `output`, one VJP per batch gives that output's row instead.
+    with `output`, one VJP per batch gives that output's row instead. A model with several outputs
+    counts them all: `y[b]` is then its outputs flattened and concatenated in the order of
+    `keras.tree.flatten` (the order of `model.outputs`).
 
     Args:
-      model: A Keras model or layer with one input and one output.
-      data: An array `(n, *in_shape)`, or an iterable of arrays (or of `(x, y)` pairs) streamed
-        batch by batch.
+      model: A Keras model or layer with one input (and one or several outputs).
+      data: An array `(n, *in_shape)`, or an iterable streamed batch by batch of arrays or of
+        tuples `(x, y)` / `(x, y, sample_weight)` (only `x` is used). A list item is read as
+        several model inputs, which are not supported (NOTE: [Items of a stream]).
       reduce: "mean_abs", "rms" or "max_abs".
-      output: A flat index into the model's output (a class), or None for all outputs.
+      output: A flat index into the model's (concatenated) outputs, e.g. a class, or None for all
+        outputs.
       batch_size: Samples per engine call (the stream is re-cut to this size; the last batch is
         padded so every call has the same shape). None: as the data comes.
       progress: Called as `progress(samples_done, samples_total_or_None)` after each batch.
@@ -95,15 +101,11 @@ def sensitivity(
     for part in stream:
         x = part.x
         if output is None:
-            J = to_numpy(jacket.jacobian(model, x, flatten=True))[: part.valid]  # (b, m, n)
+            blocks = keras.tree.flatten(jacket.jacobian(model, x, flatten=True))  # (b, m_k, n)
+            J = np.concatenate([to_numpy(block) for block in blocks], axis=1)[: part.valid]
         else:
-            if seed is None or seed.shape[0] != x.shape[0]:
-                y = outputs(model, x[:1])
-                size = int(np.prod(y.shape[1:]))
-                index = output_index(fn, "output", output, size, 1)[0]
-                seed = np.zeros((x.shape[0], size), y.dtype)
-                seed[:, index] = 1.0
-                seed = seed.reshape((x.shape[0],) + y.shape[1:])
+            if seed is None or keras.tree.flatten(seed)[0].shape[0] != x.shape[0]:
+                seed = _one_hot_outputs(fn, model, x, output)
             row = to_numpy(jacket.vjp(model, x, seed))
             J = row.reshape(x.shape[0], 1, -1)[: part.valid]
         J = np.abs(J.astype(np.float64))
@@ -138,6 +140,23 @@ def sensitivity(
     )
 
 
+def _one_hot_outputs(fn: str, model, x: np.ndarray, output: int):
+    """Cotangents for `x`'s batch in the model's output structure: 1 at the flat index `output`
+    of the concatenated outputs, 0 elsewhere."""
+    y = output_structure(model, x[:1])
+    leaves = keras.tree.flatten(y)
+    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
+    index = output_index(fn, "output", output, sum(sizes), 1)[0]
+    seeds = []
+    for leaf, size in zip(leaves, sizes):
+        seed = np.zeros((x.shape[0], size), leaf.dtype)
+        if 0 <= index < size:
+            seed[:, index] = 1.0
+        index -= size
+        seeds.append(seed.reshape((x.shape[0],) + leaf.shape[1:]))
+    return keras.tree.pack_sequence_as(y, seeds) if len(leaves) > 1 else seeds[0]
+
+
 def saliency(model, x, target=None) -> Saliency:
     """Saliency: the gradient of one output per sample with respect to the input (one VJP).
 
@@ -161,7 +180,7 @@ def saliency(model, x, target=None) -> Saliency:
     fn = "saliency"
     check_callable(fn, model)
     x = single_array(fn, "x", x)
-    y = outputs(model, x)
+    y = outputs(model, x, fn)
     batch, size = y.shape[0], int(np.prod(y.shape[1:]))
     if target is None:
         index = y.reshape(batch, -1).argmax(axis=1)

@@ -62,6 +62,10 @@ def jsma(
 
     Targeted by nature: with `target=None` each sample gets a random target other than its
     predicted class (seeded by `seed`), as the paper and the Adversarial Robustness Toolbox do.
+    A sample whose predicted class already is its given `target` is not attacked: it is marked
+    `skipped`, keeps `x_adv == x` and 0 iterations, is not a success, and is left out of
+    `success_rate` (ART leaves it unchanged too but counts it as a success, since its class on
+    `x_adv` is the target; here a success means the attack moved the sample to its target).
 
     Args:
       model: A classifier, `(batch, *in_shape)` to `(batch, classes)` (logits or probabilities).
@@ -76,8 +80,8 @@ def jsma(
       progress: Called as `progress(samples_done, n)` after each batch.
 
     Returns:
-      An `AttackResult` with perturbation "l0" (fraction of features changed), `target` and
-      `iterations` (steps per sample).
+      An `AttackResult` with perturbation "l0" (fraction of features changed), `target`,
+      `iterations` (steps per sample) and `skipped` (samples already classified as their target).
 
     Example:
       >>> r = jacket.attacks.jsma(model, x_test, target=0)
@@ -131,6 +135,7 @@ def jsma(
     predictions = np.empty(n, np.int64)
     targets = np.empty(n, np.int64)
     steps = np.zeros(n, np.int64)
+    skipped = np.zeros(n, bool)
     stream, _ = batches(fn, x, batch_size)
     for part in stream:
         rows = slice(part.start, part.start + part.valid)
@@ -150,17 +155,19 @@ def jsma(
         predictions[rows] = predicted[: part.valid]
         targets[rows] = goal[: part.valid]
         steps[rows] = taken[: part.valid]
+        skipped[rows] = (label == goal)[: part.valid]  # already the target: nothing to attack
         if progress is not None:
             progress(part.start + part.valid, n)
     return AttackResult(
         x_adv=x_adv,
-        success=predictions == targets,
+        success=(predictions == targets) & ~skipped,
         perturbation=perturbation(x, x_adv, "l0"),
         norm="l0",
         labels=labels,
         predictions=predictions,
         target=targets,
         iterations=steps,
+        skipped=skipped,
     )
 
 

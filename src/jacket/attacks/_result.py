@@ -19,7 +19,7 @@ class AttackResult:
     Attributes:
       x_adv: `(n, *in_shape)` the adversarial examples (dtype of `x`).
       success: `(n,)` whether the model's class on `x_adv` differs from `labels` (untargeted) or
-        equals `target` (targeted).
+        equals `target` (targeted), for the samples attacked (False for `skipped` ones).
       perturbation: `(n,)` the size of `x_adv - x` in `norm`: "linf" (largest change), "l2"
         (Euclidean length) or "l0" (the fraction of input features changed, as JSMA reports it).
       norm: "linf", "l2" or "l0".
@@ -27,6 +27,9 @@ class AttackResult:
       predictions: `(n,)` the model's class on `x_adv`.
       target: `(n,)` target classes of a targeted attack, else None.
       iterations: `(n,)` steps taken per sample (iterative attacks), else None.
+      skipped: `(n,)` samples not attacked because the model already gives them their target
+        class (JSMA with a `target` equal to the predicted class): `x_adv == x`, no iteration, not
+        a success, and left out of `success_rate`. None when every sample was attacked.
     """
 
     x_adv: np.ndarray
@@ -37,10 +40,20 @@ class AttackResult:
     predictions: np.ndarray
     target: np.ndarray | None = None
     iterations: np.ndarray | None = None
+    skipped: np.ndarray | None = None
+
+    @property
+    def attacked(self) -> np.ndarray:
+        """`(n,)` the samples attacked (all but the `skipped` ones)."""
+        if self.skipped is None:
+            return np.ones(self.success.shape, bool)
+        return ~self.skipped
 
     @property
     def success_rate(self) -> float:
-        return float(self.success.mean())
+        """The share of the attacked samples that succeeded (NaN if none was attacked)."""
+        attacked = self.attacked
+        return float(self.success[attacked].mean()) if attacked.any() else float("nan")
 
     @property
     def mean_perturbation(self) -> float:
@@ -48,9 +61,11 @@ class AttackResult:
         return float(self.perturbation[self.success].mean()) if self.success.any() else float("nan")
 
     def summary(self) -> dict:
-        """Plain numbers for a report: samples, success rate, mean perturbation, norm."""
+        """Plain numbers for a report: samples (and how many were attacked), success rate, mean
+        perturbation, norm."""
         return {
             "samples": int(self.success.size),
+            "attacked": int(self.attacked.sum()),
             "success_rate": self.success_rate,
             "mean_perturbation": self.mean_perturbation,
             "norm": self.norm,

@@ -13,6 +13,10 @@ Every backend module defines:
   framework allows (the per-call fast path of `jacket._api`).
 - `vjp(f, xs, cts)`: `cts^T df(xs)`: one reverse pass; `f` maps a list of tensors to a list of tensors.
 - `jvp(f, xs, ts)`: `df(xs) ts`: one forward-mode pass.
+- `JVPS`: the ways this backend has of computing `jvp`, by name, in the order to try them.
+- `TRUSTED_JVP`: True where `jvp` raises rather than returns a wrong tangent; where False, the
+  engine checks each of `JVPS` against reverse mode before using it (`jacket._api`, NOTE: [Checked
+  forward mode]).
 - `linearize_vjp(f, xs)`: `(ys, pullback)`, one forward pass whose pullback may be called many times.
 - `vmap(fn, stacked)`: `fn` mapped over axis 0 of a list of tensors, results stacked on axis 0.
 - `loop(fn, stacked)`: the same, one element after the other (unrolled, `lax.map`, a Python loop).

@@ -21,6 +21,13 @@ PER_SAMPLE_STRATEGY = {
     "forward": "replicate",
 }
 _ZERO = tf.UnconnectedGradients.ZERO
+# NOTE: [Unchecked forward mode on TensorFlow]
+# `ForwardAccumulator` builds a JVP from each op's gradient function, differentiated again; where
+# that second derivative is declared missing (`ops.NotDifferentiable("ResizeBilinearGrad")`, the
+# backward op of `UpSampling2D(interpolation="bilinear")` and `Resizing(..., "bilinear")`), it
+# returns zeros without an error, and so does the double-VJP form. `jacket._api` therefore tries
+# these candidates in order and keeps the first that passes a dot-product test against reverse
+# mode (`TRUSTED_JVP = False`); when none does, forward mode is computed from reverse passes.
 
 
 def compile(kernel, model, training):
@@ -63,17 +70,19 @@ def jvp(f, xs, ts):
 
     `tf.autodiff.ForwardAccumulator` fails to trace some layers (the `while_loop` of an LSTM, whose
     TensorLists it cannot carry tangents through); there the JVP is the derivative of a VJP with
-    respect to its cotangent, `J v = d/du <u^T J, v>`, which needs reverse mode only.
+    respect to its cotangent, `J v = d/du <u^T J, v>`, which needs reverse mode only. Through other
+    ops it gives zeros without an error (see `JVPS`): `jacket._api` checks it before use.
     """
     try:
         with tf.autodiff.ForwardAccumulator(xs, ts) as accumulator:
             ys = f(xs)
         return [accumulator.jvp(y, unconnected_gradients=_ZERO) for y in ys]
     except (TypeError, ValueError, NotImplementedError, LookupError):
-        return _jvp_by_double_vjp(f, xs, ts)
+        return jvp_by_double_vjp(f, xs, ts)
 
 
-def _jvp_by_double_vjp(f, xs, ts):
+def jvp_by_double_vjp(f, xs, ts):
+    """`J v = d/du <u^T J, v>`: the transpose of a VJP, by reverse mode only."""
     with tf.GradientTape(persistent=True) as outer:
         with tf.GradientTape() as inner:
             for x in xs:
@@ -84,6 +93,10 @@ def _jvp_by_double_vjp(f, xs, ts):
             outer.watch(u)
         grads = inner.gradient(ys, xs, output_gradients=us, unconnected_gradients=_ZERO)
     return outer.gradient(grads, us, output_gradients=list(ts), unconnected_gradients=_ZERO)
+
+
+JVPS = {"native": jvp, "double_vjp": jvp_by_double_vjp}
+TRUSTED_JVP = False
 
 
 def linearize_vjp(f, xs):

@@ -35,15 +35,41 @@ PER_SAMPLE_STRATEGY = {
 
 
 def compile(kernel, model, training):
-    """Eager: the kernel runs as written, with autograd on (even inside `torch.no_grad()`)."""
+    """Eager: the kernel runs as written, with autograd on (even inside `torch.no_grad()`).
+
+    NOTE: [One draw per call on PyTorch]
+    A kernel calls the model once per pass (and the plan may split a Jacobian into many kernel
+    calls). Keras's unseeded `Dropout` on PyTorch draws from torch's global generator, so each
+    pass would see its own mask, and the assembled Jacobian would mix them. In training mode,
+    every call of the model therefore runs on a fork of the generators reseeded with
+    `torch.initial_seed()`: all passes, and `jvp`, `vjp` and `jacobian` alike, see the same draws
+    (as TensorFlow and JAX do, whose seed generators are read, never advanced), the caller's
+    generators are left as they were, and a new `torch.manual_seed` (or
+    `keras.utils.set_random_seed`) gives another draw.
+    """
     stateless = training and hasattr(model, "variables")
 
     def run(*args):
         with torch.enable_grad():
             state = [v.value for v in model.variables] if stateless else None
-            return kernel(make_call(model, training, state), *args)
+            call = make_call(model, training, state)
+            if training:
+                call = _same_draws(call, torch.initial_seed())
+            return kernel(call, *args)
 
     return run
+
+
+def _same_draws(call, seed: int):
+    """`call`, each run on a fork of torch's generators reseeded with `seed`."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+    def seeded(x):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return call(x)
+
+    return seeded
 
 
 def _watched(xs):
@@ -98,6 +124,11 @@ def jvp(f, xs, ts):
             )
             out.append(torch.zeros_like(y) if d is None else d)
         return out
+
+
+JVPS = {"double_vjp": jvp}
+# a backward that autograd cannot differentiate again may leave a tangent out without an error
+TRUSTED_JVP = False
 
 
 def linearize_vjp(f, xs):
