@@ -52,7 +52,8 @@ def test_strategies_agree(scenario, rng):
     flat = jacket.jacobian(model, x, flatten=True)
     out_size, in_size = int(np.prod(scenario.out_shape)), int(np.prod(scenario.in_shape))
     assert tuple(flat.shape) == (scenario.batch, out_size, in_size)
-    assert_close(flat, reference.reshape(scenario.batch, out_size, in_size), rtol=0)
+    # a reshape: bit-equal on CPU; GPU convolution kernels may differ in the last bits
+    assert_close(flat, reference.reshape(scenario.batch, out_size, in_size), rtol=1e-14)
 
 
 def test_dense_is_exactly_the_kernel_transposed(rng):

@@ -242,3 +242,45 @@ def test_jsma_does_not_count_samples_already_of_their_target(rng):
     assert r.summary()["attacked"] == 4
     everything = jacket.attacks.jsma(model, x[:2], target=predicted[:2], gamma=1.0)
     assert everything.skipped.all() and np.isnan(everything.success_rate)
+
+
+# ------------------------------------------------------------- ops with no batching rule (JAX)
+
+
+def _no_batching_rule_model():
+    """Dense(3) then a layer whose backward pass binds a primitive with no batching rule, as
+    JAX's cuDNN LSTM does on a GPU (`rnn_bwd`): its Jacobian is 2 W^T per sample."""
+    import jax
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    doubled = Primitive("jacket_test_doubled")
+    doubled.def_impl(lambda g: 2 * g)
+    doubled.def_abstract_eval(lambda g: g)
+    mlir.register_lowering(doubled, mlir.lower_fun(lambda g: 2 * g, multiple_results=False))
+
+    @jax.custom_vjp
+    def double(x):
+        return 2 * x
+
+    double.defvjp(lambda x: (2 * x, None), lambda _, g: (doubled.bind(g),))
+
+    class Double(layers.Layer):
+        def call(self, x):
+            return double(x)
+
+    return keras.Sequential([keras.Input((4,)), layers.Dense(3), Double()])
+
+
+@pytest.mark.jax
+def test_vmap_without_a_batching_rule_falls_back_to_a_loop(rng):
+    model = _no_batching_rule_model()
+    x = rng.standard_normal((5, 4)).astype("float32")
+    expected = np.broadcast_to(2 * to_numpy(model.layers[0].kernel).T, (5, 3, 4))
+    jac = jacket.jacobian_fn(model, mode="reverse")
+    assert jac.plan(x).strategy == "vmap"  # what the cost model picks for such a model
+    assert_close(jac(x), expected, rtol=1e-6)
+    assert jac.plan(x).strategy == "loop"  # kept for later calls
+    assert_close(jac(x), expected, rtol=1e-6)
+    with pytest.raises(jacket.JacketValueError, match="strategy='vmap' cannot run on this model"):
+        jacket.jacobian(model, x, strategy="vmap")

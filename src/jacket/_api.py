@@ -780,14 +780,31 @@ def _check_result_fits(fn_name: str, inputs: Inputs, entry: _Entry, plan: Plan) 
 
 
 def _retrying(fn_name: str, prepared: _Prepared, key, run):
-    """`run(prepared)`, retried with half the chunk while a pass runs out of memory."""
+    """`run(prepared)`, retried with half the chunk while a pass runs out of memory, and with the
+    "loop" strategy when the plan's own choice of "vmap" meets an op with no batching rule (JAX's
+    cuDNN LSTM on a GPU: `rnn_bwd`)."""
     while True:
         try:
             return run(prepared)
         except Exception as error:
+            if _lacks_batching_rule(error) and prepared.plan.strategy == "vmap":
+                if prepared.options.strategy != "auto":
+                    raise JacketValueError(
+                        f"{fn_name}: strategy='vmap' cannot run on this model: "
+                        f"{type(error).__name__}: {str(error)[:200]}. Received: "
+                        "strategy='vmap'. Use strategy='loop' or 'auto'."
+                    ) from error
+                prepared = prepared.replanned(key, strategy="loop")
+                continue
             if not _is_out_of_memory(error):
                 raise
             prepared = prepared.halved(fn_name, key, error)
+
+
+def _lacks_batching_rule(error: BaseException) -> bool:
+    """JAX's `NotImplementedError: Batching rule for 'rnn_bwd' not implemented`, or PyTorch's
+    `RuntimeError: Batching rule not implemented for aten::...`."""
+    return isinstance(error, (NotImplementedError, RuntimeError)) and "atching rule" in str(error)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -898,11 +915,15 @@ class _Prepared:
                 f"{type(error).__name__}: {str(error)[:200]}). Pass a smaller batch, or stream "
                 "the batch in parts (`jacket.io.stream_jacobian`)."
             ) from error
-        smaller = dataclasses.replace(plan, chunk=max(1, plan.chunk // 2))
+        return self.replanned(key, chunk=max(1, plan.chunk // 2))
+
+    def replanned(self, key, **changes) -> _Prepared:
+        """The same computation under a plan with `changes`, kept for later calls."""
+        plan = dataclasses.replace(self.plan, **changes)
         engine = self.engine
         engine._kernels.pop(self.kernel_key, None)
-        engine._plans[(self.described.signature, self.options)] = smaller
-        prepared = _Prepared(engine, self.described, self.entry, smaller, self.options)
+        engine._plans[(self.described.signature, self.options)] = plan
+        prepared = _Prepared(engine, self.described, self.entry, plan, self.options)
         if key is not None:
             engine.prepared[(key, self.options)] = prepared
         return prepared
