@@ -690,6 +690,8 @@ class _Prepared:
 
 
 def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int) -> list:
+    from . import _model
+
     if value is None:
         raise JacketTypeError(f"{fn_name}: `{name}` must be given. Received: {name}=None.")
     if is_leaf_structure(structure):
@@ -708,9 +710,8 @@ def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int
         )
     out = []
     for (label, item), leaf in zip(flat, leaves):
-        tensor = (
-            item if keras.ops.is_tensor(item) else keras.ops.convert_to_tensor(np.asarray(item))
-        )
+        array, _ = _model._to_array(fn_name, label, item)  # refuses complex, strings, objects
+        tensor = array if keras.ops.is_tensor(array) else keras.ops.convert_to_tensor(array)
         shape = tuple(int(d) for d in tensor.shape)
         if shape != (batch,) + leaf.shape:
             raise JacketValueError(
