@@ -547,8 +547,8 @@ def _draw_inputs(data, case: Case, tmp_path) -> None:
     if nan != "none":
         case.faults.append(Fault(f"{nan} in x", ("x",), ("NaN or inf",)))
     if fam.shape_free and shape_fault == "no_batch_axis":  # (3,): a batch of 3 scalars
-        case.batch = shapes[0][0]
-        shapes = [shapes[0][1:]]
+        case.batch = fam.inputs[0][1][0]
+        shapes = [fam.inputs[0][1][1:]]
         case.faults = [f for f in case.faults if f.category != "empty batch"]
     case.in_shapes = shapes
     case.xs64 = xs64
@@ -903,6 +903,9 @@ def _run(data, tmp_path, fns: list) -> None:
             return
     assert not case.faults, f"accepted a call with faults {case.faults}"
     assert fam.raises is None
+    if fam.coupled and case.batch == 1 and _replicates(case):
+        _count(category, "not checked: known engine bug (replicate, batch 1)")
+        return  # see test_replicate_on_a_sample_mixing_model_at_batch_1
     if case.fn in ("jacobian", "jacobian_fn"):
         _check_jacobian(case, result)
     else:
@@ -910,6 +913,16 @@ def _run(data, tmp_path, fns: list) -> None:
     for original, copy in case.x_copies:  # the caller's arrays are left as they were
         np.testing.assert_array_equal(original, copy)
     _count(category, "accepted, equal to the closed form")
+
+
+def _replicates(case: Case) -> bool:
+    """Whether the plan tiles the batch (see the xfail test below)."""
+    o = case.options
+    if case.fn in ("jvp", "vjp"):
+        return False
+    if o.get("strategy") == "autotune":
+        return True  # it may pick "replicate"
+    return jacket.jacobian_fn(case.family.model, **o).plan(case.x).strategy == "replicate"
 
 
 def _describe(x) -> str:
@@ -993,6 +1006,22 @@ def test_fuzz_jacobian_many(data, tmp_path_factory):
 @given(data=st.data())
 def test_fuzz_products_many(data, tmp_path_factory):
     _run(data, tmp_path_factory.mktemp("fuzz", numbered=True), ["jvp", "vjp"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug (jacket._api._Engine._probe / jacket._plan): at batch 1 the coupling probe "
+    "is skipped, and strategy 'replicate' (the default in forward mode on TensorFlow and PyTorch) "
+    "tiles the batch, so a model that mixes samples sees copies of the sample: J = (1 - 1/k) I "
+    "instead of 0 for `z - mean(z, axis=0)`",
+)
+@pytest.mark.parametrize("options", [dict(strategy="replicate"), dict(mode="forward")])
+def test_replicate_on_a_sample_mixing_model_at_batch_1(options):
+    if "mode" in options and BACKEND == "jax":
+        options = dict(strategy="replicate", mode="forward")  # JAX's forward default is vmap
+    x = np.arange(3, dtype="float32")[None] / 3.0
+    J = to_numpy(jacket.jacobian(_centre, x, **options))
+    np.testing.assert_allclose(J, np.zeros((1, 3, 3)), atol=1e-6)  # y = z - mean(z) = 0 at B=1
 
 
 def test_hang_guard_fails_a_hang():
