@@ -54,9 +54,9 @@ COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 FAST = settings(max_examples=40, **COMMON)
-MANY = settings(max_examples=400, **COMMON)
+MANY = settings(max_examples=200, **COMMON)
 PRODUCTS_FAST = settings(max_examples=12, **COMMON)
-PRODUCTS_MANY = settings(max_examples=120, **COMMON)
+PRODUCTS_MANY = settings(max_examples=80, **COMMON)
 
 
 # ------------------------------------------------------------------------------------ hang guard

@@ -35,7 +35,7 @@ COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 FAST = settings(max_examples=25, **COMMON)
-MANY = settings(max_examples=250, **COMMON)
+MANY = settings(max_examples=150, **COMMON)
 RAW_ERROR = re.compile(r"^error: [A-Z][A-Za-z]*(Error|Exception|Warning|Iteration)\b")
 
 
