@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import faulthandler
+import re
 import signal
 import sys
 import warnings
@@ -676,11 +677,19 @@ def _assert_library_message(error: BaseException, faults: list) -> str:
     matched = [
         f
         for f in faults
-        if any(f"`{n}`" in message or f"{n}=" in message or f"`{n}[" in message for n in f.names)
+        if any(_names(message, n) for n in f.names)
         and any(fragment in message for fragment in f.fragments)
     ]
     assert matched, f"the message names none of the faults {faults}: {message}"
     return matched[0].category
+
+
+def _names(message: str, name: str) -> bool:
+    """`name` is named: in backticks (`x`, `x['p']`), as `name=...`, or after "Received:"."""
+    n = re.escape(name)
+    return bool(
+        re.search(rf"`{n}(`|\[)|\b{n}=|Received: (a |an )?{n}[ .=\[]|\b{n}\.(shape|dtype)", message)
+    )
 
 
 def _dtype_of(t) -> str:
@@ -946,7 +955,7 @@ def _category(case: Case) -> str:
         return "model raises"
     if fam.coupled:
         return "samples interact"
-    return f"valid {case.fn}"
+    return f"valid {case.fn}: {fam.name}"
 
 
 def _count(category: str, outcome: str) -> None:

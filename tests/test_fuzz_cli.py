@@ -326,11 +326,11 @@ def _plot_case(data, tmp_path) -> None:
     if code == 0:
         assert valid, f"exit 0 for a bad plot case {category}"
         assert (tmp_path / f"{path.stem}.png").read_bytes()[:4] == b"\x89PNG"
-        _count(f"plot: {kind}", "exit 0, PNG written")
+        _count(category, "exit 0, PNG written")
         return
     _one_error_line(code, lines)
     assert not valid, f"a valid plot failed: {lines}"
-    _count(f"plot: {kind}", f"exit {code}, one error line")
+    _count(category, f"exit {code}, one error line")
 
 
 def _run(data, files, tmp_path) -> None:
