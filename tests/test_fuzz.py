@@ -46,7 +46,8 @@ BACKEND = keras.backend.backend()
 SOFT_TIMEOUT_S = 120  # one example (the first compile of a model on a loaded machine: ~5 s)
 HARD_TIMEOUT_S = 300  # faulthandler dumps every thread and ends the process
 
-COUNTS: collections.Counter = collections.Counter()
+COUNTS: collections.Counter = collections.Counter()  # (category, outcome) -> cases
+INPUTS: collections.Counter = collections.Counter()  # (aspect of x, value, outcome) -> cases
 
 COMMON = dict(
     deadline=None,
@@ -54,10 +55,11 @@ COMMON = dict(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-FAST = settings(max_examples=40, **COMMON)
-MANY = settings(max_examples=200, **COMMON)
-PRODUCTS_FAST = settings(max_examples=12, **COMMON)
-PRODUCTS_MANY = settings(max_examples=80, **COMMON)
+# examples per model family (21 families: 11 with a Jacobian, 10 without)
+FAST = settings(max_examples=3, **COMMON)
+MANY = settings(max_examples=30, **COMMON)
+PRODUCTS_FAST = settings(max_examples=2, **COMMON)
+PRODUCTS_MANY = settings(max_examples=12, **COMMON)
 
 
 # ------------------------------------------------------------------------------------ hang guard
@@ -486,6 +488,7 @@ class Case:
     extra64: list = None
     x_copies: list = field(default_factory=list)  # (given NumPy array, copy): not changed by jacket
     input_dtype: str = "float32"  # the dtype of the (first) input as jacket receives it
+    aspects: dict = field(default_factory=dict)  # framework, dtype, layout of x, for the table
 
 
 def _draw_inputs(data, case: Case, tmp_path) -> None:
@@ -554,6 +557,7 @@ def _draw_inputs(data, case: Case, tmp_path) -> None:
     case.in_shapes = shapes
     case.xs64 = xs64
     case.x = _container(data, case, arrays)
+    case.aspects = {"framework": framework, "dtype": dtype, "layout": layout, "batch": batch}
     event(f"input: {dtype}, {layout}, {framework}")
 
 
@@ -870,8 +874,7 @@ def _call(case: Case):
     return jacket.vjp(fam.model, case.x, case.extra_arg, **o)
 
 
-def _run(data, tmp_path, fns: list) -> None:
-    name = data.draw(st.sampled_from(GOOD * 3 + list(BAD_OUTPUTS) + ["raises"]), label="family")
+def _run(data, tmp_path, fns: list, name: str) -> None:
     fam = _family(name)
     case = Case(fam, data.draw(st.sampled_from(fns), label="function"))
     _draw_inputs(data, case, tmp_path)
@@ -897,7 +900,7 @@ def _run(data, tmp_path, fns: list) -> None:
             # the model runs before the (fused) finite check: NaN inputs may reach it
             assert fam.raises is ModelsOwnError, "the model's error, from another model?"
             assert all(f.category.endswith("in x") for f in case.faults), case.faults
-            _count(category, "the model's own error, passed through unchanged")
+            _count(case, category, "the model's own error, passed through unchanged")
             return
         except (ValueError, TypeError) as error:
             if not case.faults or (fam.raises and valid_call):
@@ -906,14 +909,14 @@ def _run(data, tmp_path, fns: list) -> None:
                 ) from error
             category = _assert_library_message(error, case.faults)
             if isinstance(error, _errors.CouplingError) and fam.coupled:
-                _count(category, "refused: CouplingError")
+                _count(case, category, "refused: CouplingError")
             else:
-                _count(category, f"refused: {type(error).__name__}")
+                _count(case, category, f"refused: {type(error).__name__}")
             return
     assert not case.faults, f"accepted a call with faults {case.faults}"
     assert fam.raises is None
     if fam.coupled and case.batch == 1 and _replicates(case):
-        _count(category, "not checked: known engine bug (replicate, batch 1)")
+        _count(case, category, "not checked: known engine bug (replicate, batch 1)")
         return  # see test_replicate_on_a_sample_mixing_model_at_batch_1
     if case.fn in ("jacobian", "jacobian_fn"):
         _check_jacobian(case, result)
@@ -921,7 +924,7 @@ def _run(data, tmp_path, fns: list) -> None:
         _check_product(case, result)
     for original, copy in case.x_copies:  # the caller's arrays are left as they were
         np.testing.assert_array_equal(original, copy)
-    _count(category, "accepted, equal to the closed form")
+    _count(case, category, "accepted, equal to the closed form")
 
 
 def _replicates(case: Case) -> bool:
@@ -958,8 +961,11 @@ def _category(case: Case) -> str:
     return f"valid {case.fn}: {fam.name}"
 
 
-def _count(category: str, outcome: str) -> None:
+def _count(case: Case, category: str, outcome: str) -> None:
     COUNTS[(category, outcome)] += 1
+    short = outcome.split(",")[0].split(":")[0]  # accepted / refused / the model's own error
+    for aspect, value in case.aspects.items():
+        INPUTS[(aspect, str(value), short)] += 1
     event(f"{category} -> {outcome}")
 
 
@@ -975,6 +981,9 @@ def _outcome_table(request):
     for (category, outcome), n in sorted(COUNTS.items()):
         lines.append(f"  {category:32s} | {outcome:48s} | {n}")
     lines.append(f"  total {COUNTS.total()}")
+    lines.append(f"fuzz inputs ({BACKEND}): aspect of x | value | outcome | cases")
+    for (aspect, value, outcome), n in sorted(INPUTS.items()):
+        lines.append(f"  {aspect:10s} | {value:12s} | {outcome:48s} | {n}")
     _print_table(request.config, lines)
 
 
@@ -991,30 +1000,37 @@ def _print_table(config, lines: list[str]) -> None:
             print("\n".join(lines), file=sys.stderr)
 
 
+FAMILIES = GOOD + list(BAD_OUTPUTS) + ["raises"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @FAST
 @given(data=st.data())
-def test_fuzz_jacobian(data, tmp_path_factory):
-    _run(data, tmp_path_factory.mktemp("fuzz", numbered=True), ["jacobian", "jacobian_fn"])
+def test_fuzz_jacobian(data, tmp_path_factory, family):
+    _run(data, tmp_path_factory.mktemp("fuzz"), ["jacobian", "jacobian_fn"], family)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @PRODUCTS_FAST
 @given(data=st.data())
-def test_fuzz_products(data, tmp_path_factory):
-    _run(data, tmp_path_factory.mktemp("fuzz", numbered=True), ["jvp", "vjp"])
+def test_fuzz_products(data, tmp_path_factory, family):
+    _run(data, tmp_path_factory.mktemp("fuzz"), ["jvp", "vjp"], family)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
 @MANY
 @given(data=st.data())
-def test_fuzz_jacobian_many(data, tmp_path_factory):
-    _run(data, tmp_path_factory.mktemp("fuzz", numbered=True), ["jacobian", "jacobian_fn"])
+def test_fuzz_jacobian_many(data, tmp_path_factory, family):
+    _run(data, tmp_path_factory.mktemp("fuzz"), ["jacobian", "jacobian_fn"], family)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
 @PRODUCTS_MANY
 @given(data=st.data())
-def test_fuzz_products_many(data, tmp_path_factory):
-    _run(data, tmp_path_factory.mktemp("fuzz", numbered=True), ["jvp", "vjp"])
+def test_fuzz_products_many(data, tmp_path_factory, family):
+    _run(data, tmp_path_factory.mktemp("fuzz"), ["jvp", "vjp"], family)
 
 
 @pytest.mark.xfail(
