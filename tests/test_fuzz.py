@@ -1049,6 +1049,19 @@ def test_replicate_on_a_sample_mixing_model_at_batch_1(options):
     np.testing.assert_allclose(J, np.zeros((1, 3, 3)), atol=1e-6)  # y = z - mean(z) = 0 at B=1
 
 
+def test_masked_values_are_refused():
+    """A masked array with masked values is refused (NumPy would hand over the hidden data);
+    without masked values it is an ordinary array."""
+    fam = _family("dense")
+    x = np.ma.masked_array(np.ones((2, 4), "float32"), mask=np.zeros((2, 4), bool))
+    J = to_numpy(jacket.jacobian(fam.model, x))
+    np.testing.assert_allclose(J, np.stack([fam.jac([x.data])[0][0][b, :, b] for b in range(2)]))
+    x.mask[1, 2] = True
+    with pytest.raises(jacket.JacketValueError) as info:
+        jacket.jacobian(fam.model, x)
+    _assert_library_message(info.value, [Fault("masked", ("x",), ("1 masked value",))])
+
+
 def test_hang_guard_fails_a_hang():
     """The guard itself: a call that never returns ends in `Hang`, not a stuck run."""
     import time

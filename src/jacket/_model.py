@@ -318,6 +318,12 @@ def _to_array(fn_name: str, label: str, value):
                 f"{tuple(value.shape)}. Pass a tensor whose every axis has a size."
             )
         return value, dtype
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        raise JacketValueError(
+            f"{fn_name}: `{label}` has masked values, which a Jacobian cannot leave out. "
+            f"Received: a masked array with {int(np.ma.count_masked(value))} masked value(s). "
+            f"Pass `{label}.filled(value)` or the unmasked samples only."
+        )
     try:
         array = np.asarray(_foreign_to_numpy(value))
     except (ValueError, TypeError, RuntimeError) as error:
