@@ -35,8 +35,10 @@ COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 # examples per command (jacobian, check, plot)
+# the slow variant explores new cases on every run (a failure prints how to replay it)
+SLOW = {**COMMON, "derandomize": False, "print_blob": True}
 FAST = settings(max_examples=10, **COMMON)
-MANY = settings(max_examples=60, **COMMON)
+MANY = settings(max_examples=60, **SLOW)
 RAW_ERROR = re.compile(r"^error: [A-Z][A-Za-z]*(Error|Exception|Warning|Iteration)\b")
 
 
