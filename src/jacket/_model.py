@@ -259,7 +259,7 @@ def _normalise_structure(fn_name: str, x, declared):
 
 def _as_data(value):
     """A nested list of numbers given for one input, as one NumPy array (else unchanged)."""
-    if not isinstance(value, (list, tuple)) or not value:
+    if not isinstance(value, (list, tuple)):
         return value
     if not all(isinstance(leaf, (int, float, np.generic)) for leaf in keras.tree.flatten(value)):
         return value
