@@ -483,7 +483,10 @@ def output_leaves(fn_name: str, y_structure, batch: int) -> list[Leaf]:
             f"{y_structure!r}. Return the outputs to differentiate."
         )
     for label, value in flat:
-        if not keras.ops.is_tensor(value):
+        # (array-like: backend tensors, and Keras's symbolic tensors of `jacket.sparse`)
+        if isinstance(value, np.ndarray) or not (
+            keras.ops.is_tensor(value) or _is_array_like_leaf(value)
+        ):
             what = (
                 "a NumPy array, which carries no derivative"
                 if isinstance(value, np.ndarray)
