@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import faulthandler
+import itertools
 import re
 import signal
 import sys
@@ -406,6 +407,9 @@ def _values(rng, shape, dtype: str) -> np.ndarray:
     return x.astype(dtype)
 
 
+_FILES = itertools.count()
+
+
 def _layout(array: np.ndarray, layout: str, tmp_path) -> object:
     """The same values in another memory layout (or as nested Python lists)."""
     if layout == "fortran":
@@ -420,7 +424,7 @@ def _layout(array: np.ndarray, layout: str, tmp_path) -> object:
         array.flags.writeable = False
         return array
     if layout == "memmap" and array.dtype.kind in "biuf" and array.size:
-        path = tmp_path / f"x{COUNTS.total()}.npy"
+        path = tmp_path / f"x{next(_FILES)}.npy"  # one file per array
         mapped = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
         mapped[...] = array
         mapped.flush()
