@@ -1021,8 +1021,14 @@ def _jvp_by_reverse(engine: _Engine, inputs: Inputs, entry: _Entry, tangents, pe
 
 
 def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int) -> list:
+    from . import _model
+
     if value is None:
-        raise JacketTypeError(f"{fn_name}: `{name}` must be given. Received: {name}=None.")
+        like = "`x`" if name == "v" else "the model's output"
+        raise JacketTypeError(
+            f"{fn_name}: `{name}` must be given. Received: {name}=None. Pass an array (or "
+            f"structure of arrays) shaped like {like}."
+        )
     if is_leaf_structure(structure):
         flat = [(name, value)] if is_leaf_structure(value) else None
     else:
@@ -1035,18 +1041,18 @@ def _like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int
         raise JacketValueError(
             f"{fn_name}: `{name}` must have the structure of "
             f"{'x' if name == 'v' else 'the model output'} ({len(leaves)} array(s): "
-            f"{', '.join(leaf.label for leaf in leaves)}). Received: {type(value).__name__}."
+            f"{', '.join(leaf.label for leaf in leaves)}). Received: {type(value).__name__}. "
+            "Pass one array per leaf, in that structure."
         )
     out = []
     for (label, item), leaf in zip(flat, leaves):
-        tensor = (
-            item if keras.ops.is_tensor(item) else keras.ops.convert_to_tensor(np.asarray(item))
-        )
+        array, _ = _model._to_array(fn_name, label, item)  # refuses complex, strings, objects
+        tensor = array if keras.ops.is_tensor(array) else keras.ops.convert_to_tensor(array)
         shape = tuple(int(d) for d in tensor.shape)
         if shape != (batch,) + leaf.shape:
             raise JacketValueError(
                 f"{fn_name}: `{label}` must have shape {(batch,) + leaf.shape}, like "
-                f"`{leaf.label}`. Received: {label}.shape={shape}."
+                f"`{leaf.label}`. Received: {label}.shape={shape}. Pass an array of that shape."
             )
         out.append(keras.ops.cast(tensor, leaf.dtype))
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import ml_dtypes
 import numpy as np
 
 from ._errors import JacketTypeError, JacketValueError
@@ -233,7 +234,7 @@ def _normalise_structure(fn_name: str, x, declared):
                     f"{sorted(map(str, declared))}. Received: x with keys {sorted(map(str, x))} "
                     f"({', '.join(parts)}). Pass exactly one array per model input."
                 )
-        return {key: x[key] for key in x}
+        return {key: _as_data(x[key]) for key in x}
     if isinstance(x, (list, tuple)):
         arrays = len(x) > 0 and all(_is_array_like_leaf(item) for item in x)
         multi_declared = declared is not None and not is_leaf_structure(declared)
@@ -250,10 +251,34 @@ def _normalise_structure(fn_name: str, x, declared):
                     f"{type(x).__name__} of {len(x)} items. Pass one array per model input."
                 )
             if multi_declared or len(x) > 1 or declared is None:
-                return type(x)(x)
+                return type(x)(_as_data(item) for item in x)
             return x[0]  # a one-element list of arrays for a single-input model
-        return x  # nested Python numbers: one array
+        return _as_array(fn_name, "x", x)  # nested Python numbers: one array
     return x
+
+
+def _as_data(value):
+    """A nested list of numbers given for one input, as one NumPy array (else unchanged)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if not all(isinstance(leaf, (int, float, np.generic)) for leaf in keras.tree.flatten(value)):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError):
+        return value  # ragged: refused with a message by `_to_array`
+
+
+def _as_array(fn_name: str, label: str, value):
+    """Nested Python numbers (a list of lists) as one NumPy array, or a library error."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise JacketTypeError(
+            f"{fn_name}: `{label}` must be an array of numbers. Received: a "
+            f"{type(value).__name__} that NumPy cannot turn into one ({error}). Pass a NumPy "
+            "array or a backend tensor (a list of lists must be rectangular)."
+        ) from None
 
 
 def _describe_declared(declared) -> str:
@@ -263,7 +288,22 @@ def _describe_declared(declared) -> str:
 
 
 def _to_array(fn_name: str, label: str, value):
-    """A backend tensor (kept as is) or a NumPy array; strings, objects and complex are refused."""
+    """A backend tensor (kept as is) or a NumPy array; strings, objects and complex are refused.
+
+    Tensors of another framework (a `torch.Tensor` on TensorFlow, a `jax.Array` on PyTorch) go
+    through NumPy: detached from autograd, copied off their device, bfloat16 kept as bfloat16.
+    """
+    kind = type(value).__name__
+    if "Sparse" in kind or "Ragged" in kind or getattr(value, "is_sparse", False) is True:
+        raise JacketTypeError(
+            f"{fn_name}: `{label}` must be a dense array. Received: {label} of type {kind}. "
+            "Pass a dense tensor (`tf.sparse.to_dense(x)`, `x.to_tensor()`, `x.to_dense()`)."
+        )
+    if getattr(value, "is_meta", False) is True:
+        raise JacketTypeError(
+            f"{fn_name}: `{label}` holds no data. Received: {label} on PyTorch's 'meta' device. "
+            "Pass a tensor with values (on the CPU or an accelerator)."
+        )
     if keras.ops.is_tensor(value):
         dtype = keras.backend.standardize_dtype(value.dtype)
         if dtype.startswith("complex") or dtype == "string":
@@ -272,14 +312,27 @@ def _to_array(fn_name: str, label: str, value):
                 "Jacobians here are of real-valued models; split complex data into real and "
                 "imaginary parts."
             )
+        if any(d is None for d in value.shape):
+            raise JacketValueError(
+                f"{fn_name}: `{label}` must have a known shape. Received: {label}.shape="
+                f"{tuple(value.shape)}. Pass a tensor whose every axis has a size."
+            )
         return value, dtype
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        raise JacketValueError(
+            f"{fn_name}: `{label}` has masked values, which a Jacobian cannot leave out. "
+            f"Received: a masked array with {int(np.ma.count_masked(value))} masked value(s). "
+            f"Pass `{label}.filled(value)` or the unmasked samples only."
+        )
     try:
-        array = np.asarray(value)
-    except (ValueError, TypeError) as error:
+        array = np.asarray(_foreign_to_numpy(value))
+    except (ValueError, TypeError, RuntimeError) as error:
         raise JacketTypeError(
             f"{fn_name}: `{label}` must be an array of numbers. Received: {type(value).__name__} "
             f"that NumPy cannot turn into one ({error}). Pass a NumPy array or a backend tensor."
         ) from None
+    if array.dtype == ml_dtypes.bfloat16:
+        return array, "bfloat16"
     if array.dtype.kind not in "biuf":
         kind = {"c": "complex", "U": "string", "S": "bytes", "O": "object"}.get(
             array.dtype.kind, str(array.dtype)
@@ -289,6 +342,15 @@ def _to_array(fn_name: str, label: str, value):
             f"{array.dtype} ({kind}). Pass a float array (for example `np.asarray(x, 'float32')`)."
         )
     return array, keras.backend.standardize_dtype(array.dtype)
+
+
+def _foreign_to_numpy(value):
+    """Another framework's tensor as something `np.asarray` takes (anything else unchanged)."""
+    if callable(getattr(value, "detach", None)) and callable(getattr(value, "cpu", None)):
+        value = value.detach().cpu()  # PyTorch: off autograd and off its device
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16 of PyTorch's
+            return value.float().numpy().astype(ml_dtypes.bfloat16)
+    return value
 
 
 def _target_dtype(fn_name: str, model, label: str, dtype: str, spec) -> str:
@@ -336,6 +398,12 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
         array, dtype = _to_array(fn_name, label, value)
         shape = tuple(int(d) for d in array.shape)
         _check_shape(fn_name, label, shape, spec)
+        if 0 in shape[1:]:
+            raise JacketValueError(
+                f"{fn_name}: `{label}` has no values per sample, so its Jacobian is empty. "
+                f"Received: {label}.shape={shape}. Pass inputs with at least one value per "
+                "sample."
+            )
         target = _target_dtype(fn_name, model, label, dtype, spec)
         tensor = keras.ops.convert_to_tensor(array)
         if dtype != target:
@@ -408,11 +476,25 @@ def check_finite_samples(fn_name: str, label: str, tensor, batch: int) -> None:
 def output_leaves(fn_name: str, y_structure, batch: int) -> list[Leaf]:
     """Describe the model's outputs, checking each has the batch axis and a float dtype."""
     leaves = []
-    for label, value in flatten_with_labels(y_structure, "y"):
-        if not (keras.ops.is_tensor(value) or _is_array_like_leaf(value)):
+    flat = flatten_with_labels(y_structure, "y")
+    if not flat:
+        raise JacketValueError(
+            f"{fn_name}: the model must return at least one tensor. Received: `y` = "
+            f"{y_structure!r}. Return the outputs to differentiate."
+        )
+    for label, value in flat:
+        # (array-like: backend tensors, and Keras's symbolic tensors of `jacket.sparse`)
+        if isinstance(value, np.ndarray) or not (
+            keras.ops.is_tensor(value) or _is_array_like_leaf(value)
+        ):
+            what = (
+                "a NumPy array, which carries no derivative"
+                if isinstance(value, np.ndarray)
+                else f"of type {type(value).__name__}"
+            )
             raise JacketTypeError(
-                f"{fn_name}: the model must return tensors. Received: `{label}` of type "
-                f"{type(value).__name__}. Return backend tensors (keras.ops results)."
+                f"{fn_name}: the model must return tensors. Received: `{label}` {what}. "
+                "Return backend tensors (keras.ops results)."
             )
         shape = tuple(int(d) for d in value.shape)
         dtype = keras.backend.standardize_dtype(value.dtype)
@@ -427,6 +509,12 @@ def output_leaves(fn_name: str, y_structure, batch: int) -> list[Leaf]:
                 f"{fn_name}: the model's output `{label}` has dtype {dtype}; only float outputs "
                 "have a Jacobian. Received: an output that is not differentiable (argmax, a cast "
                 "to integers?). Differentiate the float tensor before it."
+            )
+        if 0 in shape[1:]:
+            raise JacketValueError(
+                f"{fn_name}: the model's output `{label}` has no values per sample, so its "
+                f"Jacobian is empty. Received: {label}.shape={shape}. Return outputs with at "
+                "least one value per sample."
             )
         leaves.append(Leaf(label, shape[1:], dtype))
     return leaves

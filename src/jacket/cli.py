@@ -32,7 +32,40 @@ from ._cli_distributed import SchedulerOption, WorkersOption
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
+
+class _OneLineUsage(typer.core.TyperGroup):
+    """Usage errors (a bad option value, a missing argument) as one red line and exit code 2,
+    like every other error of the command, instead of click's usage box. (typer carries its own
+    copy of click, so its exceptions are told by what they have: `exit_code`, `format_message`.)
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except Exception as error:
+            kind = type(error).__name__
+            if kind == "Abort":
+                _error_line("aborted")
+                sys.exit(1)
+            if not (hasattr(error, "exit_code") and hasattr(error, "format_message")):
+                raise
+            if kind == "NoArgsIsHelpError":
+                error.show()  # `jacket` alone, `jacket attack`: the help
+                sys.exit(error.exit_code)
+            message = error.format_message().rstrip()
+            message += "" if message.endswith((".", "!", "?")) else "."
+            context = getattr(error, "ctx", None)
+            if context is not None and error.exit_code == 2:
+                message += f" See `{context.command_path} --help`."
+            _error_line(message)
+            sys.exit(error.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsage,
     name="jacket",
     help="Jacobians for Keras: per-sample Jacobians of any Keras 3 model.",
     no_args_is_help=True,
@@ -140,6 +173,39 @@ def _progress(show: bool, label: str, total: int):
     with Progress(*columns, console=errors) as progress:
         task = progress.add_task(label, total=total)
         yield lambda done, _total: progress.update(task, completed=done)
+
+
+def _some_samples(source: str, x) -> int:
+    """The number of samples in `x`, refusing none (an empty file has no Jacobian to write)."""
+    from . import io
+    from ._errors import JacketValueError
+
+    samples = io.num_samples(x)
+    if samples == 0:
+        raise JacketValueError(
+            f"inputs {source!r} hold no samples. Received: {_describe_inputs(x)}. Pass a file "
+            "with at least one sample."
+        )
+    return samples
+
+
+def _check_plottable(path: Path, block: str | None, array) -> None:
+    """A saved Jacobian `plot` can draw: real numbers, `(samples, *out_shape, *in_shape)`."""
+    from ._errors import JacketValueError
+
+    shape, dtype = tuple(array.shape), getattr(array, "dtype", None)
+    name = f"{str(path)!r}" + (f" [{block}]" if block else "")
+    kind = getattr(dtype, "kind", "f")
+    if kind not in "biuf" and str(dtype) != "bfloat16":
+        raise JacketValueError(
+            f"{name} does not hold real numbers. Received: dtype {dtype}. Pass a Jacobian "
+            "written by `jacket jacobian` (or any float array)."
+        )
+    if len(shape) < 3 or shape[0] == 0:
+        raise JacketValueError(
+            f"{name} is not a per-sample Jacobian `(samples, *out_shape, *in_shape)`. Received: "
+            f"shape {shape}. Pass an array with at least 3 axes and one sample."
+        )
 
 
 def _describe_inputs(x) -> str:
@@ -299,7 +365,7 @@ def jacobian(
         started = time.perf_counter()
         loaded = io.load_model(model, unsafe=unsafe)
         x = io.read_inputs(inputs, loaded, size=size_hw)
-        samples = io.num_samples(x)
+        samples = _some_samples(inputs, x)
         batches = math.ceil(samples / batch_size)
         import keras
 
@@ -383,6 +449,7 @@ def check(
         io.check_inputs_source(inputs)
         loaded = io.load_model(model, unsafe=unsafe)
         x = io.read_inputs(inputs, loaded, size=size_hw)
+        _some_samples(inputs, x)
         _, stop, first = next(io.iter_batches(x, samples, model=loaded))
         report = jacket.check(loaded, first, eps=eps, rtol=rtol, mode=mode.value)
     summary = {
@@ -445,6 +512,7 @@ def plot(
         target = out if out is not None else jacobian.with_suffix(".png")
         io.check_output(target, force=force, suffixes=(".png",))
         array, block = io.read_result(jacobian, key)
+        _check_plottable(jacobian, block, array)
         try:
             from .plot import jacobian_figure
         except ImportError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._errors import JacketValueError
+
 
 def _figure(nrows: int, ncols: int, cell: float = 1.1):
     import matplotlib
@@ -77,7 +79,7 @@ def split_jacobian_shape(shape, *, input_ndim: int | None = None):
     """
     rest = tuple(int(d) for d in shape[1:])
     if len(rest) < 2:
-        raise ValueError(
+        raise JacketValueError(
             f"a per-sample Jacobian has shape `(batch, *out_shape, *in_shape)`, at least 3 axes. "
             f"Received: shape {tuple(shape)}."
         )
@@ -85,7 +87,7 @@ def split_jacobian_shape(shape, *, input_ndim: int | None = None):
         half = len(rest) // 2
         input_ndim = half if len(rest) % 2 == 0 and rest[:half] == rest[half:] else len(rest) - 1
     if not 1 <= input_ndim < len(rest):
-        raise ValueError(
+        raise JacketValueError(
             f"`input_ndim` must be between 1 and {len(rest) - 1} for shape {tuple(shape)}. "
             f"Received: input_ndim={input_ndim}."
         )
@@ -119,7 +121,7 @@ def jacobian_heatmap_figure(J, *, sample_labels=None, cmap="RdBu_r"):
 
     J = np.asarray(J, dtype=np.float64)
     if J.ndim != 3:
-        raise ValueError(
+        raise JacketValueError(
             f"jacobian_heatmap_figure: `J` must be `(samples, out_size, in_size)`. "
             f"Received: shape {J.shape}."
         )
