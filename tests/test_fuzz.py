@@ -896,6 +896,16 @@ def _run(data, tmp_path, fns: list, name: str) -> None:
         case.faults.append(Fault(f"model {name}", ("y", "model"), fragments))
     if valid_call and fam.coupled and case.options["per_sample"] and case.batch > 1:
         case.faults.append(Fault("coupled samples", ("per_sample",), ("per_sample=False",)))
+    if (
+        valid_call
+        and fam.coupled
+        and case.batch == 1
+        and case.fn in ("jacobian", "jacobian_fn")
+        and case.options.get("strategy") == "replicate"
+    ):  # no second sample to probe at batch 1: two tiled copies are, and the tiling refused
+        case.faults.append(
+            Fault("replicate on coupled samples", ("strategy",), ("tiles the batch",))
+        )
     note(f"family={name} fn={case.fn} x={_describe(case.x)} options={case.options}")
     note(f"faults={case.faults}")
     category = _category(case)
@@ -921,9 +931,6 @@ def _run(data, tmp_path, fns: list, name: str) -> None:
             return
     assert not case.faults, f"accepted a call with faults {case.faults}"
     assert fam.raises is None
-    if fam.coupled and case.batch == 1 and _replicates(case):
-        _count(case, category, "not checked: known engine bug (replicate, batch 1)")
-        return  # see test_replicate_on_a_sample_mixing_model_at_batch_1
     if case.fn in ("jacobian", "jacobian_fn"):
         _check_jacobian(case, result)
     else:
@@ -931,16 +938,6 @@ def _run(data, tmp_path, fns: list, name: str) -> None:
     for original, copy in case.x_copies:  # the caller's arrays are left as they were
         np.testing.assert_array_equal(original, copy)
     _count(case, category, "accepted, equal to the closed form")
-
-
-def _replicates(case: Case) -> bool:
-    """Whether the plan tiles the batch (see the xfail test below)."""
-    o = case.options
-    if case.fn in ("jvp", "vjp"):
-        return False
-    if o.get("strategy") == "autotune":
-        return True  # it may pick "replicate"
-    return jacket.jacobian_fn(case.family.model, **o).plan(case.x).strategy == "replicate"
 
 
 def _describe(x) -> str:
@@ -1039,20 +1036,17 @@ def test_fuzz_products_many(data, tmp_path_factory, family):
     _run(data, tmp_path_factory.mktemp("fuzz"), ["jvp", "vjp"], family)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (jacket._api._Engine._probe / jacket._plan): at batch 1 the coupling probe "
-    "is skipped, and strategy 'replicate' (the default in forward mode on TensorFlow and PyTorch) "
-    "tiles the batch, so a model that mixes samples sees copies of the sample: J = (1 - 1/k) I "
-    "instead of 0 for `z - mean(z, axis=0)`",
-)
-@pytest.mark.parametrize("options", [dict(strategy="replicate"), dict(mode="forward")])
-def test_replicate_on_a_sample_mixing_model_at_batch_1(options):
-    if "mode" in options and BACKEND == "jax":
-        options = dict(strategy="replicate", mode="forward")  # JAX's forward default is vmap
+@pytest.mark.parametrize("options", [dict(mode="forward"), dict(strategy="autotune")])
+def test_tiling_is_not_used_on_a_sample_mixing_model_at_batch_1(options):
+    """At batch 1 the coupling probe has no second sample; "replicate" (the default in forward mode
+    on TensorFlow and PyTorch) tiles the batch, which a sample-mixing model would see: jacket
+    probes two copies and takes another strategy (it gave J = (1 - 1/k) I instead of 0)."""
     x = np.arange(3, dtype="float32")[None] / 3.0
     J = to_numpy(jacket.jacobian(_centre, x, **options))
     np.testing.assert_allclose(J, np.zeros((1, 3, 3)), atol=1e-6)  # y = z - mean(z) = 0 at B=1
+    assert jacket.jacobian_fn(_centre, **options).plan(x).strategy != "replicate"
+    with pytest.raises(jacket.JacketValueError, match="strategy='replicate' tiles the batch"):
+        jacket.jacobian(_centre, x, strategy="replicate")
 
 
 def test_masked_values_are_refused():

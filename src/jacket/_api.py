@@ -554,8 +554,37 @@ class _Engine:
                 plan = self._autotune(inputs, entry, options, fn_name)
             else:
                 plan = self._make_plan(inputs, entry, options, fn_name)
+            if plan.strategy == "replicate" and not self._tiling_is_safe(fn_name, inputs):
+                if options.strategy == "replicate":
+                    raise JacketValueError(
+                        f"{fn_name}: strategy='replicate' tiles the batch, and this model mixes "
+                        "the samples of a batch, so the copies would change its output. "
+                        "Received: strategy='replicate' with a batch of 1. Use strategy='loop', "
+                        "'vmap' or 'auto'."
+                    )
+                plan = self._make_plan(
+                    inputs, entry, dataclasses.replace(options, strategy="loop"), fn_name
+                )
             self._plans[key] = plan
         return plan
+
+    def _tiling_is_safe(self, fn_name: str, inputs: Inputs) -> bool:
+        """Whether tiling the batch ("replicate") leaves each copy's output as it was.
+
+        At batch 1 the coupling probe has no second sample to catch a model that mixes samples
+        (`z - mean(z, axis=0)` is 0 there, its Jacobian 0), but tiled copies of the sample would
+        be mixed: probe a batch of two copies instead. Larger batches are probed as they are.
+        """
+        if inputs.batch != 1 or keeps_samples_apart(self.model, self.training):
+            return True
+        doubled = [keras.ops.concatenate([t, t], axis=0) for t in inputs.tensors]
+        tiled = prepare_inputs(fn_name, self.model, inputs.pack(doubled), check_finite=False)
+        key = tiled.signature
+        if key not in self._independent:
+            for tensor, leaf in zip(tiled.tensors, tiled.leaves):
+                check_finite_samples(fn_name, leaf.label, tensor, tiled.batch)
+            self._independent[key] = self._probe(tiled, self.entry(fn_name, tiled))
+        return self._independent[key]
 
     def _autotune(
         self, inputs: Inputs, entry: _Entry, options: _Options, fn_name: str = "jacobian"

@@ -472,9 +472,10 @@ def read_inputs(source: str | os.PathLike, model, *, size: tuple[int, int] | Non
             raise JacketValueError(
                 f"cannot read {text!r}: {error}. Save a numeric array with `np.save`."
             ) from None
-        except OSError as error:
+        except (OSError, EOFError) as error:
             raise JacketValueError(
-                f"cannot read {text!r}: the file is corrupt or truncated ({error})."
+                f"cannot read {text!r}: the file is corrupt, truncated or empty ({error}). "
+                "Save a numeric array with `np.save`."
             ) from None
         return _check_fits(_match_arrays({"arr_0": array}, model, text), model, text)
     if suffix == ".npz":
@@ -679,10 +680,19 @@ def _read_csv(path: Path, model):
         )
     try:
         with open(path, newline="") as handle:
-            first = handle.readline()
-        header = not all(_is_number(cell) for cell in first.strip().split(","))
-        table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, dtype=np.float64)
+            lines = [line for line in handle if line.strip()]
+        header = bool(lines) and not all(_is_number(c) for c in lines[0].strip().split(","))
+        if len(lines) <= int(header):  # nothing to read (np.loadtxt would only warn)
+            what = "only a header line" if lines else "no rows"
+            raise JacketValueError(
+                f"CSV {str(path)!r} has no rows of data ({what}; a line that is not "
+                "comma-separated numbers is taken for a header). Pass comma-separated numbers, "
+                "one sample per row."
+            )
+        table = np.loadtxt(lines[int(header) :], delimiter=",", ndmin=2, dtype=np.float64)
     except (OSError, ValueError, UnicodeDecodeError) as error:
+        if isinstance(error, JacketValueError):
+            raise
         raise JacketValueError(
             f"cannot read CSV {str(path)!r}: {error}. Pass comma-separated numbers, one sample "
             "per row (one header line allowed)."
