@@ -89,6 +89,8 @@ def native_jacobian(model, x: np.ndarray) -> np.ndarray:
 
 def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, scale: bool = True):
     """`|actual - expected| <= atol + rtol * max|expected|` (relative to the Jacobian's scale)."""
+    if not isinstance(expected, (np.ndarray, float, int)):
+        expected = to_numpy(expected)  # a backend tensor, perhaps on a GPU
     actual, expected = to_numpy(actual), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     bound = atol + rtol * (np.abs(expected).max() if scale else np.abs(expected))
