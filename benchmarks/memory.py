@@ -45,6 +45,8 @@ def child(budget: str | None) -> dict:
     )
     x = np.random.default_rng(0).random((2, 48, 48, 1)).astype("float32")
     model(x)  # built and run once: the weights and the framework's start-up are in the baseline
+    from jacket._plan import default_memory_budget, format_bytes
+
     jac = jacket.jacobian_fn(model, memory_budget=budget)
     plan = jac.plan(x)
     base = _rss()
@@ -55,7 +57,7 @@ def child(budget: str | None) -> dict:
     weights = sum(int(np.prod(v.shape)) * 4 for v in model.weights)
     return {
         "backend": keras.backend.backend(),
-        "budget": budget or "default (1 GiB)",
+        "budget": budget or f"default ({format_bytes(default_memory_budget())})",
         "plan": plan.describe(),
         "seconds": seconds,
         "peak_mb": peak / 2**20,
