@@ -353,7 +353,7 @@ class _Options:
             if per_sample != "diagonal":
                 raise JacketValueError(
                     f"{fn_name}: `per_sample` must be True, False or 'diagonal'. "
-                    f"Received: per_sample={per_sample!r}."
+                    f"Received: per_sample={per_sample!r}. Pass one of those three."
                 )
         else:
             _check_flag(fn_name, "per_sample", per_sample)
@@ -1011,6 +1011,15 @@ class _Prepared:
             )
         return rows
 
+    def _diagonal(self, block, out: Leaf, inp: Leaf):
+        """A block of the full Jacobian `(B, *out, B, *in)` -> its per-sample blocks
+        `(B, *out, *in)` (flattened like the block)."""
+        ops, B = keras.ops, self.batch
+        J = ops.transpose(ops.reshape(block, (B, out.size, B, inp.size)), (1, 3, 0, 2))
+        diagonal = ops.transpose(ops.diagonal(J, axis1=2, axis2=3), (2, 0, 1))
+        shape = (B, out.size, inp.size) if self.options.flatten else (B,) + out.shape + inp.shape
+        return ops.reshape(diagonal, shape)
+
 
 def _jvp_by_reverse(engine: _Engine, inputs: Inputs, entry: _Entry, tangents, per_sample):
     """`J v` from the reverse-mode Jacobian, for models whose forward mode failed the check
@@ -1035,15 +1044,6 @@ def _jvp_by_reverse(engine: _Engine, inputs: Inputs, entry: _Entry, tangents, pe
             total = part if total is None else total + part
         outs.append(keras.ops.cast(keras.ops.reshape(total, (B,) + out.shape), out.dtype))
     return outs
-
-    def _diagonal(self, block, out: Leaf, inp: Leaf):
-        """A block of the full Jacobian `(B, *out, B, *in)` -> its per-sample blocks
-        `(B, *out, *in)` (flattened like the block)."""
-        ops, B = keras.ops, self.batch
-        J = ops.transpose(ops.reshape(block, (B, out.size, B, inp.size)), (1, 3, 0, 2))
-        diagonal = ops.transpose(ops.diagonal(J, axis1=2, axis2=3), (2, 0, 1))
-        shape = (B, out.size, inp.size) if self.options.flatten else (B,) + out.shape + inp.shape
-        return ops.reshape(diagonal, shape)
 
 
 # ---------------------------------------------------------------------------------------- helpers
