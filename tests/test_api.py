@@ -213,3 +213,22 @@ def test_long_loop_passes_agree_in_both_modes(rng):
     for mode in ("reverse", "forward"):
         got = jacket.jacobian(model, x, mode=mode, strategy="loop", chunk_size=24)
         assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_depthwise_models_take_their_own_measured_strategy(rng):
+    from jacket import backends
+    from jacket._model import model_kind
+
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2), dtype="float64"),
+            keras.layers.DepthwiseConv2D(3, activation="tanh", dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    assert model_kind(model) == "depthwise"
+    x = rng.standard_normal((2, 6, 6, 2))
+    jac = jacket.jacobian_fn(model, mode="reverse")
+    assert jac.plan(x).strategy == backends.current().PER_SAMPLE_STRATEGY["depthwise"]
+    assert_close(jac(x), central_differences(model, x), rtol=1e-7, atol=1e-9)

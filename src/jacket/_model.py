@@ -185,8 +185,8 @@ _MAX_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D")
 
 
 def model_kind(model) -> str:
-    """ "recurrent", "max_pooling", "conv", "dense" or "other": what decides the fastest way to
-    batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
+    """ "recurrent", "max_pooling", "depthwise", "conv", "dense" or "other": what decides the
+    fastest way to batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
     if not isinstance(model, keras.Layer):
         return "other"
     names = {
@@ -198,7 +198,9 @@ def model_kind(model) -> str:
         return "recurrent"
     if names & set(_MAX_POOLING):
         return "max_pooling"
-    if any(name.startswith(("Conv", "DepthwiseConv", "SeparableConv")) for name in names):
+    if any(name.startswith(("DepthwiseConv", "SeparableConv")) for name in names):
+        return "depthwise"
+    if any(name.startswith("Conv") for name in names):
         return "conv"
     if "Dense" in names or "EinsumDense" in names:
         return "dense"

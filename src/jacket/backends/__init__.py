@@ -21,8 +21,8 @@ Every backend module defines:
 - `vmap(fn, stacked)`: `fn` mapped over axis 0 of a list of tensors, results stacked on axis 0.
 - `loop(fn, stacked)`: the same, one element after the other (unrolled, `lax.map`, a Python loop).
 - `PER_SAMPLE_STRATEGY`: how per-sample seeds are best batched on this backend in inference
-  ("replicate", "vmap" or "loop"), by kind of model ("dense", "conv", "max_pooling", "recurrent",
-  "other") in reverse mode and under "forward" in forward mode (see `jacket._plan`).
+  ("replicate", "vmap" or "loop"), by kind of model ("dense", "conv", "depthwise", "max_pooling",
+  "recurrent", "other") in reverse mode and under "forward" in forward mode (see `jacket._plan`).
 
 Jacobians, chunking, coupling probes and everything above them are written once on these
 (`jacket._kernels`, `jacket._api`).

@@ -15,6 +15,7 @@ EAGER = False  # kernels are traced and compiled once per signature
 PER_SAMPLE_STRATEGY = {
     "dense": "vmap",
     "conv": "vmap",
+    "depthwise": "loop",  # MobileNetV2 64x64 b8: loop 304 ms, vmap 2062 ms
     "max_pooling": "loop",
     "recurrent": "vmap",
     "other": "vmap",

@@ -15,6 +15,7 @@ EAGER = False  # kernels are traced and compiled once per signature
 PER_SAMPLE_STRATEGY = {
     "dense": "vmap",
     "conv": "loop",
+    "depthwise": "loop",  # MobileNetV2 64x64 b8: loop 225 ms, vmap 337 ms
     "max_pooling": "loop",
     "recurrent": "replicate",
     "other": "loop",

@@ -27,6 +27,7 @@ EAGER = True  # kernels run as written, not traced and compiled
 PER_SAMPLE_STRATEGY = {
     "dense": "vmap",
     "conv": "replicate",
+    "depthwise": "vmap",  # MobileNetV2 64x64 b8: vmap 334 ms, replicate 418 ms
     "max_pooling": "loop",
     "recurrent": "replicate",
     "other": "vmap",
