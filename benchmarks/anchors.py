@@ -287,9 +287,8 @@ def _steady(timed: dict, repeats: int, budget_s: float = 60.0, block_s: float = 
     deadline = time.perf_counter() + budget_s
     names = list(timed)
     for round_ in range(repeats):
-        # each round starts one candidate later, so none always follows the same one: with a fixed
-        # order, jacket's default plan (timed first, after the slow eager anchor) and the same plan
-        # forced (one compiled kernel for both) differed by 35% (TensorFlow MLP-784: 15.3/11.3 ms)
+        # each round starts one candidate later, so none always follows the same one (with a fixed
+        # order jacket's default plan always came right after the slow eager anchor)
         k = round_ % len(names)
         for name in names[k:] + names[:k]:
             fn, x = timed[name]
