@@ -28,6 +28,7 @@ demo: $(VENV)/.demo.stamp
 # The suite once per Keras backend, each in its own process (Keras fixes the backend per process).
 test: $(VENV)/.test.stamp
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports --no-cache
 	KERAS_BACKEND=tensorflow $(PYTEST) -m "not slow"
 	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PYTEST) -m "not slow"
 	KERAS_BACKEND=torch $(PYTEST) -m "not slow"

@@ -72,7 +72,7 @@ def cases(n_features: int) -> list[dict]:
 
 def judge(model, x, x_adv, clean, target, norm):
     """Success per sample and the mean perturbation over the successful ones, the same for both."""
-    from jacket.analysis._common import outputs
+    from jacket.engine.outputs import outputs
 
     predicted = outputs(model, x_adv).argmax(axis=1)
     success = predicted == target if target is not None else predicted != clean
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
 
     import keras
 
-    from jacket.analysis._common import outputs
+    from jacket.engine.outputs import outputs
     from jacket.demo import digits_data, load_digits_model
 
     backend = keras.backend.backend()

@@ -217,7 +217,7 @@ def test_long_loop_passes_agree_in_both_modes(rng):
 
 def test_depthwise_models_take_their_own_measured_strategy(rng):
     from jacket import backends
-    from jacket._model import model_kind
+    from jacket.engine.model import model_kind
 
     model = keras.Sequential(
         [

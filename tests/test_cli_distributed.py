@@ -27,9 +27,9 @@ import zarr
 from typer.testing import CliRunner
 
 import jacket
-from jacket import _cli_distributed
 from jacket import distributed as jd
 from jacket.cli import app
+from jacket.cli import distributed as _cli_distributed
 
 BACKEND = keras.backend.backend()
 RUNNER = CliRunner()

@@ -361,7 +361,7 @@ def test_errors_are_one_red_line(files, tmp_path):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket import _cli_sparse
+    from jacket.cli import sparse as _cli_sparse
     from jacket.sparse import _detect
 
     if not dense_check:

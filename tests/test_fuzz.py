@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from oracles import to_numpy
 
 import jacket
-from jacket import _errors
+from jacket import errors as _errors
 
 BACKEND = keras.backend.backend()
 SOFT_TIMEOUT_S = 120  # one example (the first compile of a model on a loaded machine: ~5 s)

@@ -291,7 +291,7 @@ def test_a_batch_mean_inside_a_functional_graph_is_detected(rng):
 
 
 def test_built_in_layers_in_inference_skip_the_probe(rng):
-    from jacket._model import keeps_samples_apart
+    from jacket.engine.model import keeps_samples_apart
 
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]

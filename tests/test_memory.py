@@ -11,7 +11,10 @@ from oracles import assert_close, central_differences, to_numpy
 from scenarios import seed_mlp
 
 import jacket
-from jacket import _api, _kernels, _plan
+from jacket.engine import api as _api
+from jacket import checks
+from jacket.engine import kernels as _kernels
+from jacket.engine import plan as _plan
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -81,7 +84,7 @@ def test_a_result_too_large_is_refused_with_its_size(monkeypatch, rng):
     with pytest.raises(jacket.JacketMemoryError) as info:
         jacket.jacobian(model, x)
     message = str(info.value)
-    assert _plan.format_bytes(size) == "12.2 MiB"
+    assert checks.format_bytes(size) == "12.2 MiB"
     for words in ("12.2 MiB", "10.0 MiB", "smaller batch", "sparse=True", ".zarr", "distributed"):
         assert words in message, (words, message)
     assert isinstance(info.value, MemoryError)

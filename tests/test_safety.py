@@ -16,7 +16,7 @@ from oracles import assert_close, central_differences, native_jacobian, to_numpy
 from scenarios import seed_mlp
 
 import jacket
-from jacket import _api
+from jacket.engine import api as _api
 
 # ------------------------------------------------------------------------------ interacting samples
 

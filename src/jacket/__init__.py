@@ -16,19 +16,19 @@ __version__ = "0.1.0"
 
 # name -> module that defines it
 _EXPORTS = {
-    "jacobian": "._api",
-    "jacobian_fn": "._api",
-    "JacobianFn": "._api",
-    "jvp": "._api",
-    "vjp": "._api",
-    "check": "._check",
-    "CheckReport": "._check",
-    "JacketError": "._errors",
-    "JacketValueError": "._errors",
-    "JacketTypeError": "._errors",
-    "CouplingError": "._errors",
-    "JacketMemoryError": "._errors",
-    "JacketWarning": "._errors",
+    "jacobian": ".api",
+    "jacobian_fn": ".api",
+    "JacobianFn": ".engine",
+    "jvp": ".engine",
+    "vjp": ".engine",
+    "check": ".engine",
+    "CheckReport": ".engine",
+    "JacketError": ".errors",
+    "JacketValueError": ".errors",
+    "JacketTypeError": ".errors",
+    "CouplingError": ".errors",
+    "JacketMemoryError": ".errors",
+    "JacketWarning": ".errors",
     "JacobianOperator": ".operator",
     "sparsity": ".sparse",
     "SparseJacobian": ".sparse",
@@ -40,19 +40,19 @@ _SUBPACKAGES = ("analysis", "attacks")
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ._api import JacobianFn as JacobianFn
-    from ._api import jacobian as jacobian
-    from ._api import jacobian_fn as jacobian_fn
-    from ._api import jvp as jvp
-    from ._api import vjp as vjp
-    from ._check import CheckReport as CheckReport
-    from ._check import check as check
-    from ._errors import CouplingError as CouplingError
-    from ._errors import JacketError as JacketError
-    from ._errors import JacketMemoryError as JacketMemoryError
-    from ._errors import JacketTypeError as JacketTypeError
-    from ._errors import JacketValueError as JacketValueError
-    from ._errors import JacketWarning as JacketWarning
+    from .api import jacobian as jacobian
+    from .api import jacobian_fn as jacobian_fn
+    from .engine.api import JacobianFn as JacobianFn
+    from .engine.api import jvp as jvp
+    from .engine.api import vjp as vjp
+    from .engine.check import CheckReport as CheckReport
+    from .engine.check import check as check
+    from .errors import CouplingError as CouplingError
+    from .errors import JacketError as JacketError
+    from .errors import JacketMemoryError as JacketMemoryError
+    from .errors import JacketTypeError as JacketTypeError
+    from .errors import JacketValueError as JacketValueError
+    from .errors import JacketWarning as JacketWarning
     from .operator import JacobianOperator as JacobianOperator
     from .sparse import SparseJacobian as SparseJacobian
     from .sparse import SparsityWarning as SparsityWarning

@@ -11,7 +11,7 @@ import math
 import keras
 import numpy as np
 
-from ._errors import JacketTypeError, JacketValueError
+from .errors import JacketTypeError, JacketValueError
 
 __all__ = ["JacobianOperator"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._errors import JacketValueError
+from .errors import JacketValueError
 
 
 def _figure(nrows: int, ncols: int, cell: float = 1.1):

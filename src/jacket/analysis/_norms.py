@@ -8,17 +8,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._errors import JacketTypeError, JacketValueError
-from ._common import (
-    Progress,
-    batches,
-    check_callable,
-    positive_float,
-    positive_int,
-    single_array,
-    single_output,
-    to_numpy,
-)
+from ..batches import Progress, batches, single_array
+from ..checks import check_model, positive_float, positive_int
+from ..engine.outputs import single_output
+from ..errors import JacketTypeError, JacketValueError
+from ..trees import to_numpy
 
 ORDS = ("fro", 2, "nuc")
 # NOTE: [Dense or Lanczos for the spectral norm]
@@ -135,7 +129,7 @@ def jacobian_norm(
     """
 
     fn = "jacobian_norm"
-    check_callable(fn, model)
+    check_model(fn, model)
     if isinstance(ord, (bool, np.bool_)) or ord not in ORDS:
         raise JacketValueError(
             f"{fn}: `ord` must be one of 'fro', 2, 'nuc'. Received: ord={ord!r}."
@@ -207,7 +201,7 @@ def lipschitz(
     from ..operator import JacobianOperator
 
     fn = "lipschitz"
-    check_callable(fn, model)
+    check_model(fn, model)
     batch_size = positive_int(fn, "batch_size", batch_size, allow_none=True)
     tol = positive_float(fn, "tol", tol)
     max_iter = positive_int(fn, "max_iter", max_iter, allow_none=True)
@@ -262,7 +256,7 @@ def logdet(model, x) -> LogDet:
     """
 
     fn = "logdet"
-    check_callable(fn, model)
+    check_model(fn, model)
     x = single_array(fn, "x", x)
     op = _operator(fn, model, x)
     if op.out_size != op.in_size:

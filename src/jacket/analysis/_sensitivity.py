@@ -7,20 +7,14 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from .._errors import JacketTypeError, JacketValueError
-from .._reductions import REDUCTIONS as REDUCTIONS  # one definition, shared with jacket.distributed
-from .._reductions import Sensitivity as Sensitivity
-from ._common import (
-    Progress,
-    batches,
-    check_callable,
-    choice,
-    output_index,
-    output_structure,
-    outputs,
-    positive_int,
-    single_array,
-    to_numpy,
+from ..batches import Progress, batches, single_array
+from ..checks import check_model, choice, positive_int
+from ..engine.outputs import output_index, output_structure, outputs
+from ..errors import JacketTypeError, JacketValueError
+from ..trees import to_numpy
+from .reductions import (
+    REDUCTIONS,  # one definition, shared with jacket.distributed
+    Sensitivity,
 )
 
 
@@ -86,7 +80,7 @@ def sensitivity(
     import jacket
 
     fn = "sensitivity"
-    check_callable(fn, model)
+    check_model(fn, model)
     choice(fn, "reduce", reduce, REDUCTIONS)
     batch_size = positive_int(fn, "batch_size", batch_size, allow_none=True)
     if output is not None and (
@@ -178,7 +172,7 @@ def saliency(model, x, target=None) -> Saliency:
     import jacket
 
     fn = "saliency"
-    check_callable(fn, model)
+    check_model(fn, model)
     x = single_array(fn, "x", x)
     y = outputs(model, x, fn)
     batch, size = y.shape[0], int(np.prod(y.shape[1:]))

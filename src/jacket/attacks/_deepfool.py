@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis._common import (
-    Progress,
-    batches,
-    check_callable,
-    clip_bounds,
-    positive_float,
-    positive_int,
-    single_array,
-    to_numpy,
-)
-from ._result import AttackResult, classes, output_gradients, perturbation
+from ..batches import Progress, batches, single_array
+from ..checks import check_model, positive_float, positive_int
+from ..trees import to_numpy
+from ._result import AttackResult, classes, clip_bounds, output_gradients, perturbation
 
 
 def deepfool(
@@ -55,7 +48,7 @@ def deepfool(
       >>> r.success_rate, r.mean_perturbation
     """
     fn = "deepfool"
-    check_callable(fn, model)
+    check_model(fn, model)
     x = single_array(fn, "x", x)
     overshoot = positive_float(fn, "overshoot", overshoot, allow_zero=True)
     max_iter = positive_int(fn, "max_iter", max_iter)

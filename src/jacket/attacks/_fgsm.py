@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis._common import (
-    Progress,
-    batches,
-    check_callable,
-    clip_bounds,
-    positive_float,
-    positive_int,
-    single_array,
-)
+from ..batches import Progress, batches, single_array
+from ..checks import check_model, positive_float, positive_int
 from ._result import (
     AttackResult,
     check_classes,
     class_array,
     classes,
+    clip_bounds,
     loss_gradient,
     padded,
     perturbation,
@@ -61,7 +55,7 @@ def fgsm(
       >>> r.success_rate, r.mean_perturbation
     """
     fn = "fgsm"
-    check_callable(fn, model)
+    check_model(fn, model)
     x = single_array(fn, "x", x)
     eps = positive_float(fn, "eps", eps)
     clip = clip_bounds(fn, clip)

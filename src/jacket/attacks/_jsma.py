@@ -6,21 +6,15 @@ import math
 
 import numpy as np
 
-from .._errors import JacketTypeError, JacketValueError
-from ..analysis._common import (
-    Progress,
-    batches,
-    check_callable,
-    choice,
-    clip_bounds,
-    positive_int,
-    single_array,
-)
+from ..batches import Progress, batches, single_array
+from ..checks import check_model, choice, positive_int
+from ..errors import JacketTypeError, JacketValueError
 from ._result import (
     AttackResult,
     check_classes,
     class_array,
     classes,
+    clip_bounds,
     output_gradients,
     padded,
     perturbation,
@@ -88,7 +82,7 @@ def jsma(
       >>> r.success_rate, r.mean_perturbation   # share that reached the target, features changed
     """
     fn = "jsma"
-    check_callable(fn, model)
+    check_model(fn, model)
     x = single_array(fn, "x", x)
     if isinstance(theta, (bool, np.bool_)) or not isinstance(theta, (int, float, np.number)):
         raise JacketTypeError(f"{fn}: `theta` must be a number. Received: theta={theta!r}.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import JacketTypeError, JacketValueError
-from ..analysis._common import outputs, to_numpy
+from ..engine.outputs import outputs
+from ..errors import JacketTypeError, JacketValueError
+from ..trees import to_numpy
 
 NORMS = ("linf", "l2", "l0")
 
@@ -159,3 +161,21 @@ def output_gradients(model, x: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     cot = np.moveaxis(seeds, 2, 0).reshape(k * batch, n_classes)
     grads = to_numpy(jacket.vjp(model, tiled, cot.astype(x.dtype)))
     return np.moveaxis(grads.reshape(k, batch, -1), 0, 2)
+
+
+def clip_bounds(fn_name: str, clip) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    try:
+        low, high = (float(c) for c in clip)
+    except (TypeError, ValueError):
+        raise JacketTypeError(
+            f"{fn_name}: `clip` must be a pair `(low, high)` of numbers or None. "
+            f"Received: clip={clip!r}."
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise JacketValueError(
+            f"{fn_name}: `clip` must be `(low, high)` with finite low < high. "
+            f"Received: clip={clip!r}."
+        )
+    return low, high

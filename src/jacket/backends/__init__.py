@@ -6,9 +6,10 @@ Every backend module defines:
 - `NAME`: the Keras backend name.
 - `EAGER`: True where kernels run as Python each call (PyTorch): constants are then made once and
   kept, and checks that a compiler would fuse into the kernel run before it instead.
-- `compile(kernel, model, training)`: a callable `(*args) -> kernel(call, *args)`, compiled and traced
+- `compile(kernel, model, training, make_call)`: a callable `(*args) -> kernel(call, *args)`, compiled and traced
   once per argument signature (`tf.function`, `jax.jit`; PyTorch runs eagerly). `call` maps the model's
-  input structure to its output structure and reads the model's current weights on every run.
+  input structure to its output structure and reads the model's current weights on every run; it is
+  `make_call(model, training, state)` (the engine's, passed in: backends import nothing above them).
 - `as_input(array, dtype)`: a NumPy array as a kernel argument of that dtype, as cheaply as the
   framework allows (the per-call fast path of `jacket._api`).
 - `vjp(f, xs, cts)`: `cts^T df(xs)`: one reverse pass; `f` maps a list of tensors to a list of tensors.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .._errors import JacketError
+from ..errors import JacketError
 
 _EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 

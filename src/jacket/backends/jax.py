@@ -5,8 +5,6 @@ from __future__ import annotations
 import jax
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from .._model import make_call
-
 NAME = "jax"
 EAGER = False  # kernels are traced and compiled once per signature
 # How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
@@ -23,7 +21,7 @@ PER_SAMPLE_STRATEGY = {
 }
 
 
-def compile(kernel, model, training):
+def compile(kernel, model, training, make_call):
     """`jax.jit` over `kernel(call, *args)`, the model's variables passed as arguments.
 
     Passing the weights as arguments (through `keras.StatelessScope`) keeps the trace valid when the

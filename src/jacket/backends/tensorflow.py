@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .._model import make_call
-
 NAME = "tensorflow"
 EAGER = False  # kernels are traced and compiled once per signature
 # How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
@@ -31,7 +29,7 @@ _ZERO = tf.UnconnectedGradients.ZERO
 # mode (`TRUSTED_JVP = False`); when none does, forward mode is computed from reverse passes.
 
 
-def compile(kernel, model, training):
+def compile(kernel, model, training, make_call):
     """`tf.function` over `kernel(call, *args)`; it reads the model's variables at run time."""
     stateless = training and hasattr(model, "variables")
 

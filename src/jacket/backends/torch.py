@@ -16,8 +16,6 @@ import warnings
 import keras
 import torch
 
-from .._model import make_call
-
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled
 # How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
@@ -35,7 +33,7 @@ PER_SAMPLE_STRATEGY = {
 }
 
 
-def compile(kernel, model, training):
+def compile(kernel, model, training, make_call):
     """Eager: the kernel runs as written, with autograd on (even inside `torch.no_grad()`).
 
     NOTE: [One draw per call on PyTorch]

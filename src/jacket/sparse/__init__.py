@@ -16,22 +16,16 @@ from __future__ import annotations
 try:
     import scipy.sparse  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on what is installed
-    from .._errors import JacketError
+    from ..errors import JacketError
 
     raise JacketError(
         f'jacket.sparse needs SciPy: pip install "jacket[sparse]" ({error})'
     ) from error
 
-from ._color import color as color
-from ._color import is_valid as is_valid
-from ._errors import SparsityError as SparsityError
-from ._errors import SparsityWarning as SparsityWarning
-from ._jacobian import SparseJacobianFn as SparseJacobianFn
-from ._jacobian import SparsePlan as SparsePlan
-from ._jacobian import jacobian_fn as jacobian_fn
-from ._jacobian import prepared as prepared
-from ._jacobian import sparsity as sparsity
-from ._result import SparseJacobian as SparseJacobian
+from ._color import color, is_valid
+from ._errors import SparsityError, SparsityWarning
+from ._jacobian import SparseJacobianFn, SparsePlan, jacobian_fn, prepared, sparsity
+from ._result import SparseJacobian
 
 __all__ = [
     "SparseJacobian",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._errors import JacketValueError
+from ..errors import JacketValueError
 
 FAST_STRATEGIES = ("auto", "natural", "largest_first")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._errors import JacketError
+from ..errors import JacketError
 
 
 class SparsityWarning(UserWarning):

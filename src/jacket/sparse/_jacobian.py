@@ -32,19 +32,12 @@ import keras
 import numpy as np
 import scipy.sparse as sp
 
-from .._api import _check_flag, _numpy_dtype, _Options
-from .._errors import CouplingError, JacketTypeError, JacketValueError
-from .._model import (
-    FLOAT_DTYPES,
-    Inputs,
-    check_model,
-    declared_inputs,
-    eager_call,
-    output_leaves,
-    pack,
-    prepare_inputs,
-    skeleton,
-)
+from ..checks import check_flag, check_model
+from ..engine.api import _numpy_dtype, _Options
+from ..engine.inputs import FLOAT_DTYPES, Inputs, declared_inputs, output_leaves, prepare_inputs
+from ..engine.model import eager_call
+from ..errors import CouplingError, JacketTypeError, JacketValueError
+from ..trees import pack, skeleton
 from . import _color, _detect
 from ._errors import SparsityError, SparsityWarning
 from ._result import SparseJacobian, entries
@@ -93,8 +86,8 @@ def sparsity(model, input_shape, *, verify: bool = False, training: bool = False
       ((1024, 1024), 0.043)
     """
     check_model("sparsity", model)
-    _check_flag("sparsity", "verify", verify)
-    _check_flag("sparsity", "training", training)
+    check_flag("sparsity", "verify", verify)
+    check_flag("sparsity", "training", training)
     zeros = _zeros_like_shape(model, input_shape)
     inputs = prepare_inputs("sparsity", model, zeros, check_finite=False)
     detection = _detection("sparsity", model, inputs, bool(training))
@@ -465,7 +458,7 @@ class _Prepared:
         )
 
     def _dense_values(self, model, inputs: Inputs, options: dict) -> np.ndarray:
-        from .._api import jacobian
+        from ..engine.api import jacobian
 
         J = jacobian(
             model,
@@ -485,7 +478,7 @@ class _Prepared:
         return dense[:, self.rows, self.cols]
 
     def _compressed_values(self, fn_name, model, inputs: Inputs, options: dict) -> np.ndarray:
-        from .._api import jvp, vjp
+        from ..engine.api import jvp, vjp
 
         batch = inputs.batch
         chunk = self.chunk(batch, options)
@@ -515,7 +508,7 @@ class _Prepared:
         """Probe once per batch size that samples do not interact (the engine's coupling probe,
         through `jacket.vjp`), on the batch as given (two copies of a single sample): cheaper
         than probing the repeated batch of the compressed passes."""
-        from .._api import vjp
+        from ..engine.api import vjp
 
         if inputs.batch in self._probed:
             return
@@ -576,7 +569,7 @@ def _numpy(t) -> np.ndarray:
 
 def _verify(fn_name, model, inputs: Inputs, pattern: sp.csr_array, training: bool) -> None:
     """Check `pattern` at two random points (see `sparsity`'s `verify`)."""
-    from .._api import jacobian, jvp, vjp
+    from ..engine.api import jacobian, jvp, vjp
 
     rng = np.random.default_rng(0)
     points = 2

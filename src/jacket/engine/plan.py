@@ -30,10 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 from dataclasses import dataclass
-
-from ._errors import JacketTypeError, JacketValueError
 
 # NOTE: [Memory]
 # The default `memory_budget` (working memory of one pass: activations and result rows) is
@@ -133,43 +130,12 @@ def make_plan(
     return Plan(mode=mode, per_sample=per_sample, strategy=strategy, chunk=chunk, rows=rows)
 
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-
-
-def parse_bytes(fn_name: str, name: str, value) -> int:
-    """Bytes from an int or a string such as "500MB", "1.5GiB", "2G" (K/M/G alone are binary)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise JacketTypeError(
-            f"{fn_name}: `{name}` must be a number of bytes or a string like '500MB'. "
-            f"Received: {name}={value!r} of type {type(value).__name__}."
-        )
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise JacketValueError(
-                f"{fn_name}: `{name}` must look like '500MB', '2GiB' or '1073741824'. "
-                f"Received: {name}={value!r}."
-            )
-        value = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value < 1:
-        raise JacketValueError(
-            f"{fn_name}: `{name}` must be at least one byte. Received: {name}={value!r}."
-        )
-    return int(value)
-
-
 @functools.cache
 def default_memory_budget() -> int:
     """`memory_budget` when none is given (see NOTE [Memory]); measured once per process."""
     import keras
 
-    from .backends._memory import device_free_memory
+    from ..backends._memory import device_free_memory
 
     free = device_free_memory(keras.backend.backend()) or available_memory()
     if free is None:
@@ -190,12 +156,3 @@ def available_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def format_bytes(n: float) -> str:
-    """`1536` -> "1.5 KiB"."""
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

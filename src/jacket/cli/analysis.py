@@ -24,8 +24,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._cli_distributed import SchedulerOption, WorkersOption
-from .cli import (
+from . import (
     BackendOption,
     ForceOption,
     InputsArgument,
@@ -44,6 +43,7 @@ from .cli import (
     _usage,
     app,
 )
+from .distributed import SchedulerOption, WorkersOption
 
 
 class Reduce(StrEnum):
@@ -123,8 +123,8 @@ def _output_folder(folder: Path, names: list[str], *, force: bool):
     The folder is created if missing (its parent must exist) and removed again if the command fails
     before writing anything into it.
     """
-    from . import io
-    from ._errors import JacketValueError
+    from .. import io
+    from ..errors import JacketValueError
 
     if folder.exists() and not folder.is_dir():
         raise JacketValueError(
@@ -163,8 +163,8 @@ def _load_single(command: str, model: str, inputs: str, size, unsafe: bool):
     """
     import keras
 
-    from . import io
-    from ._errors import JacketValueError
+    from .. import io
+    from ..errors import JacketValueError
 
     loaded = io.load_model(model, unsafe=unsafe)
     x = io.read_inputs(inputs, loaded, size=size)
@@ -190,7 +190,7 @@ def _load_single(command: str, model: str, inputs: str, size, unsafe: bool):
 
 def _stream(x, batch_size: int, model):
     """The samples of `x` as NumPy batches in the model's dtype, read one batch at a time."""
-    from . import io
+    from .. import io
 
     return (batch for _, _, batch in io.iter_batches(x, batch_size, model=model))
 
@@ -198,21 +198,21 @@ def _stream(x, batch_size: int, model):
 def _save_npy(path: Path, array, *, force: bool) -> None:
     import numpy as np
 
-    from . import io
+    from .. import io
 
     with io.atomic_output(path, force=force) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.asarray(array), allow_pickle=False)
 
 
 def _save_png(path: Path, figure, *, force: bool) -> None:
-    from . import io
+    from .. import io
 
     with io.atomic_output(path, force=force) as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def _save_json(path: Path, data: dict, *, force: bool) -> None:
-    from . import io
+    from .. import io
 
     with io.atomic_output(path, force=force) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -277,7 +277,7 @@ def sensitivity(
     """Sensitivity of MODEL's outputs to each input feature over INPUTS: an array, a map, a ranking."""
     _set_backend(backend)
     if scheduler is not None or workers is not None:  # on Dask: _cli_distributed.py
-        from . import _cli_distributed
+        from . import distributed as _cli_distributed
 
         return _cli_distributed.sensitivity(
             model=model, inputs=inputs, out=out, scheduler=scheduler, workers=workers,
@@ -287,7 +287,7 @@ def sensitivity(
         )  # fmt: skip
     size_hw = _parse_size(size)
     with _one_line_errors():
-        from . import analysis, io
+        from .. import analysis, io
 
         io.check_model_source(model)
         io.check_inputs_source(inputs)
@@ -311,7 +311,7 @@ def sensitivity(
                     batch_size=batch_size,
                     progress=update,
                 )
-            from .plot import saliency_grid_figure, sensitivity_figure
+            from ..plot import saliency_grid_figure, sensitivity_figure
 
             title = f"{reduce.value} of |dy/dx| over {result.samples} samples"
             if output is not None:
@@ -435,7 +435,7 @@ def norms(
     """Norms of MODEL's per-sample Jacobians over INPUTS, a Lipschitz estimate, log-determinants."""
     _set_backend(backend)
     if scheduler is not None or workers is not None:  # on Dask, Frobenius only: _cli_distributed
-        from . import _cli_distributed
+        from . import distributed as _cli_distributed
 
         return _cli_distributed.norms(
             model=model, inputs=inputs, ords=None if ord is None else [o.value for o in ord],
@@ -448,8 +448,8 @@ def norms(
     with _one_line_errors():
         import numpy as np
 
-        from . import analysis, io
-        from ._errors import JacketValueError
+        from .. import analysis, io
+        from ..errors import JacketValueError
 
         io.check_model_source(model)
         io.check_inputs_source(inputs)
@@ -601,7 +601,7 @@ def _read_labels(spec: str, inputs: str):
     """Labels from a file, or from an array of the INPUTS .npz: the raw array (checked later)."""
     import numpy as np
 
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     path = Path(spec)
     if path.is_file():
@@ -636,7 +636,7 @@ def _check_classes(labels, target, samples: int, out_shape: tuple, spec: str | N
     """`labels` as `(samples,)` int64 within the model's classes; `target` within them too."""
     import numpy as np
 
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     if len(out_shape) != 1 or out_shape[0] < 2:
         raise JacketValueError(
@@ -708,7 +708,7 @@ def _attack(
     _set_backend(backend)
     size_hw = _parse_size(size)
     with _one_line_errors():
-        from . import attacks, io
+        from .. import attacks, io
 
         io.check_model_source(model)
         io.check_inputs_source(inputs)
@@ -734,7 +734,7 @@ def _attack(
                 )
                 attack_seconds = time.perf_counter() - attack_started
             clean = None if y is None else _predict(loaded, x_all, batch_size)
-            from .plot import adversarial_figure
+            from ..plot import adversarial_figure
 
             figure = adversarial_figure(
                 x_all,

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import JacketTypeError, JacketValueError
+from ..errors import JacketTypeError, JacketValueError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 INPUT_SUFFIXES = (".npy", ".npz", ".csv", ".zarr")
@@ -164,7 +164,7 @@ def max_archive_bytes() -> int:
     value = os.environ.get("JACKET_MAX_ARCHIVE_BYTES")
     if not value:
         return DEFAULT_MAX_ARCHIVE_BYTES
-    from ._plan import parse_bytes
+    from ..checks import parse_bytes
 
     return parse_bytes("jacket", "JACKET_MAX_ARCHIVE_BYTES", value)
 
@@ -263,7 +263,7 @@ def _check_hdf5(path: Path, h5py) -> None:
 
 
 def _human(n: int) -> str:
-    from ._plan import format_bytes
+    from ..checks import format_bytes
 
     return format_bytes(n)
 
@@ -631,7 +631,7 @@ def _folder_images(folder: Path) -> list[Path]:
 
 
 def _declared(model):
-    from ._model import declared_inputs
+    from ..engine.inputs import declared_inputs
 
     return declared_inputs(model)
 
@@ -1367,11 +1367,11 @@ def _optional(module: str, purpose: str, *, package: str | None = None):
 
 # ------------------------------------------------------------------ sparse Jacobians and patterns
 # `jacket jacobian --sparse` and `jacket sparsity`'s files; the format is `jacket._sparse_io`'s
-from ._sparse_io import load_sparse_jacobian as load_sparse_jacobian  # noqa: E402
-from ._sparse_io import load_sparsity as load_sparsity  # noqa: E402
-from ._sparse_io import save_sparse_jacobian as save_sparse_jacobian  # noqa: E402
-from ._sparse_io import save_sparsity as save_sparsity  # noqa: E402
-from ._sparse_io import stream_sparse_jacobian as stream_sparse_jacobian  # noqa: E402
+from .sparse_files import load_sparse_jacobian as load_sparse_jacobian  # noqa: E402
+from .sparse_files import load_sparsity as load_sparsity  # noqa: E402
+from .sparse_files import save_sparse_jacobian as save_sparse_jacobian  # noqa: E402
+from .sparse_files import save_sparsity as save_sparsity  # noqa: E402
+from .sparse_files import stream_sparse_jacobian as stream_sparse_jacobian  # noqa: E402
 
 __all__ += [
     "load_sparse_jacobian",

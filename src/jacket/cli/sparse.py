@@ -22,7 +22,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import (
+from . import (
     BackendOption,
     ForceOption,
     JsonOption,
@@ -67,8 +67,9 @@ def sparse_jacobian(
 ) -> None:
     """`jacket jacobian MODEL INPUTS -o OUT.npz --sparse [--sparsity PATTERN.npz]`."""
     with _one_line_errors():
-        from . import _sparse_io, io
-        from ._errors import JacketValueError
+        from .. import io
+        from ..errors import JacketValueError
+        from ..io import sparse_files as _sparse_io
 
         if out.suffix.lower() != ".npz":
             raise JacketValueError(
@@ -164,7 +165,7 @@ def sparse_jacobian(
 
 def _check_pattern_fits(path: Path, meta: dict, x) -> None:
     """A pattern file that says which input shapes it was made for must match the inputs'."""
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     wanted = meta.get("in_shapes")
     if not wanted:
@@ -230,7 +231,8 @@ def sparsity(
     _set_backend(backend)
     shapes = [_parse_shape(text) for text in input_shape or []]
     with _one_line_errors():
-        from . import _sparse_io, io
+        from .. import io
+        from ..io import sparse_files as _sparse_io
 
         io.check_model_source(model)
         targets = []
@@ -246,7 +248,8 @@ def sparsity(
         import keras
 
         import jacket
-        from jacket import sparse
+
+        from .. import sparse
 
         structure = _input_shapes(model, loaded, shapes)
         in_shapes = [tuple(s) for s in _flat_shapes(structure)]
@@ -278,7 +281,7 @@ def sparsity(
         }
         figure = None
         if plot is not None:
-            from .plot import sparsity_figure
+            from ..plot import sparsity_figure
 
             single = len(in_shapes) == 1 and len(out_shapes) == 1
             figure = sparsity_figure(
@@ -350,7 +353,7 @@ def sparsity(
 def _notices():
     """Collect the library's `SparsityWarning`s (messages, in order) instead of showing them;
     other warnings are shown as before."""
-    from .sparse import SparsityWarning
+    from ..sparse import SparsityWarning
 
     collected: list[str] = []
     with warnings.catch_warnings(record=True) as record:
@@ -408,8 +411,8 @@ def _input_shapes(source: str, model, given: list[tuple[int, ...]]):
     structure of the model's inputs."""
     import keras
 
-    from . import io
-    from ._errors import JacketValueError
+    from .. import io
+    from ..errors import JacketValueError
 
     declared = io._declared(model)
     leaves = keras.tree.flatten(declared) if declared is not None else []
@@ -461,7 +464,7 @@ def _dtypes(model, structure):
     """The float dtype of each input (the model's declared one, else float32)."""
     import keras
 
-    from . import io
+    from .. import io
 
     declared = io._declared(model)
     leaves = keras.tree.flatten(declared) if declared is not None else []
@@ -525,7 +528,8 @@ def _verify(model, structure, P, points: int) -> dict[str, Any]:
     import keras
 
     import jacket
-    from jacket.sparse import SparsityError
+
+    from ..sparse import SparsityError
 
     rng = np.random.default_rng(0)
     x = _zeros(model, structure, points, rng)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from ._api import _check_flag, jacobian
-from ._errors import JacketValueError
-from ._model import eager_call, prepare_inputs
+from ..checks import check_flag
+from ..errors import JacketValueError
+from .api import jacobian
+from .inputs import prepare_inputs
+from .model import eager_call
 
 # Default tolerance on `max_rel_error`, by the dtype the model computes in.
 RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
@@ -87,7 +89,7 @@ def check(
     Returns:
       A `CheckReport`; `print(report)` gives a one-line summary.
     """
-    _check_flag("check", "training", training)
+    check_flag("check", "training", training)
     if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise JacketValueError(
             f"check: `eps` must be a positive finite number or None. Received: eps={eps!r}."

@@ -10,8 +10,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ._model import Leaf, pack
-from ._plan import Plan
+from ..trees import pack
+from .inputs import Leaf
+from .plan import Plan
 
 ops = keras.ops
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import JacketValueError
+from ..errors import JacketValueError
 
 SPARSE_FORMAT = "jacket.sparse_jacobian"
 PATTERN_FORMAT = "jacket.sparsity"
@@ -102,7 +102,7 @@ def load_sparse_jacobian(path: str | os.PathLike):
     """
     import scipy.sparse as sp
 
-    from .sparse import SparseJacobian
+    from ..sparse import SparseJacobian
 
     path = Path(path)
     with _archive(path) as archive:
@@ -190,7 +190,7 @@ def stream_sparse_jacobian(
     """
     import jacket
 
-    from . import io
+    from .. import io
 
     samples = io.num_samples(x)
     if samples == 0:
@@ -268,7 +268,7 @@ def save_sparsity(
     """
     import scipy.sparse as sp
 
-    from . import io
+    from .. import io
 
     P = sp.csr_array(pattern if sp.issparse(pattern) else np.asarray(pattern) != 0, dtype=bool)
     P.sum_duplicates()
@@ -361,7 +361,7 @@ class _SparseWriter:
     under a temporary name (`jacket.io.atomic_output`), renamed only when complete."""
 
     def __init__(self, path, samples: int, pattern, *, force: bool):
-        from . import io
+        from .. import io
 
         self.path = Path(path)
         io.check_output(self.path, force=force, suffixes=(".npz",))
@@ -376,7 +376,7 @@ class _SparseWriter:
         self._written = 0
 
     def __enter__(self) -> _SparseWriter:
-        from . import io
+        from .. import io
 
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(io.atomic_output(self.path, force=self.force))
@@ -481,7 +481,7 @@ def _meta_of(S, in_names, out_names, attrs) -> dict[str, Any]:
 
 def _in_names(x, model) -> list[str]:
     """The inputs' names in `keras.tree.flatten` order (a dict's keys sorted)."""
-    from . import io
+    from .. import io
 
     if isinstance(x, Mapping):
         return sorted(str(key) for key in x)

@@ -64,9 +64,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _reductions
-from ._errors import JacketTypeError, JacketValueError
-from ._reductions import REDUCTIONS, Sensitivity
+from ..analysis import reductions as _reductions
+from ..analysis.reductions import REDUCTIONS, Sensitivity
+from ..errors import JacketTypeError, JacketValueError
 
 __all__ = [
     "jacobian_dataset",
@@ -158,7 +158,7 @@ def jacobian_dataset(
     fn = "jacobian_dataset"
     job = _Job.prepare(fn, model_path, inputs, batch_size, options, kind="jacobian")
     store = _store_path(fn, out)
-    _check_flag(fn, "overwrite", overwrite)
+    check_flag(fn, "overwrite", overwrite)
     report = _check_progress(fn, progress)
     where = _Where(fn, client, scheduler, workers)
     try:
@@ -762,7 +762,7 @@ def _describe_inputs(inputs) -> str:
 
 
 def _new_manifest(job: _Job, identity: dict, layout: dict) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {
         "identity": identity,
@@ -1044,7 +1044,7 @@ def _load_model(path: str, sha256: str):
                     "during the run, or the workers see another file at that path. Give every "
                     "worker the same file."
                 )
-            from .io import load_model  # Keras's safe_mode, and one clear error for a bad file
+            from ..io import load_model  # Keras's safe_mode, and one clear error for a bad file
 
             model = load_model(path)
             if len(_MODELS) >= _CACHE_SIZE:
@@ -1354,7 +1354,7 @@ def _positive_int(fn: str, name: str, value) -> int:
     return int(value)
 
 
-def _check_flag(fn: str, name: str, value) -> None:
+def check_flag(fn: str, name: str, value) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise JacketTypeError(f"{fn}: `{name}` must be True or False. Received: {name}={value!r}.")
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import keras
 
-from ._errors import JacketWarning
+from ..errors import JacketWarning
 
 # keras.ops whose derivative is zero everywhere it exists (their outputs are float)
 _ZERO_GRADIENT = frozenset(
@@ -83,7 +83,7 @@ def model_cuts(model, structure, leaves, training: bool) -> list[str]:
     else:
         if _is_builtin(model):
             return []
-        from ._model import pack
+        from ..trees import pack
 
         symbolic = [
             keras.KerasTensor((None,) + tuple(leaf.shape), dtype=leaf.dtype) for leaf in leaves

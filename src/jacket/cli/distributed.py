@@ -91,12 +91,12 @@ def jacobian(
     """`jacket jacobian ... --scheduler/--workers`: `jacket.distributed.jacobian_dataset`."""
     from rich.table import Table
 
-    from .cli import _add_row, _emit, _one_line_errors
+    from . import _add_row, _emit, _one_line_errors
 
     _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     with _one_line_errors():
-        from . import io
-        from ._errors import JacketValueError
+        from .. import io
+        from ..errors import JacketValueError
 
         _check_model(model)
         _check_inputs(inputs)
@@ -109,7 +109,7 @@ def jacobian(
         stored = 0 if force else _stored_chunks(out)
         started = time.perf_counter()
         with _Dask(scheduler, workers) as where, _library_words():
-            from .distributed import jacobian_dataset
+            from ..distributed import jacobian_dataset
 
             with _chunk_bar(not quiet, "Jacobians", out) as progress:
                 jacobian_dataset(
@@ -186,8 +186,8 @@ def sensitivity(
     """`jacket sensitivity ... --scheduler/--workers`: `jacket.distributed.sensitivity_dataset`."""
     from rich.table import Table
 
-    from ._cli_analysis import _need_matplotlib, _output_folder, _save_json, _save_npy, _save_png
-    from .cli import _add_row, _emit, _one_line_errors, _usage
+    from . import _add_row, _emit, _one_line_errors, _usage
+    from .analysis import _need_matplotlib, _output_folder, _save_json, _save_npy, _save_png
 
     _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     if output is not None:
@@ -208,7 +208,7 @@ def sensitivity(
         with _output_folder(out, names, force=force) as paths:
             started = time.perf_counter()
             with _Dask(scheduler, workers) as where, _library_words():
-                from .distributed import sensitivity_dataset
+                from ..distributed import sensitivity_dataset
 
                 with _chunk_bar(not quiet, "Sensitivity", None) as progress:
                     result = sensitivity_dataset(
@@ -219,7 +219,7 @@ def sensitivity(
                         progress=progress,
                         **where.arguments,
                     )
-            from .plot import sensitivity_figure
+            from ..plot import sensitivity_figure
 
             title = f"{reduce} of |dy/dx| over {result.samples} samples"
             figure = sensitivity_figure(result.values, top=top, title=title)
@@ -288,8 +288,8 @@ def norms(
     import numpy as np
     from rich.table import Table
 
-    from ._cli_analysis import _ORD_NAMES, _numbers, _save_json
-    from .cli import _add_row, _emit, _one_line_errors, _usage
+    from . import _add_row, _emit, _one_line_errors, _usage
+    from .analysis import _ORD_NAMES, _numbers, _save_json
 
     _check_flags(scheduler, workers, size=size, unsafe=unsafe)
     others = [o for o in (ords or []) if o != "fro"]
@@ -310,7 +310,7 @@ def norms(
                 "computes exact Frobenius norms. Leave out one or the other."
             )
     with _one_line_errors():
-        from . import io
+        from .. import io
 
         _check_model(model)
         _check_inputs(inputs)
@@ -318,7 +318,7 @@ def norms(
             io.check_output(out, force=force, suffixes=(".json", ".npz"))
         started = time.perf_counter()
         with _Dask(scheduler, workers) as where, _library_words():
-            from .distributed import jacobian_norms_dataset
+            from ..distributed import jacobian_norms_dataset
 
             with _chunk_bar(not quiet, "Norms", None) as progress:
                 values = jacobian_norms_dataset(
@@ -377,7 +377,7 @@ def norms(
 
 def _check_flags(scheduler, workers, *, size, unsafe) -> None:
     """Usage errors (exit 2) of the flags themselves, before anything is read."""
-    from .cli import _usage
+    from . import _usage
 
     if scheduler is not None and workers is not None:
         _usage(
@@ -401,7 +401,7 @@ def _check_flags(scheduler, workers, *, size, unsafe) -> None:
 
 
 def _check_model(model: str) -> None:
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     path = Path(model)
     if path.suffix.lower() != ".keras":
@@ -414,7 +414,7 @@ def _check_model(model: str) -> None:
 
 
 def _check_inputs(inputs: str) -> None:
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     if "://" in inputs:  # a remote store (s3://...): the workers open it themselves
         return
@@ -487,7 +487,7 @@ class _Dask:
         return self
 
     def _choose(self) -> None:
-        from .distributed import _local_backend
+        from ..distributed import _local_backend
 
         if self.workers is not None:
             self.arguments = {"workers": self.workers}
@@ -507,7 +507,7 @@ class _Dask:
     def _connect(self, address: str):
         from distributed import Client
 
-        from ._errors import JacketValueError
+        from ..errors import JacketValueError
 
         try:
             client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
@@ -575,7 +575,7 @@ def _quiet_dask_logs(*, dask: bool) -> dict[str, int]:
 def _library_words():
     """`jacket.distributed`'s errors in the command line's words: no function name in front,
     flags for the arguments (`--force` for `overwrite=True`, `-o` for `out`)."""
-    from ._errors import JacketError
+    from ..errors import JacketError
 
     try:
         yield
@@ -602,7 +602,7 @@ def _chunk_bar(show: bool, label: str, out: Path | None):
     """A rich progress bar on stderr, fed with finished chunks (`progress(done, total)` of
     `jacket.distributed`, called as their futures complete); only on a terminal. An interrupted
     run (Ctrl-C) is one red line that says how to resume, exit code 130."""
-    from .cli import _error_line, errors
+    from . import _error_line, errors
 
     seen = {"done": 0, "total": 0}
     bar = task = None

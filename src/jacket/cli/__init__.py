@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ._cli_distributed import SchedulerOption, WorkersOption
+from .distributed import SchedulerOption, WorkersOption
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -104,7 +104,7 @@ def _error_line(message: str) -> None:
 
 
 def _fail(error: BaseException) -> None:
-    from ._errors import JacketError
+    from ..errors import JacketError
 
     known = isinstance(error, (JacketError, RuntimeError, OSError))
     _error_line(str(error) if known else f"{type(error).__name__}: {error}")
@@ -177,8 +177,8 @@ def _progress(show: bool, label: str, total: int):
 
 def _some_samples(source: str, x) -> int:
     """The number of samples in `x`, refusing none (an empty file has no Jacobian to write)."""
-    from . import io
-    from ._errors import JacketValueError
+    from .. import io
+    from ..errors import JacketValueError
 
     samples = io.num_samples(x)
     if samples == 0:
@@ -191,7 +191,7 @@ def _some_samples(source: str, x) -> int:
 
 def _check_plottable(path: Path, block: str | None, array) -> None:
     """A saved Jacobian `plot` can draw: real numbers, `(samples, *out_shape, *in_shape)`."""
-    from ._errors import JacketValueError
+    from ..errors import JacketValueError
 
     shape, dtype = tuple(array.shape), getattr(array, "dtype", None)
     name = f"{str(path)!r}" + (f" [{block}]" if block else "")
@@ -209,7 +209,7 @@ def _check_plottable(path: Path, block: str | None, array) -> None:
 
 
 def _describe_inputs(x) -> str:
-    from . import io
+    from .. import io
 
     if isinstance(x, dict):
         return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in x.items())
@@ -333,7 +333,7 @@ def jacobian(
     """Per-sample Jacobians of MODEL at every sample of INPUTS, written to OUT."""
     _set_backend(backend)
     if scheduler is not None or workers is not None:  # on Dask, resumable: _cli_distributed.py
-        from . import _cli_distributed
+        from . import distributed as _cli_distributed
 
         if sparse or sparsity is not None:
             _usage(
@@ -349,7 +349,7 @@ def jacobian(
         )  # fmt: skip
     size_hw = _parse_size(size)
     if sparse or sparsity is not None:  # `jacket._cli_sparse`: the sparse file and its summary
-        from ._cli_sparse import sparse_jacobian
+        from .sparse import sparse_jacobian
 
         return sparse_jacobian(
             model, inputs, out, sparsity=sparsity, mode=mode.value, chunk_size=chunk_size,
@@ -357,7 +357,7 @@ def jacobian(
             force=force, quiet=quiet, as_json=as_json, unsafe=unsafe,
         )  # fmt: skip
     with _one_line_errors():
-        from . import io
+        from .. import io
 
         io.check_model_source(model)
         io.check_inputs_source(inputs)
@@ -443,7 +443,7 @@ def check(
     with _one_line_errors():
         import jacket
 
-        from . import io
+        from .. import io
 
         io.check_model_source(model)
         io.check_inputs_source(inputs)
@@ -507,14 +507,14 @@ def plot(
     with _one_line_errors():
         import numpy as np
 
-        from . import io
+        from .. import io
 
         target = out if out is not None else jacobian.with_suffix(".png")
         io.check_output(target, force=force, suffixes=(".png",))
         array, block = io.read_result(jacobian, key)
         _check_plottable(jacobian, block, array)
         try:
-            from .plot import jacobian_figure
+            from ..plot import jacobian_figure
         except ImportError:
             raise RuntimeError(
                 'jacket plot needs matplotlib: pip install "jacket[plot]".'
@@ -550,7 +550,7 @@ def demo(
     """Per-sample Jacobians of the bundled digits classifier: timed, checked, drawn."""
     _set_backend(backend)
     with _one_line_errors():
-        from .demo import run_demo
+        from ..demo import run_demo
 
         result = run_demo(out, batch=batch)
     summary = {
@@ -694,5 +694,5 @@ def main() -> None:
 
 
 # `jacket sensitivity`, `norms` and `attack ...` live in their own module and register on `app`
-from . import _cli_analysis  # noqa: E402, F401
-from . import _cli_sparse as _cli_sparse  # noqa: E402 - `jacket sparsity`, `jacobian --sparse`
+from . import analysis as _cli_analysis  # noqa: E402, F401
+from . import sparse as _cli_sparse  # noqa: E402, F401 - `jacket sparsity`, `jacobian --sparse`

@@ -1,0 +1,105 @@
+"""The model as jacket calls it: its call with or without state, and what its layers say about it
+(whether samples stay apart, what kind of model it is)."""
+
+from __future__ import annotations
+
+import keras
+
+
+def make_call(model, training: bool, state: list | None = None):
+    """`x_structure -> y_structure` for a Keras layer or model (or the callable itself).
+
+    With `state` (the values of `model.variables`, in order), the model runs statelessly on those
+    values: nothing of the model changes (BatchNormalization statistics, seed generators), and under
+    `jax.jit` the weights are arguments instead of constants baked into the trace.
+    """
+    if not isinstance(model, keras.Layer):
+        return model
+    if state is None:
+        return lambda x: model(x, training=training)
+    mapping = list(zip(model.variables, state))
+
+    def call(x):
+        with keras.StatelessScope(state_mapping=mapping):
+            return model(x, training=training)
+
+    return call
+
+
+def eager_call(model, training: bool):
+    """`make_call` for a run outside compiled code: stateless on the current weights in training
+    mode, so nothing of the model changes."""
+    state = None
+    if training and isinstance(model, keras.Layer):
+        state = [v.value for v in model.variables]
+    return make_call(model, training, state)
+
+
+# Keras's own layers that may run arbitrary user code or another framework's module.
+_OPAQUE_LAYERS = frozenset(
+    {"Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "Layer"}
+)
+
+
+def keeps_samples_apart(model, training: bool) -> bool:
+    """True when the model is known, from its layers alone, never to mix samples of a batch.
+
+    NOTE: [Samples apart by construction]
+    In inference every built-in Keras layer maps each sample on its own (BatchNormalization reads
+    its moving statistics; attention, recurrence and pooling work within a sample). So a
+    Sequential or Functional model made only of built-in layers needs no coupling probe. Anything
+    else - training mode, a subclassed model or layer, a `Lambda`, a raw `keras.ops` call in a
+    Functional graph (`keras.ops.mean(h, axis=0)`) - is left to the probe in `jacket._api`.
+    """
+    if training or not isinstance(model, keras.Layer):
+        return False
+    return _built_in_only(model)
+
+
+def _built_in_only(layer) -> bool:
+    cls = type(layer)
+    if not cls.__module__.startswith("keras.src.") or cls.__name__ in _OPAQUE_LAYERS:
+        return False
+    if isinstance(layer, keras.Model):
+        if cls.__module__ == "keras.src.models.sequential":
+            children = layer.layers
+        elif cls.__module__ == "keras.src.models.functional" or hasattr(layer, "operations"):
+            children = layer.operations  # every node, the layer-less ops included
+        else:
+            return False
+        return all(isinstance(child, keras.Layer) and _built_in_only(child) for child in children)
+    if not cls.__module__.startswith("keras.src.layers."):
+        return False
+    return all(
+        _built_in_only(child)
+        for child in layer._flatten_layers(include_self=False, recursive=False)
+    )
+
+
+_RECURRENT = ("RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+
+
+_MAX_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D")
+
+
+def model_kind(model) -> str:
+    """ "recurrent", "max_pooling", "depthwise", "conv", "dense" or "other": what decides the
+    fastest way to batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
+    if not isinstance(model, keras.Layer):
+        return "other"
+    names = {
+        cls.__name__
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for cls in type(layer).__mro__
+    }
+    if names & set(_RECURRENT):
+        return "recurrent"
+    if names & set(_MAX_POOLING):
+        return "max_pooling"
+    if any(name.startswith(("DepthwiseConv", "SeparableConv")) for name in names):
+        return "depthwise"
+    if any(name.startswith("Conv") for name in names):
+        return "conv"
+    if "Dense" in names or "EinsumDense" in names:
+        return "dense"
+    return "other"
