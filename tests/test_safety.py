@@ -16,7 +16,7 @@ from oracles import assert_close, central_differences, native_jacobian, to_numpy
 from scenarios import seed_mlp
 
 import jacket
-from jacket.engine import api as _api
+from jacket.engine import probes
 
 # ------------------------------------------------------------------------------ interacting samples
 
@@ -115,10 +115,10 @@ def test_diagonal_option_errors():
 def _count_probe_vjps(monkeypatch) -> list:
     """Patch the engine so that every VJP its probe runs is counted."""
     calls = []
-    probe = _api._Engine._probe
+    probe = probes._probe
 
-    def counted_probe(self, inputs, entry):
-        vjp = self.vjp
+    def counted_probe(state, inputs, entry):
+        vjp = state.vjp
 
         def counting(inputs_):
             kernel = vjp(inputs_)
@@ -129,13 +129,13 @@ def _count_probe_vjps(monkeypatch) -> list:
 
             return run
 
-        self.vjp = counting
+        state.vjp = counting
         try:
-            return probe(self, inputs, entry)
+            return probe(state, inputs, entry)
         finally:
-            del self.vjp
+            del state.vjp
 
-    monkeypatch.setattr(_api._Engine, "_probe", counted_probe)
+    monkeypatch.setattr(probes, "_probe", counted_probe)
     return calls
 
 

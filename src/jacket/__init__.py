@@ -42,11 +42,11 @@ __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import jacobian as jacobian
     from .api import jacobian_fn as jacobian_fn
-    from .engine.api import JacobianFn as JacobianFn
-    from .engine.api import jvp as jvp
-    from .engine.api import vjp as vjp
-    from .engine.check import CheckReport as CheckReport
-    from .engine.check import check as check
+    from .engine import CheckReport as CheckReport
+    from .engine import JacobianFn as JacobianFn
+    from .engine import check as check
+    from .engine import jvp as jvp
+    from .engine import vjp as vjp
     from .errors import CouplingError as CouplingError
     from .errors import JacketError as JacketError
     from .errors import JacketMemoryError as JacketMemoryError

@@ -21,6 +21,27 @@ from ..trees import flatten_with_labels, is_leaf_structure, pack, skeleton
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def numpy_dtype(dtype: str):
+    """The NumPy dtype of a Keras dtype name (bfloat16 from ml_dtypes)."""
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def dtype_name(dtype) -> str:
+    """The Keras dtype name of a NumPy dtype."""
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else np.dtype(dtype).name
+
+
+def result_dtype(leaves: list[Leaf]) -> str:
+    """The widest float dtype among the leaves (Keras's own promotion maps float64 to float32 on
+    JAX and PyTorch, which would lose precision here)."""
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if "float64" in dtypes:
+        return "float64"
+    return "float32"
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One input or output array of a model, per sample (the batch axis left out)."""
@@ -154,7 +175,7 @@ def _describe_declared(declared) -> str:
     return f"{len(declared)} inputs as a {type(declared).__name__}"
 
 
-def _to_array(fn_name: str, label: str, value):
+def to_array(fn_name: str, label: str, value):
     """A backend tensor (kept as is) or a NumPy array; strings, objects and complex are refused.
 
     Tensors of another framework (a `torch.Tensor` on TensorFlow, a `jax.Array` on PyTorch) go
@@ -262,7 +283,7 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
 
     tensors, leaves, batches = [], [], []
     for (label, value), spec in zip(flat, specs):
-        array, dtype = _to_array(fn_name, label, value)
+        array, dtype = to_array(fn_name, label, value)
         shape = tuple(int(d) for d in array.shape)
         _check_shape(fn_name, label, shape, spec)
         if 0 in shape[1:]:

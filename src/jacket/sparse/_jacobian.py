@@ -33,8 +33,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..checks import check_flag, check_model
-from ..engine.api import _numpy_dtype, _Options
-from ..engine.inputs import FLOAT_DTYPES, Inputs, declared_inputs, output_leaves, prepare_inputs
+from ..engine import Options, jacobian, jvp, vjp
+from ..engine.inputs import (
+    FLOAT_DTYPES,
+    Inputs,
+    declared_inputs,
+    numpy_dtype,
+    output_leaves,
+    prepare_inputs,
+)
 from ..engine.model import eager_call
 from ..errors import CouplingError, JacketTypeError, JacketValueError
 from ..trees import pack, skeleton
@@ -184,7 +191,7 @@ def prepared(
 ) -> SparseJacobianFn:
     """The sparse form of `jacket.jacobian` / `jacobian_fn` (their `sparse=True` or `sparsity=`)."""
     check_model(fn_name, model)
-    checked = _Options.checked(
+    checked = Options.checked(
         fn_name, mode, chunk_size, flatten, per_sample, training, memory_budget
     )
     if not per_sample:
@@ -412,7 +419,7 @@ class _Prepared:
         if options["chunk_size"] is not None:
             chunk = min(options["chunk_size"], self.n_colors)
         else:
-            itemsize = max(np.dtype(_numpy_dtype(leaf.dtype)).itemsize for leaf in self.in_leaves)
+            itemsize = max(np.dtype(numpy_dtype(leaf.dtype)).itemsize for leaf in self.in_leaves)
             activations = self.activation_size or 4 * (self.in_size + self.out_size)
             per_color = batch * itemsize * (3 * activations + self.in_size + self.out_size)
             chunk = max(1, min(self.n_colors, options["memory_budget"] // max(per_color, 1)))
@@ -458,8 +465,6 @@ class _Prepared:
         )
 
     def _dense_values(self, model, inputs: Inputs, options: dict) -> np.ndarray:
-        from ..engine.api import jacobian
-
         J = jacobian(
             model,
             inputs.pack(inputs.tensors),
@@ -478,8 +483,6 @@ class _Prepared:
         return dense[:, self.rows, self.cols]
 
     def _compressed_values(self, fn_name, model, inputs: Inputs, options: dict) -> np.ndarray:
-        from ..engine.api import jvp, vjp
-
         batch = inputs.batch
         chunk = self.chunk(batch, options)
         activations = self.activation_size or 4 * (self.in_size + self.out_size)
@@ -508,8 +511,6 @@ class _Prepared:
         """Probe once per batch size that samples do not interact (the engine's coupling probe,
         through `jacket.vjp`), on the batch as given (two copies of a single sample): cheaper
         than probing the repeated batch of the compressed passes."""
-        from ..engine.api import vjp
-
         if inputs.batch in self._probed:
             return
         k = 2 if inputs.batch == 1 else 1
@@ -544,7 +545,7 @@ class _Prepared:
                 for leaf in leaves:
                     part = block[:, offset : offset + leaf.size].reshape((-1,) + leaf.shape)
                     tensors.append(
-                        keras.ops.convert_to_tensor(part.astype(_numpy_dtype(leaf.dtype)))
+                        keras.ops.convert_to_tensor(part.astype(numpy_dtype(leaf.dtype)))
                     )
                     offset += leaf.size
                 seeds.append(pack(self.in_structure if forward else self.y_structure, tensors))
@@ -569,13 +570,11 @@ def _numpy(t) -> np.ndarray:
 
 def _verify(fn_name, model, inputs: Inputs, pattern: sp.csr_array, training: bool) -> None:
     """Check `pattern` at two random points (see `sparsity`'s `verify`)."""
-    from ..engine.api import jacobian, jvp, vjp
-
     rng = np.random.default_rng(0)
     points = 2
     xs = [
         keras.ops.convert_to_tensor(
-            rng.standard_normal((points,) + leaf.shape).astype(_numpy_dtype(leaf.dtype))
+            rng.standard_normal((points,) + leaf.shape).astype(numpy_dtype(leaf.dtype))
         )
         for leaf in inputs.leaves
     ]
@@ -618,7 +617,7 @@ def _verify(fn_name, model, inputs: Inputs, pattern: sp.csr_array, training: boo
         split, offset = [], 0
         for leaf in w_leaves:
             part = w[:, offset : offset + leaf.size].reshape((points,) + leaf.shape)
-            split.append(keras.ops.convert_to_tensor(part.astype(_numpy_dtype(leaf.dtype))))
+            split.append(keras.ops.convert_to_tensor(part.astype(numpy_dtype(leaf.dtype))))
             offset += leaf.size
         seeds = pack(inputs.structure if product is jvp else prepared_fn.y_structure, split)
         got = product(model, x, seeds, training=training)

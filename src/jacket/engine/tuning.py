@@ -1,0 +1,417 @@
+"""Which plan runs: the planner's candidates measured on the calls themselves, and remembered.
+
+NOTE: [Measured plans]
+No strategy wins everywhere (NOTE: [How the plan decides]), and a table keyed by kind of model chose
+plans up to 26x slower than the best on real architectures, so the plan is measured per model, input
+signature, options, backend and device:
+- The first call runs the first candidate (the backend's `PRIOR`): one compile, as a framework's own
+  one-liner costs. Nothing else is compiled then.
+- Each later call, until every candidate has been tried, times the current plan and tries one more
+  candidate on the same input: it is compiled, run, its result compared with the current plan's
+  (a candidate that fails or gives another Jacobian is dropped, and `describe()` says why), and
+  timed warm; the faster is kept. A candidate costs its compile and a few runs, spread over the
+  calls, and the result of every call is computed by a plan that has passed.
+- When all have been tried the plan is settled: written to the plan cache on disk
+  (`jacket.engine.cache`), so that the next process starts with it, with nothing to try.
+- `strategy="autotune"` tries every candidate on the first call; a forced strategy (or
+  `chunk_size` with a forced strategy) runs as asked, never measured.
+Timings are warm (after the compile), the best of a few runs lasting together at least `TIME_S`,
+and the current plan is timed again on every call that tries a candidate, so that both are timed
+under the same load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+import ml_dtypes
+import numpy as np
+
+from ..errors import JacketError, JacketMemoryError, JacketValueError
+from . import cache, plan, probes
+from .executor import Executor
+from .inputs import Inputs, numpy_dtype, result_dtype
+from .memory import available_memory, is_out_of_memory
+from .options import Options
+from .plan import Plan, Problem, prior
+from .state import Entry, ModelState
+
+TIME_S = 0.05  # warm runs of one timing last together at least this long (at most `MAX_RUNS`)
+MAX_RUNS = 5
+
+
+@dataclass
+class Trial:
+    """What was measured of one candidate."""
+
+    plan: Plan
+    seconds: float | None = None  # warm seconds per Jacobian, the best run
+    failure: str | None = None  # why it cannot be used
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The plan a prepared Jacobian follows for one input signature, and where it came from.
+
+    Attributes:
+      mode, per_sample, strategy, chunk, rows, n_chunks: as in the plan (see `describe`).
+      source: "prior" (the backend's first candidate, not yet measured against the others),
+        "measuring" (candidates are being tried on the calls), "calibrated" (measured in this
+        process), "autotune", "cache" (measured in an earlier process, read from the plan
+        cache), or "forced" (`strategy=` given).
+      timings: warm milliseconds per Jacobian of each measured candidate, by its description.
+      failures: why a candidate was dropped, by its description.
+    """
+
+    plan: Plan
+    source: str
+    timings: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
+
+    def describe(self) -> str:
+        text = f"{self.plan.describe()} (plan from: {self.source}"
+        if self.timings:
+            shown = ", ".join(f"{k}: {v:.3g} ms" for k, v in self.timings.items())
+            text += f"; measured {shown}"
+        if self.failures:
+            text += "; dropped " + ", ".join(f"{k}: {v}" for k, v in self.failures.items())
+        return text + ")"
+
+
+def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -> Problem:
+    """What the planner is told of this Jacobian (sizes, options, the verdicts known so far)."""
+    itemsize = np.dtype(numpy_dtype(result_dtype(inputs.leaves + entry.out_leaves))).itemsize
+    forward = state.forward.get(inputs.signature[1], "unknown")
+    return Problem(
+        batch=inputs.batch,
+        in_size=sum(leaf.size for leaf in inputs.leaves),
+        out_size=entry.out_size,
+        itemsize=itemsize,
+        activation_size=entry.activation_size,
+        per_sample=options.per_sample is True,  # "diagonal": the full Jacobian, sliced
+        training=options.training,
+        memory_budget=options.memory_budget,
+        mode=options.mode,
+        chunk_size=options.chunk_size,
+        strategy=options.strategy,
+        forward_ok=forward is not None,
+        prior=prior(state.backend, entry.kind),
+    )
+
+
+class Tuning:
+    """The measured plan of one model, input signature and options (NOTE: [Measured plans])."""
+
+    def __init__(
+        self, state: ModelState, fn_name: str, inputs: Inputs, entry: Entry, options: Options
+    ):
+        self.state, self.entry, self.options = state, entry, options
+        self.described = dataclasses.replace(inputs, tensors=[])  # the signature, not the data
+        self.problem = problem(state, inputs, entry, options)
+        self.trials = {p: Trial(p) for p in plan.candidates(self.problem)}
+        self.order = list(self.trials)
+        self.executor: Executor | None = None
+        self.forced = options.strategy in plan.STRATEGIES
+        self.source = "forced" if self.forced else "prior"
+        self.settled = self.forced or len(self.order) == 1
+        self.note = None
+        self.cache_key = None
+        if not self.settled and not fits_twice(result_bytes(inputs, entry, self.problem)):
+            self.settled = True  # trying a candidate holds its result beside the current one's
+            self.note = "not measured: two results would not fit in the memory available"
+        if not self.settled:
+            self.cache_key = cache.key(state, inputs, options)
+            self._from_cache(fn_name, inputs)
+
+    # ---------------------------------------------------------------------------------- reports
+
+    @property
+    def plan(self) -> Plan:
+        return self.executor.plan if self.executor is not None else self._next_untried()
+
+    def report(self) -> PlanReport:
+        source = self.source
+        if source == "prior" and any(t.seconds is not None for t in self.trials.values()):
+            source = "measuring"
+        timings = {
+            t.plan.describe(): t.seconds * 1e3
+            for t in self.trials.values()
+            if t.seconds is not None
+        }
+        failures = {t.plan.describe(): t.failure for t in self.trials.values() if t.failure}
+        if self.note:
+            source = f"{source}, {self.note}"
+        return PlanReport(self.plan, source, timings, failures)
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def __call__(self, fn_name: str, tensors: list, checked: bool = False):
+        """The Jacobian of `tensors` (the structure of the model's outputs of its inputs)."""
+        while True:
+            try:
+                if self.executor is None:
+                    result = self._first(fn_name, tensors, checked)
+                elif self.settled:
+                    return self.executor(fn_name, tensors, checked)
+                else:
+                    result = self._try_next(fn_name, tensors, checked)
+                if self.options.strategy == "autotune":  # every candidate on the first call
+                    while not self.settled:
+                        result = self._try_next(fn_name, tensors, checked)
+                return result
+            except Exception as error:  # noqa: BLE001 - recovered from, or raised again
+                self._recover(fn_name, error)
+
+    def call_array(self, fn_name: str, x: np.ndarray):
+        """The fast path: `x` is one float NumPy array of a signature seen before."""
+        tensors = self.executor.as_tensors(fn_name, x)
+        return self(fn_name, tensors, checked=True)
+
+    def _first(self, fn_name: str, tensors: list, checked: bool):
+        """The first call: the first candidate that can run, compiled and run.
+
+        A candidate that cannot run on this model is dropped and the next one tried; when the
+        next one fails too, the first error is the model's own and is raised.
+        """
+        first_error = None
+        while True:
+            candidate = self._next_untried()
+            try:
+                executor = self._executor(fn_name, candidate, tensors)
+                result = executor(fn_name, tensors, checked)
+            except Exception as error:
+                if self.forced and not isinstance(error, JacketError):
+                    error.add_note(
+                        f"jacket: raised while running strategy={candidate.strategy!r} "
+                        f"({candidate.describe()}); strategy='auto' tries the strategies in "
+                        "turn and drops those that cannot run on a model."
+                    )
+                if self.forced or not self._droppable(error):
+                    raise
+                if not isinstance(error, _Unusable):
+                    if first_error is not None:
+                        raise first_error from None
+                    first_error = error
+                self._drop(candidate, error)
+                continue
+            self.executor = executor
+            if not self._untried():
+                self._settle()
+            return result
+
+    def _try_next(self, fn_name: str, tensors: list, checked: bool):
+        """Time the current plan, try one more candidate on the same input, keep the faster."""
+        current = self.executor
+        result, seconds = _timed(lambda: current(fn_name, tensors, checked), self.state.backend)
+        trial = self.trials[current.plan]
+        trial.seconds = seconds if trial.seconds is None else min(trial.seconds, seconds)
+        untried = self._untried()
+        if untried:
+            candidate = untried[0]
+            try:
+                executor = self._executor(fn_name, candidate, tensors)
+                other = executor(fn_name, tensors, checked)  # compiles
+                difference = _difference(result, other)
+                if difference is not None:
+                    self._drop(candidate, f"another Jacobian ({difference})")
+                    executor.release()
+                else:
+                    _, candidate_s = _timed(
+                        lambda: executor(fn_name, tensors, checked), self.state.backend
+                    )
+                    self.trials[candidate].seconds = candidate_s
+                    if candidate_s < self.trials[current.plan].seconds:
+                        current.release()
+                        self.executor = executor
+                    else:
+                        executor.release()
+            except Exception as error:
+                if not self._droppable(error):
+                    raise
+                self._drop(candidate, error)
+        if not self._untried():
+            self._settle()
+        return result
+
+    # ------------------------------------------------------------------------------ candidates
+
+    def _untried(self) -> list[Plan]:
+        return [
+            p
+            for p in self.order
+            if self.trials[p].seconds is None
+            and self.trials[p].failure is None
+            and (self.executor is None or p != self.executor.plan)
+        ]
+
+    def _next_untried(self) -> Plan:
+        untried = self._untried()
+        if not untried:  # pragma: no cover - the last candidate's failure is raised instead
+            raise AssertionError("no candidate plan left")
+        return untried[0]
+
+    def _executor(self, fn_name: str, candidate: Plan, tensors: list) -> Executor:
+        """The executor of `candidate`, after the probes it needs (forward-mode check, tiling)."""
+        inputs = dataclasses.replace(self.described, tensors=tensors)
+        method = None
+        if candidate.mode == "forward":
+            method = probes.forward_method(self.state, fn_name, inputs, self.entry)
+            if method is None:
+                raise _Unusable("no forward mode passed the check against reverse mode")
+        if candidate.strategy == "replicate" and not probes.tiling_is_safe(
+            self.state, fn_name, inputs
+        ):
+            if self.forced:
+                raise JacketValueError(
+                    f"{fn_name}: strategy='replicate' tiles the batch, and this model mixes "
+                    "the samples of a batch, so the copies would change its output. "
+                    "Received: strategy='replicate' with a batch of 1. Use strategy='loop', "
+                    "'vmap' or 'auto'."
+                )
+            raise _Unusable("the model mixes the copies of a tiled batch")
+        return Executor(
+            self.state,
+            inputs,
+            self.entry,
+            candidate,
+            flatten=self.options.flatten,
+            diagonal=self.options.per_sample == "diagonal",
+            jvp_method=method,
+        )
+
+    def _droppable(self, error: BaseException) -> bool:
+        """Errors that may rule out a candidate rather than the call (the library's own errors
+        are about the call: bad inputs, non-finite values, coupled samples)."""
+        return isinstance(error, _Unusable) or not isinstance(error, JacketError)
+
+    def _drop(self, candidate: Plan, error) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:160]}"
+        self.trials[candidate].failure = " ".join(text.split())
+        if all(self.trials[p].failure for p in self.order):
+            raise error if isinstance(error, BaseException) else JacketValueError(text)
+
+    def _recover(self, fn_name: str, error: BaseException) -> None:
+        """After a failed run of the current plan: a smaller chunk when out of memory, another
+        strategy when an op has no batching rule; anything else is raised."""
+        current = self.executor
+        if current is None:
+            raise error
+        if _lacks_batching_rule(error) and current.plan.strategy == "vmap":
+            if self.forced:
+                raise JacketValueError(
+                    f"{fn_name}: strategy='vmap' cannot run on this model: "
+                    f"{type(error).__name__}: {str(error)[:200]}. Received: "
+                    "strategy='vmap'. Use strategy='loop' or 'auto'."
+                ) from error
+            for p in self.order:
+                if p.strategy == "vmap":
+                    self.trials[p].failure = "an operation has no batching rule"
+            current.release()
+            self.executor = None  # the next call runs the next candidate
+            return
+        if not is_out_of_memory(error):
+            raise error
+        if current.plan.chunk == 1:
+            raise JacketMemoryError(
+                f"{fn_name}: out of memory even with one seed per pass "
+                f"({current.plan.describe()}; {type(error).__name__}: {str(error)[:200]}). Pass "
+                "a smaller batch, or stream the batch in parts (`jacket.io.stream_jacobian`)."
+            ) from error
+        smaller = plan.with_chunk(current.plan, max(1, current.plan.chunk // 2))
+        trial = self.trials.pop(current.plan)
+        self.order[self.order.index(current.plan)] = smaller
+        self.trials[smaller] = Trial(smaller, None, trial.failure)
+        current.release()
+        inputs = dataclasses.replace(self.described, tensors=[])
+        self.executor = self._executor(fn_name, smaller, inputs.tensors)
+
+    # ------------------------------------------------------------------------------ settling
+
+    def _settle(self) -> None:
+        self.settled = True
+        if self.source == "prior":
+            measured = [t for t in self.trials.values() if t.seconds is not None]
+            if measured:
+                self.source = "autotune" if self.options.strategy == "autotune" else "calibrated"
+                if self.cache_key is not None:
+                    cache.store(
+                        self.cache_key,
+                        self.state,
+                        self.described,
+                        self.plan,
+                        self.source,
+                        [self.trials[p] for p in self.order],
+                    )
+
+    def _from_cache(self, fn_name: str, inputs: Inputs) -> None:
+        stored = cache.load(self.cache_key)
+        if stored is None:
+            return
+        chosen = next((p for p in self.order if cache.same_plan(p, stored.plan)), None)
+        if chosen is None:
+            return  # the candidates changed (another memory budget, say): measure again
+        cache.restore_verdicts(self.state, inputs, stored)
+        self.order.remove(chosen)
+        self.order.insert(0, chosen)
+        for p, seconds in stored.timings(self.order).items():
+            self.trials[p].seconds = seconds
+        self.source = "cache"
+        self.settled = True
+
+
+class _Unusable(Exception):
+    """A candidate plan that cannot run on this model (said in the report)."""
+
+
+def _lacks_batching_rule(error: BaseException) -> bool:
+    """JAX's `NotImplementedError: Batching rule for 'rnn_bwd' not implemented`, or PyTorch's
+    `RuntimeError: Batching rule not implemented for aten::...`."""
+    return isinstance(error, (NotImplementedError, RuntimeError)) and "atching rule" in str(error)
+
+
+def _timed(run, backend) -> tuple:
+    """`(result, seconds)`: the best of warm runs lasting together at least `TIME_S`."""
+    best, spent, runs = math.inf, 0.0, 0
+    result = None
+    while runs < MAX_RUNS and (runs == 0 or spent < TIME_S):
+        start = time.perf_counter()
+        result = run()
+        backend.block_until_ready(result)
+        seconds = time.perf_counter() - start
+        best, spent, runs = min(best, seconds), spent + seconds, runs + 1
+    return result, best
+
+
+def _difference(a, b) -> str | None:
+    """None when two Jacobians agree to rounding, else how far apart they are."""
+    worst = 0.0
+    for x, y in zip(keras.tree.flatten(a), keras.tree.flatten(b)):
+        x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+        y = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
+        if x.shape != y.shape:
+            return f"shape {y.shape} instead of {x.shape}"
+        scale = max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0), 1e-30)
+        worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
+    dtype = keras.backend.standardize_dtype(keras.tree.flatten(a)[0].dtype)
+    allowed = 100 * math.sqrt(float(ml_dtypes.finfo(numpy_dtype(dtype)).eps))
+    return None if worst <= allowed else f"max relative difference {worst:.2g}"
+
+
+def result_bytes(inputs: Inputs, entry: Entry, problem: Problem) -> int:
+    """Bytes of the Jacobian (per-sample, or the full cross-sample one)."""
+    elements = problem.batch * problem.out_size * problem.in_size
+    return elements * problem.itemsize * (1 if problem.per_sample else problem.batch)
+
+
+def fits_twice(size_bytes: int) -> bool:
+    """Whether two results of this size fit in the memory available (trying a candidate holds
+    its result beside the current plan's)."""
+    available = available_memory()
+    return available is None or 2 * size_bytes <= available
