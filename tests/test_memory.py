@@ -11,10 +11,10 @@ from oracles import assert_close, central_differences, to_numpy
 from scenarios import seed_mlp
 
 import jacket
-from jacket.engine import memory as _memory_module
-from jacket.engine import options as _options
 from jacket import checks
 from jacket.engine import kernels as _kernels
+from jacket.engine import memory as _memory_module
+from jacket.engine import options as _options
 
 GiB, MiB = 1 << 30, 1 << 20
 

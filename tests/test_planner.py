@@ -226,9 +226,10 @@ def test_a_candidate_that_fails_is_dropped_and_a_forced_one_says_why(cache_dir, 
         return keras.ops.tanh(z) * mask
 
     x = rng.random((3, 8)).astype("float32")
-    expected = np.einsum("bi,ij->bij", keras.ops.convert_to_numpy(mask), np.eye(8)) * (
-        1 - np.tanh(x) ** 2
-    )[:, None, :]
+    expected = (
+        np.einsum("bi,ij->bij", keras.ops.convert_to_numpy(mask), np.eye(8))
+        * (1 - np.tanh(x) ** 2)[:, None, :]
+    )
     jac = jacket.jacobian_fn(masked)
     report = jac.tune(x)
     assert_close(jac(x), expected, rtol=1e-6)
