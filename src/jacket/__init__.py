@@ -23,6 +23,7 @@ _EXPORTS = {
     "vjp": ".engine",
     "check": ".engine",
     "CheckReport": ".engine",
+    "PlanReport": ".engine",
     "JacketError": ".errors",
     "JacketValueError": ".errors",
     "JacketTypeError": ".errors",
@@ -35,7 +36,17 @@ _EXPORTS = {
     "SparsityWarning": ".sparse",
 }
 # subpackages reachable as attributes (`jacket.analysis.sensitivity`), also loaded on first use
-_SUBPACKAGES = ("analysis", "attacks")
+# (each imports its framework only when first used; `import jacket` itself imports none)
+_SUBPACKAGES = (
+    "analysis",
+    "attacks",
+    "distributed",
+    "engine",
+    "io",
+    "operator",
+    "plot",
+    "sparse",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]
 
@@ -43,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import jacobian as jacobian
     from .api import jacobian_fn as jacobian_fn
     from .engine import CheckReport as CheckReport
+    from .engine import PlanReport as PlanReport
     from .engine import JacobianFn as JacobianFn
     from .engine import check as check
     from .engine import jvp as jvp
