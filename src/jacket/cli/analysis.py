@@ -449,6 +449,7 @@ def norms(
         import numpy as np
 
         from .. import analysis, io
+        from ..batches import pad
         from ..errors import JacketValueError
 
         io.check_model_source(model)
@@ -475,7 +476,7 @@ def norms(
             for start, stop, batch in io.iter_batches(x, batch_size, model=loaded):
                 n = stop - start
                 if n < batch_size and start > 0:  # the shape of the other batches: no re-trace
-                    batch = io._pad_rows(batch, batch_size)
+                    batch = pad(batch, batch_size)
                 if logdet:  # first: a non-square model fails before any other work
                     det = analysis.logdet(loaded, batch)
                     signs[start:stop], logabs[start:stop] = det.sign[:n], det.logabsdet[:n]

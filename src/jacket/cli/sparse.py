@@ -414,7 +414,7 @@ def _input_shapes(source: str, model, given: list[tuple[int, ...]]):
     from .. import io
     from ..errors import JacketValueError
 
-    declared = io._declared(model)
+    declared = io.inputs.declared_inputs(model)
     leaves = keras.tree.flatten(declared) if declared is not None else []
     if given:
         if leaves and len(given) != len(leaves):
@@ -466,7 +466,7 @@ def _dtypes(model, structure):
 
     from .. import io
 
-    declared = io._declared(model)
+    declared = io.inputs.declared_inputs(model)
     leaves = keras.tree.flatten(declared) if declared is not None else []
     names = [str(getattr(leaf, "dtype", "") or "") for leaf in leaves]
     floats = [d if d in ("float16", "float32", "float64") else "float32" for d in names]
