@@ -27,7 +27,7 @@ import zarr
 from typer.testing import CliRunner
 
 import jacket
-from jacket import distributed as jd
+from jacket.distributed import store as dist_store
 from jacket.cli import app
 from jacket.cli import distributed as _cli_distributed
 
@@ -153,14 +153,14 @@ def test_jacobian_in_process_matches_jacobian_and_resumes_after_an_interrupt(
     expected = _numpy(jacket.jacobian(files.model["mlp"], files.data["x"]))
 
     # Ctrl-C after the third chunk: one red line that says how to resume, exit code 130
-    finished = jd._Tracker.finished
+    finished = dist_store.Tracker.finished
 
     def interrupted(self, index):
         finished(self, index)
         if self.count() == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(jd._Tracker, "finished", interrupted)
+    monkeypatch.setattr(dist_store.Tracker, "finished", interrupted)
     _one_red_line(
         _invoke(*args), "interrupted", "rerun the same command", "3 of 5 chunks", code=130
     )

@@ -487,7 +487,7 @@ class _Dask:
         return self
 
     def _choose(self) -> None:
-        from ..distributed import _local_backend
+        from ..distributed.cluster import local_backend as _local_backend
 
         if self.workers is not None:
             self.arguments = {"workers": self.workers}
