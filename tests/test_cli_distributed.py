@@ -27,9 +27,9 @@ import zarr
 from typer.testing import CliRunner
 
 import jacket
-from jacket.distributed import store as dist_store
 from jacket.cli import app
 from jacket.cli import distributed as _cli_distributed
+from jacket.distributed import store as dist_store
 
 BACKEND = keras.backend.backend()
 RUNNER = CliRunner()
