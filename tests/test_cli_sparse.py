@@ -361,11 +361,10 @@ def test_errors_are_one_red_line(files, tmp_path):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket.cli import sparse as _cli_sparse
-    from jacket.sparse import _detect
+    from jacket.sparse import _detect, _jacobian
 
     if not dense_check:
-        monkeypatch.setattr(_cli_sparse, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_jacobian, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,

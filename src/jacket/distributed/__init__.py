@@ -11,7 +11,7 @@ computes their Jacobians with `jacket.jacobian_fn` and writes them into the zarr
 chunk. Nothing is pickled but paths, options and (for NumPy inputs) the chunk's samples; the driver
 never holds more than one chunk of the result.
 
-- `runners`: the public functions below; a run is a `Job`, cut into chunks.
+- `runners`: the public functions below; `job`: a run's `Job`, cut into chunks.
 - `cluster`: where the chunks run (NOTE: [Where the chunks run]), `Cluster`.
 - `store`: the zarr store and its manifest (NOTE: [Resuming a dataset run]).
 - `source`, `skeletons`: the inputs and their structure; `worker`: what runs on the workers.
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from .cluster import IN_PROCESS_MAX_BYTES as IN_PROCESS_MAX_BYTES
 from .cluster import Cluster as Cluster
+from .job import OPTION_DEFAULTS as OPTION_DEFAULTS
 from .runners import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .runners import jacobian_dataset as jacobian_dataset
 from .runners import jacobian_norms_dataset as jacobian_norms_dataset
 from .runners import sensitivity_dataset as sensitivity_dataset
-from .worker import OPTION_DEFAULTS as OPTION_DEFAULTS
 
 __all__ = [
     "jacobian_dataset",

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ..analysis.reductions import REDUCTIONS, Sensitivity, combine, finish, ranking
-from ..checks import check_flag, positive_int
+from ..checks import check_flag
 from ..errors import JacketTypeError, JacketValueError
 from .cluster import Cluster
-from .source import Piece, Source, model_file
+from .job import Job
 from .store import (
-    FORMAT,
     Tracker,
     create_arrays,
     create_store,
@@ -28,7 +25,7 @@ from .store import (
     store_path,
     write_blocks,
 )
-from .worker import OPTION_DEFAULTS, jacobian_chunk, reduce_chunk
+from .worker import jacobian_chunk, reduce_chunk
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -270,63 +267,6 @@ def _reduce(fn, job: Job, client, scheduler, workers, progress, put) -> None:
             where.close()
 
 
-@dataclass
-class Job:
-    """What every task of a run needs: small and picklable (paths, options, no model, no result)."""
-
-    fn: str
-    kind: str  # "jacobian", "sensitivity" or "norms"
-    model_path: str
-    model_sha256: str
-    options: dict
-    batch_size: int
-    source: Source  # stays with the driver (see `__getstate__`)
-    n: int
-    in_skeleton: Any
-    backend: str | None = None
-    store: str | None = None
-    layout: dict | None = None
-
-    @classmethod
-    def prepare(cls, fn, model_path, inputs, batch_size, options, *, kind) -> Job:
-        path, sha256 = model_file(fn, model_path)
-        source = Source.open(fn, inputs)
-        batch_size = positive_int(fn, "batch_size", batch_size)
-        options = check_options(fn, options, kind)
-        return cls(
-            fn, kind, str(path), sha256, options, batch_size, source, source.n, source.skeleton
-        )
-
-    def piece(self, index: int) -> Piece:
-        """Chunk `index`'s samples: the NumPy data itself, or the zarr arrays to read them from."""
-        start = index * self.batch_size
-        stop = min(self.n, start + self.batch_size)
-        arrays = self.source.arrays
-        if all(isinstance(array, np.ndarray) for array in arrays):
-            return Piece(start, stop, self.in_skeleton, data=[a[start:stop] for a in arrays])
-        return Piece(start, stop, self.in_skeleton, arrays=arrays)
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def identity(self) -> dict:
-        """What must match for a stored run to be resumed (see NOTE: [Resuming a dataset run])."""
-        return {
-            "format": FORMAT,
-            "model_sha256": self.model_sha256,
-            "backend": self.backend,
-            "options": self.options,
-            "batch_size": self.batch_size,
-            "inputs": self.source.describe(),
-        }
-
-    def __getstate__(self):  # the tasks carry their own piece of the inputs, not all of them
-        state = dict(self.__dict__)
-        state["source"] = None
-        return state
-
-
 class Progress:
     """A rich progress bar, a callback or nothing, fed with finished chunk counts."""
 
@@ -396,38 +336,6 @@ class Tree:
 
 
 # --------------------------------------------------------------------------------------- checks
-
-
-def check_options(fn: str, options: dict, kind: str) -> dict:
-    allowed = dict(OPTION_DEFAULTS)
-    if kind != "jacobian":
-        del allowed["flatten"]  # reductions see flattened blocks
-    checked = dict(allowed)
-    for name, value in options.items():
-        if name == "per_sample":
-            if value is not True:
-                raise JacketValueError(
-                    f"{fn}: chunks hold per-sample Jacobians, so `per_sample` must stay True. "
-                    f"Received: per_sample={value!r}. For the full cross-sample Jacobian of a "
-                    "batch, call jacket.jacobian(model, x, per_sample=False)."
-                )
-            continue
-        if name not in allowed:
-            raise JacketTypeError(
-                f"{fn}: unknown option `{name}`. Received: {name}={value!r}. Options: "
-                f"{', '.join(allowed)} (those of jacket.jacobian)."
-            )
-        if isinstance(value, np.bool_):
-            value = bool(value)
-        elif isinstance(value, np.integer):
-            value = int(value)
-        if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise JacketTypeError(
-                f"{fn}: option `{name}` must be a plain value (None, a bool, a number or a "
-                f"string). Received: {name}={value!r}."
-            )
-        checked[name] = value
-    return checked
 
 
 def check_progress(fn: str, progress):

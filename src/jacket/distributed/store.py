@@ -34,10 +34,9 @@ from ..errors import JacketTypeError, JacketValueError
 from .skeletons import flatten_skeleton, unflatten
 
 if TYPE_CHECKING:
-    from .runners import Job
+    from .job import Job
     from .source import Piece
 
-FORMAT = "jacket.jacobian_dataset/1"
 MANIFEST_KEY = "jacket"
 
 

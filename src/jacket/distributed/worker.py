@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,24 +15,14 @@ from ..analysis.reductions import frobenius, partial
 from ..errors import JacketValueError
 from ..trees import to_numpy
 from .cluster import hostname, worker_backend
+from .job import OPTION_DEFAULTS
 from .skeletons import flatten_skeleton, path_label, split
 from .source import Piece
 from .source import sha256 as file_sha256
 from .store import write_blocks
 
 if TYPE_CHECKING:
-    from .runners import Job
-
-# The options of `jacket.jacobian_fn` a dataset run passes on, with their defaults (a test checks them
-# against `jacket.jacobian_fn`'s signature). `per_sample` stays True: chunks hold per-sample blocks.
-OPTION_DEFAULTS: dict[str, Any] = {
-    "mode": "auto",
-    "chunk_size": None,
-    "flatten": False,
-    "training": False,
-    "memory_budget": None,
-    "strategy": "auto",
-}
+    from .job import Job
 
 _MODELS: dict = {}  # (path, sha256) -> model, in this process
 _JACOBIANS: dict = {}  # (path, sha256, options) -> jacket.jacobian_fn(model, **options)

@@ -36,6 +36,7 @@ from .inputs import iter_batches as iter_batches
 from .inputs import num_samples as num_samples
 from .inputs import padded_batches as padded_batches
 from .inputs import read_inputs as read_inputs
+from .inputs import read_labels as read_labels
 from .loading import Loaded as Loaded
 from .loading import check_sources as check_sources
 from .loading import describe_inputs as describe_inputs
@@ -79,6 +80,7 @@ __all__ = [
     "num_samples",
     "padded_batches",
     "read_inputs",
+    "read_labels",
     "read_pattern",
     "read_result",
     "save_array",

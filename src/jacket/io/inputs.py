@@ -338,3 +338,44 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+LABEL_SUFFIXES = (".npy", ".csv")
+
+
+def read_labels(source: str | os.PathLike, inputs: str | os.PathLike | None = None) -> np.ndarray:
+    """Class labels: a `.npy` or `.csv` file, or (when no such file exists) the array of that name
+    in the `.npz` file of inputs `inputs`. The array is returned as read (check it for its use).
+
+    Raises:
+      JacketValueError: for a file that cannot be read, or labels found nowhere.
+    """
+    spec, path = str(source), Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in LABEL_SUFFIXES:
+            raise JacketValueError(
+                f"cannot read labels from {spec!r}: the suffix must be .npy or .csv. Received: "
+                f"{path.suffix or 'no suffix'!r}."
+            )
+        try:
+            if suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            return np.loadtxt(path, delimiter=",", ndmin=1)
+        except (OSError, ValueError) as error:
+            raise JacketValueError(f"cannot read labels from {spec!r}: {error}") from None
+    if inputs is not None and Path(inputs).suffix.lower() == ".npz":
+        check_archive(inputs)
+        with np.load(inputs, allow_pickle=False) as archive:
+            if spec in archive.files:
+                return archive[spec]
+            held = ", ".join(archive.files)
+        raise JacketValueError(
+            f"labels not found: no file {spec!r}, and {str(inputs)!r} has no array {spec!r} (it "
+            f"holds {held}). Pass a .npy file or the name of an array in the inputs file."
+        )
+    raise JacketValueError(
+        f"labels not found: {spec!r}. Pass a .npy or .csv file of one class index per sample, or "
+        "the name of an array in an .npz file of inputs."
+    )
+
