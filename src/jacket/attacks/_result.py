@@ -123,13 +123,6 @@ def check_classes(fn: str, name: str, array: np.ndarray | None, n_classes: int) 
         )
 
 
-def padded(values: np.ndarray, size: int) -> np.ndarray:
-    """A batch's valid rows of `values`, padded (repeating the last) to the batch's size."""
-    if len(values) == size:
-        return values
-    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
-
-
 def loss_gradient(model, x: np.ndarray, z: np.ndarray, label: np.ndarray, logits: bool):
     """`d CE(model(x), label) / dx` per sample, by one VJP.
 

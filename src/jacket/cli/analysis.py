@@ -133,45 +133,52 @@ def sensitivity(
             else:
                 run = io.load(model, inputs, unsafe=unsafe, size=size_hw)
                 out_shape = run.single("jacket sensitivity")
-                size = min(batch_size, run.samples)  # one batch of fewer samples: no padding
+                step = min(batch_size, run.samples)  # one batch of fewer samples: no padding
                 with Bar("Sensitivity", "samples", show=not quiet, total=run.samples) as bar:
                     result = analysis.sensitivity(
-                        run.model, run.batches(size), reduce=reduce.value, output=output,
-                        batch_size=size, progress=bar,
+                        run.model, run.batches(step), reduce=reduce.value, output=output,
+                        batch_size=step, progress=bar,
                     )  # fmt: skip
                 if saliency:
                     salient = analysis.saliency(run.model, run.first(saliency), target=output)
                 backend_name, ran_on = _backend(), None
             seconds = time.perf_counter() - started
             arrays, figures = _sensitivity_files(result, salient, run, output, top)
-            ranking = [
-                {"rank": rank + 1, "feature": list(index), "flat": int(flat), "value": value}
-                for rank, ((index, value), flat) in enumerate(
-                    zip(result.top(top), result.ranking[:top])
-                )
-            ]
             summary = {"command": "sensitivity", "model": model, "inputs": inputs}
             summary.update(samples=result.samples, batch_size=batch_size)
             summary.update(batches=-(-result.samples // batch_size), backend=backend_name)
             summary.update(reduce=reduce.value, output=output, in_shape=list(result.values.shape))
             summary.update({} if on_dask else {"out_shape": list(out_shape)})
-            summary.update(top=ranking, saliency=_saliency_summary(salient))
+            summary.update(top=_ranking(result, top), saliency=_saliency_summary(salient))
             summary.update(seconds=round(seconds, 3), files=[str(p) for p in paths.values()])
             summary.update({"scheduler": ran_on} if on_dask else {})
             save_all(paths, arrays, figures, summary, force=force)
     shown = run.describe() if run else f"{result.samples} samples of {result.values.shape}"
+    rows = _sensitivity_rows(summary, f"{inputs}: {shown}", salient)
+    emit(summary, "jacket sensitivity", rows, as_json=as_json, quiet=quiet)
+
+
+def _ranking(result, top: int) -> list[dict]:
+    return [
+        {"rank": rank + 1, "feature": list(index), "flat": int(flat), "value": value}
+        for rank, ((index, value), flat) in enumerate(zip(result.top(top), result.ranking[:top]))
+    ]
+
+
+def _sensitivity_rows(summary: dict, inputs: str, salient) -> list[tuple]:
+    output, on_dask = summary["output"], "scheduler" in summary
     what = "all outputs" if output is None else f"output {output}"
-    rows = [("model", model), ("inputs", f"{inputs}: {shown}"), ("backend", backend_name)]
-    rows += [("ran on", ran_on)] if on_dask else []
-    rows += [("reduce", f"{reduce.value} of |d y / d x| over {what}")]
-    rows += [("batches", f"{summary['batches']} of up to {batch_size} samples")]
-    rows += [(f"#{e['rank']} {tuple(e['feature'])}", f"{e['value']:.6g}") for e in ranking]
+    rows = [("model", summary["model"]), ("inputs", inputs), ("backend", summary["backend"])]
+    rows += [("ran on", summary["scheduler"])] if on_dask else []
+    rows += [("reduce", f"{summary['reduce']} of |d y / d x| over {what}")]
+    rows += [("batches", f"{summary['batches']} of up to {summary['batch_size']} samples")]
+    rows += [(f"#{e['rank']} {tuple(e['feature'])}", f"{e['value']:.6g}") for e in summary["top"]]
     if salient is not None:
         targets = salient.target.tolist()
         rows += [("saliency", f"{len(targets)} sample(s), outputs {targets}")]
     work = "start-up, compute" if on_dask else "load, compile, compute"
-    rows += [("time", f"{seconds:.2f} s ({work})"), ("wrote", "\n".join(map(str, paths.values())))]
-    emit(summary, "jacket sensitivity", rows, as_json=as_json, quiet=quiet)
+    rows += [("time", f"{summary['seconds']:.2f} s ({work})")]
+    return rows + [("wrote", "\n".join(summary["files"]))]
 
 
 def _sensitivity_files(result, salient, run, output, top) -> tuple[dict, dict]:
@@ -283,12 +290,12 @@ def norms(
         else:
             run = io.load(model, inputs, unsafe=unsafe, size=size_hw)
             _check_square(model, run, logdet)
-            size = min(batch_size, run.samples)  # one batch of fewer samples: no padding
+            step = min(batch_size, run.samples)  # one batch of fewer samples: no padding
             with Bar("Norms", "samples", show=not quiet, total=run.samples) as bar:
                 result = analysis.jacobian_norms(
-                    run.model, run.batches(size), [_ORDS[o] for o in ords],
+                    run.model, run.batches(step), [_ORDS[o] for o in ords],
                     projections=projections, logdet=logdet, lipschitz=lipschitz,
-                    batch_size=size, progress=bar,
+                    batch_size=step, progress=bar,
                 )  # fmt: skip
             backend_name, ran_on = _backend(), None
         seconds = time.perf_counter() - started
@@ -302,8 +309,14 @@ def norms(
         if out is not None:
             _write_norms(out, summary, result, ords, force=force)
     shown = run.describe() if not on_dask else f"{result.samples} samples"
-    rows = [("model", model), ("inputs", f"{inputs}: {shown}"), ("backend", backend_name)]
-    rows += [("ran on", ran_on)] if on_dask else []
+    rows = _norms_rows(summary, f"{inputs}: {shown}", result)
+    emit(summary, "jacket norms", rows, as_json=as_json, quiet=quiet)
+
+
+def _norms_rows(summary: dict, inputs: str, result) -> list[tuple]:
+    on_dask = "scheduler" in summary
+    rows = [("model", summary["model"]), ("inputs", inputs), ("backend", summary["backend"])]
+    rows += [("ran on", summary["scheduler"])] if on_dask else []
     for o, entry in summary["norms"].items():
         estimated = f", error <= {entry['max_error']:.3g}" if entry["method"] != "exact" else ""
         rows += [(f"{_ORD_NAMES[o]} ({entry['method']})",
@@ -318,8 +331,8 @@ def norms(
                                 f"{logabs.max():.6g}; det > 0: {entry['positive']}, < 0: "
                                 f"{entry['negative']}, singular: {entry['singular']}")]  # fmt: skip
     work = "start-up, compute" if on_dask else "load, compile, compute"
-    rows += [("time", f"{seconds:.2f} s ({work})")] + ([("wrote", out)] if out else [])
-    emit(summary, "jacket norms", rows, as_json=as_json, quiet=quiet)
+    rows += [("time", f"{summary['seconds']:.2f} s ({work})")]
+    return rows + ([("wrote", summary["output"])] if summary["output"] else [])
 
 
 _ORDS = {"fro": "fro", "2": 2, "nuc": "nuc"}  # the command line's --ord: the library's ord

@@ -276,7 +276,7 @@ def _resumable(out: Path, quiet: bool):
         # the manifest's count: a chunk may be marked but not yet shown
         error_line(
             f"interrupted; rerun the same command to resume ({_stored_chunks(out)} of "
-            f"{bar.total} chunks are stored in {out})"
+            f"{bar.total if bar.total is not None else '?'} chunks are stored in {out})"
         )
         raise typer.Exit(130) from None
 

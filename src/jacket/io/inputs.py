@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..batches import Batch, slices
+from ..checks import positive_int
 from ..errors import JacketValueError
 from ..trees import flatten_with_labels
 from .files import optional
@@ -212,10 +213,7 @@ def padded_batches(x, batch_size: int, *, model=None) -> Iterator[Batch]:
 
 
 def _batches(fn_name: str, x, batch_size: int, model, *, padded: bool) -> Iterator[Batch]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise JacketValueError(
-            f"{fn_name}: `batch_size` must be a positive integer. Received: {batch_size!r}."
-        )
+    batch_size = positive_int(fn_name, "batch_size", batch_size)
     n = num_samples(x)
     dtypes = _input_dtypes(x, model) if model is not None else None
     cast = None if dtypes is None else (lambda batch: _cast(batch, dtypes))
@@ -378,4 +376,3 @@ def read_labels(source: str | os.PathLike, inputs: str | os.PathLike | None = No
         f"labels not found: {spec!r}. Pass a .npy or .csv file of one class index per sample, or "
         "the name of an array in an .npz file of inputs."
     )
-
