@@ -490,6 +490,20 @@ def test_progress_bar_on_a_terminal_and_quiet(files, tmp_path):
 # ------------------------------------------------------------------------------------------- io
 
 
+def test_load_and_read_labels(files, tmp_path):
+    run = io.load(files.path / "mlp.keras", files.path / "x.npy")
+    assert run.samples == len(files.data["x"]) and run.single("this test") == (3,)
+    np.testing.assert_array_equal(run.first(2), files.data["x"][:2].astype("float32"))
+    np.savez(tmp_path / "xy.npz", x=files.data["x"], y=np.arange(len(files.data["x"])))
+    np.testing.assert_array_equal(io.read_labels("y", tmp_path / "xy.npz"), np.arange(10))
+    np.savetxt(tmp_path / "y.csv", np.arange(3), delimiter=",")
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "y.csv"), np.arange(3.0))
+    with pytest.raises(jacket.JacketValueError, match="has no array 'z'"):
+        io.read_labels("z", tmp_path / "xy.npz")
+    with pytest.raises(jacket.JacketValueError, match="labels not found: 'z'"):
+        io.read_labels("z")
+
+
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "figure.png"
     with pytest.raises(RuntimeError):

@@ -329,6 +329,17 @@ def test_errors_are_one_red_line(files, tmp_path):
     assert _files_in(tmp_path) == {"J.npz", "arrays.npz", "P9.npz", "bare.npz"}
 
 
+def test_verify_is_the_library_check(files):
+    model = files.model["conv"]
+    P = jacket.sparsity(model, (8, 8, 1))
+    checked = sparse.verify(model, (8, 8, 1), P, points=3)
+    assert checked["method"] == "dense Jacobian" and 0 < checked["nonzero"] <= P.nnz
+    with pytest.raises(jacket.JacketValueError, match="`sparsity` must have shape"):
+        sparse.verify(model, (8, 8, 1), P[:10])
+    with pytest.raises(jacket.JacketValueError, match="`points` must be a positive integer"):
+        sparse.verify(model, (8, 8, 1), P, points=0)
+
+
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
     from jacket.sparse import _detect, _jacobian

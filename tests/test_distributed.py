@@ -245,6 +245,19 @@ def test_merge_tree_gives_the_same_bits_in_any_order():
     assert one.root is values[0]
 
 
+def test_a_cluster_passed_as_client_says_where_and_stays_open(models, tmp_path):
+    x = np.random.default_rng(8).standard_normal((10, 5)).astype("float32")
+    path = models["paths"]["mlp"]
+    with jd.Cluster(scheduler="synchronous") as cluster:
+        J = jd.jacobian_dataset(path, x, tmp_path / "J.zarr", batch_size=4, client=cluster)
+        norms = jd.jacobian_norms_dataset(path, x, batch_size=4, client=cluster)
+        assert cluster.describe == "this process" and not cluster.remote
+        assert cluster.backend() == keras.backend.backend()
+    np.testing.assert_allclose(norms, np.sqrt((J[:].astype(np.float64) ** 2).sum(axis=(1, 2))))
+    with pytest.raises(JacketValueError, match="pass no `scheduler` or `workers` with it"):
+        jd.jacobian_norms_dataset(path, x, client=jd.Cluster(), scheduler="synchronous")
+
+
 def test_option_defaults_are_those_of_jacobian_fn():
     signature = inspect.signature(jacket.jacobian_fn).parameters
     for name, default in jd.OPTION_DEFAULTS.items():
@@ -412,7 +425,9 @@ def test_big_jobs_leave_the_driver_for_a_local_cluster(models, tmp_path, cluster
         return cluster
 
     monkeypatch.setattr(jd.Cluster, "_local_cluster", local_cluster)
-    monkeypatch.setattr(cluster_module, "IN_PROCESS_MAX_BYTES", 1000)  # bytes: 2 chunks of 16 x 3 x 5 float32
+    monkeypatch.setattr(
+        cluster_module, "IN_PROCESS_MAX_BYTES", 1000
+    )  # bytes: 2 chunks of 16 x 3 x 5 float32
     x = np.random.default_rng(6).standard_normal((64, 5)).astype("float32")
     path = models["paths"]["mlp"]
     J = jd.jacobian_dataset(path, x, tmp_path / "small.zarr", batch_size=32)
