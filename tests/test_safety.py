@@ -482,8 +482,9 @@ def test_archives_over_the_size_limit_are_refused_unless_raised(tmp_path, monkey
 
 def test_archives_with_too_many_members_are_refused(tmp_path, monkeypatch):
     from jacket import io
+    from jacket.io import models
 
-    monkeypatch.setattr(io, "MAX_ARCHIVE_MEMBERS", 3)
+    monkeypatch.setattr(models, "MAX_ARCHIVE_MEMBERS", 3)
     path = tmp_path / "x.npz"
     np.savez(path, *[np.zeros(2) for _ in range(4)])
     with pytest.raises(jacket.JacketValueError, match="it has 4 members, more than the 3"):

@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import jacobian as jacobian
     from .api import jacobian_fn as jacobian_fn
     from .engine import CheckReport as CheckReport
-    from .engine import PlanReport as PlanReport
     from .engine import JacobianFn as JacobianFn
+    from .engine import PlanReport as PlanReport
     from .engine import check as check
     from .engine import jvp as jvp
     from .engine import vjp as vjp

@@ -24,7 +24,15 @@ except ImportError as error:  # pragma: no cover - depends on what is installed
 
 from ._color import color, is_valid
 from ._errors import SparsityError, SparsityWarning
-from ._jacobian import SparseJacobianFn, SparsePlan, jacobian_fn, prepared, sparsity
+from ._jacobian import (
+    SparseJacobianFn,
+    SparsePlan,
+    jacobian_fn,
+    prepared,
+    sparsity,
+    verify,
+    zeros_like_shape,
+)
 from ._result import SparseJacobian
 
 __all__ = [
@@ -38,4 +46,6 @@ __all__ = [
     "jacobian_fn",
     "prepared",
     "sparsity",
+    "verify",
+    "zeros_like_shape",
 ]
