@@ -162,4 +162,6 @@ def test_other_errors_are_not_retried(monkeypatch, rng):
     tried = _inject(monkeypatch, RuntimeError("a bug, not memory"), above=0)
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         jacket.jacobian(seed_mlp("float64"), rng.normal(size=(2, 5)), chunk_size=2)
-    assert tried == [2]
+    # never with fewer seeds; the planner tries one other strategy before it blames the model
+    # (NOTE: [Measured plans]) and then raises the first error, unchanged
+    assert set(tried) == {2} and len(tried) <= 2

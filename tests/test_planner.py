@@ -32,6 +32,14 @@ def _entries(folder: Path) -> list[Path]:
     return sorted(folder.glob("*/*.json")) if folder.exists() else []
 
 
+def _same_mlp():
+    """The seed MLP with the same layer names and weights every time (the cache key includes
+    the names: Keras numbers them per process unless its session is cleared)."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    return seed_mlp()
+
+
 def _settle(jac, x) -> int:
     """Call until the plan is settled; returns how many calls it took."""
     for calls in range(1, 20):
@@ -124,15 +132,12 @@ else:
 
 def test_corrupt_stale_and_foreign_entries_are_ignored_with_a_warning(cache_dir, rng):
     x = rng.random((4, 5)).astype("float32")
-    keras.utils.set_random_seed(0)
-    jac = jacket.jacobian_fn(seed_mlp())
-    jac.tune(x)
+    jacket.jacobian_fn(_same_mlp()).tune(x)
     (entry,) = _entries(cache_dir)
     good = entry.read_text()
 
     def fresh_call():
-        keras.utils.set_random_seed(0)
-        again = jacket.jacobian_fn(seed_mlp())
+        again = jacket.jacobian_fn(_same_mlp())
         again(x)
         return again.plan(x)
 
@@ -155,14 +160,12 @@ def test_corrupt_stale_and_foreign_entries_are_ignored_with_a_warning(cache_dir,
 
 def test_a_cached_plan_that_is_no_candidate_is_measured_again(cache_dir, rng):
     x = rng.random((4, 5)).astype("float32")
-    keras.utils.set_random_seed(0)
-    jacket.jacobian_fn(seed_mlp()).tune(x)
+    jacket.jacobian_fn(_same_mlp()).tune(x)
     (entry,) = _entries(cache_dir)
     data = json.loads(entry.read_text())
     data["plan"]["chunk"] = 999  # a plan today's planner would not make
     entry.write_text(json.dumps(data))
-    keras.utils.set_random_seed(0)
-    jac = jacket.jacobian_fn(seed_mlp())
+    jac = jacket.jacobian_fn(_same_mlp())
     jac(x)
     assert jac.plan(x).source == "prior"
 

@@ -137,8 +137,8 @@ def load(k: Key | None) -> Stored | None:
     path = _path(k)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # a miss (a file where a folder should be is reported when writing)
     except OSError as error:
         _warn(path, f"it cannot be read ({error})")
         return None

@@ -6,9 +6,11 @@
 
 Detection (`_detect`): the dependency structure propagated layer by layer, conservative for layers
 without a rule. Coloring (`_color`): greedy, columns for forward mode and rows for reverse mode, the
-side with fewer colors taken. Compressed passes (`_jacobian`): one batched `jacket.jvp` (or `vjp`)
+side with fewer colors taken. Compressed passes (`_compressed`, prepared in `_jacobian`): one batched `jacket.jvp` (or `vjp`)
 through the repeated batch with one seed per color, then decompression into `SparseJacobian`.
-Pattern, coloring and seeds are made once per model and input shape.
+Pattern, coloring and seeds are made once per model and input shape and kept in the engine's
+per-model state (`jacket.engine.state`), beside the dense plans. `verify` (`_verify`) checks a
+pattern against the Jacobian at random points.
 """
 
 from __future__ import annotations
@@ -24,16 +26,10 @@ except ImportError as error:  # pragma: no cover - depends on what is installed
 
 from ._color import color, is_valid
 from ._errors import SparsityError, SparsityWarning
-from ._jacobian import (
-    SparseJacobianFn,
-    SparsePlan,
-    jacobian_fn,
-    prepared,
-    sparsity,
-    verify,
-    zeros_like_shape,
-)
+from ._jacobian import SparseJacobianFn, SparsePlan, jacobian_fn, prepared
+from ._pattern import sparsity, zeros_like_shape
 from ._result import SparseJacobian
+from ._verify import verify
 
 __all__ = [
     "SparseJacobian",
