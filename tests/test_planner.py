@@ -258,6 +258,7 @@ def test_autotune_measures_everything_on_the_first_call(cache_dir, rng):
             plan.Problem(
                 batch=4, in_size=5, out_size=2, itemsize=4, activation_size=None,
                 per_sample=True, training=False, memory_budget=1 << 30,
+                prior=plan.prior(backends.current(), "dense"),
             )
         )
     )  # fmt: skip
@@ -283,5 +284,9 @@ def test_candidates_follow_the_options():
     assert [p.strategy for p in forced] == ["loop"]
     ordered = plan.candidates(plan.Problem(**{**base, "prior": ("loop", "vmap", "replicate")}))
     assert [p.strategy for p in ordered] == ["loop", "vmap", "replicate"]
+    fewer = plan.candidates(plan.Problem(**{**base, "prior": ("vmap", "loop")}))
+    assert [p.strategy for p in fewer] == ["vmap", "loop"]  # left out: only when forced
+    forced = plan.candidates(plan.Problem(**{**base, "prior": ("vmap",), "strategy": "replicate"}))
+    assert [p.strategy for p in forced] == ["replicate"]
     one_row = plan.candidates(plan.Problem(**{**base, "out_size": 1}))
     assert len(one_row) == 1  # one seed: every strategy is the same computation
