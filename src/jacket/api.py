@@ -19,6 +19,8 @@ def jacobian(
     model,
     x,
     *,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
@@ -35,7 +37,19 @@ def jacobian(
       model: A Keras model or layer (Sequential, Functional, subclassed) mapping `(batch, *in_shape)`
         to `(batch, *out_shape)`, or any callable doing so with the backend's tensors.
       x: Input of shape `(batch, *in_shape)`: a NumPy array or backend tensor, or a list/tuple/dict of
-        them for a model with several inputs. Integer arrays are cast to the model's float dtype.
+        them for a model with several inputs. Integer arrays are cast to the model's float dtype,
+        except for the inputs the model declares integer (token ids, masks), which are held
+        constant: the Jacobian is then with respect to the float inputs, keyed by input name.
+      wrt: What to differentiate with respect to: a layer name, a layer, a `KerasTensor` of
+        the model's graph, or a list (or dict) of them; default the model's inputs. The values
+        are the layer's outputs at `x`, each an independent variable; model inputs it does not
+        name are held constant. `"embedding"` on a token model gives `(batch, *out_shape, seq,
+        dim)` at the embeddings the ids produce. A layer called several times is named with
+        the call (`"dense:1"`), one output of several with its index (`"lstm[0]"`), a layer of
+        a nested model with its path (`"resnet50/conv5_block3_out"`, or its name alone where
+        it is the only one). Functional and Sequential models only.
+      of: What to differentiate: names as `wrt`; default the model's outputs. The result has
+        the structure of `of`, each leaf the structure of `wrt`.
       mode: "reverse" (one pass per output, VJPs), "forward" (one pass per input, JVPs) or "auto"
         (reverse when `out_size <= in_size`). The result does not depend on it. On TensorFlow
         and PyTorch, forward mode is first checked against reverse mode on random vectors (once
@@ -71,7 +85,8 @@ def jacobian(
     Returns:
       A tensor of the active Keras backend of shape `(batch, *out_shape, *in_shape)`, where
       `J[b, i..., j...] = d model(x)[b, i...] / d x[b, j...]`. For several inputs or outputs, the
-      model's output structure of its input structure: `J["score"]["image"]`, `J[0][1]`.
+      model's output structure of its input structure: `J["score"]["image"]`, `J[0][1]` (with
+      `wrt`/`of`: the structure of `of` of the structure of `wrt`).
 
     Raises:
       CouplingError: if `per_sample=True` and the model's outputs for one sample depend on other
@@ -97,15 +112,17 @@ def jacobian(
         _check_not_diagonal("jacobian", per_sample)
         kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
         kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
-        return _sparse.prepared("jacobian", model, **kw)(x)
+        return _sparse.prepared("jacobian", model, wrt=wrt, of=of, **kw)(x)
     kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
     kw.update(training=training, memory_budget=memory_budget, strategy=strategy)
-    return _engine.jacobian(model, x, **kw)
+    return _engine.jacobian(model, x, wrt=wrt, of=of, **kw)
 
 
 def jacobian_fn(
     model,
     *,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
@@ -118,7 +135,8 @@ def jacobian_fn(
 ) -> JacobianFn | SparseJacobianFn:
     """A prepared `jacobian(model, ·, **options)`, compiled once per input signature.
 
-    The options are those of `jacket.jacobian`. The compiled kernels live with the model, so
+    The options are those of `jacket.jacobian` (`wrt` and `of` included). The compiled kernels
+    live with the model, so
     `jacobian` with the same model and options shares them: repeated calls never re-trace.
 
     Example:
@@ -132,10 +150,10 @@ def jacobian_fn(
         _check_not_diagonal("jacobian_fn", per_sample)
         kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
         kw.update(training=training, memory_budget=memory_budget, sparsity=sparsity)
-        return _sparse.prepared("jacobian_fn", model, **kw)
+        return _sparse.prepared("jacobian_fn", model, wrt=wrt, of=of, **kw)
     kw = dict(mode=mode, chunk_size=chunk_size, flatten=flatten, per_sample=per_sample)
     kw.update(training=training, memory_budget=memory_budget, strategy=strategy)
-    return _engine.jacobian_fn(model, **kw)
+    return _engine.jacobian_fn(model, wrt=wrt, of=of, **kw)
 
 
 def _check_not_diagonal(fn_name: str, per_sample) -> None:

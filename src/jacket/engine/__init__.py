@@ -11,6 +11,8 @@ from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
 from .jacobian import tune as tune
 from .options import Options as Options
+from .point import Point as Point
+from .point import at as at
 from .products import forward_mode_is_exact as forward_mode_is_exact
 from .products import jvp as jvp
 from .products import vjp as vjp
@@ -21,6 +23,8 @@ __all__ = [
     "JacobianFn",
     "Options",
     "PlanReport",
+    "Point",
+    "at",
     "check",
     "forward_mode_is_exact",
     "jacobian",

@@ -11,9 +11,12 @@ import numpy as np
 
 from ..checks import check_flag
 from ..errors import JacketValueError
-from .inputs import prepare_inputs
+from .cut import Cut, cut_for
+from .inputs import FLOAT_DTYPES, prepare_inputs
 from .jacobian import jacobian
+from .kernels import tile
 from .model import eager_call
+from .point import resolve
 
 # Default tolerance on `max_rel_error`, by the dtype the model computes in.
 RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
@@ -66,6 +69,8 @@ def check(
     model,
     x,
     *,
+    wrt=None,
+    of=None,
     eps: float | None = None,
     rtol: float | None = None,
     mode: str = "auto",
@@ -79,8 +84,13 @@ def check(
     outputs accumulated in float64. Each of the `2 * in_size` perturbations moves every sample at
     once (samples are independent), so the cost is `2 * in_size` batched forward passes.
 
+    With `wrt` or `of`, the Jacobian of the model's cut between them (`jacket.jacobian`'s `wrt`,
+    `of`) is compared with differences of the cut of the float64 copy: its `wrt` values moved
+    one at a time, the constants (integer inputs, other outputs of the `wrt` layers) held.
+
     Args:
       model, x: as in `jacket.jacobian` (per-sample).
+      wrt, of: as in `jacket.jacobian`.
       eps: relative step; default `eps_machine ** (1/3)` of the dtype the differences run in.
       rtol: tolerance on `max_rel_error`; default by the model's dtype (1e-6 for float64, 1e-4 for
         float32, 3e-2 for float16, 1e-1 for bfloat16).
@@ -98,12 +108,29 @@ def check(
         raise JacketValueError(
             f"check: `rtol` must be a non-negative number or None. Received: rtol={rtol!r}."
         )
-    J = jacobian(model, x, mode=mode, chunk_size=chunk_size, flatten=True, training=training)
-    inputs = prepare_inputs("check", model, x)
+    J = jacobian(
+        model, x, wrt=wrt, of=of, mode=mode, chunk_size=chunk_size, flatten=True,
+        training=training,
+    )  # fmt: skip
+    target, inputs = resolve("check", model, x, wrt, of, training, check_finite=True)
     J = _flat_numpy(J, inputs)
     dtype = inputs.leaves[0].dtype
-    twin = _float64_twin(model, inputs)
-    reference = "float64 copy of the model" if twin is not None else f"model in {dtype}"
+    if isinstance(target, Cut):
+        model_inputs = prepare_inputs("check", model, x, integers=True)
+        twin, twin_inputs = None, None
+        twin_model = _float64_twin(model, model_inputs)
+        if twin_model is not None:
+            with _keras_float64():
+                twin = cut_for("check", twin_model, *target.canonical())
+                x64 = model_inputs.pack([_to64(t) for t in model_inputs.tensors])
+                _, twin_inputs = resolve("check", twin_model, x64, *target.canonical(), training)
+        if twin is None:
+            twin_inputs = inputs
+        copy, own = "float64 copy of the model's cut", f"model's cut in {dtype}"
+    else:
+        twin, twin_inputs = _float64_twin(model, inputs), inputs
+        copy, own = "float64 copy of the model", f"model in {dtype}"
+    reference = copy if twin is not None else own
     fd_dtype = "float64" if twin is not None else dtype
     if eps is not None:
         steps = [float(eps)]
@@ -118,7 +145,7 @@ def check(
     for step in steps:
         with _keras_float64() if twin is not None else contextlib.nullcontext():
             J_fd = _central_differences(
-                twin if twin is not None else model, inputs, step, training, fd_dtype
+                twin if twin is not None else target, twin_inputs, step, training, fd_dtype
             )
         error = np.abs(J - J_fd)
         if best is None or error.max() < best[1].max():
@@ -183,7 +210,7 @@ def _float64_twin(model, inputs):
             twin = keras.saving.deserialize_keras_object(
                 _to_float64(keras.saving.serialize_keras_object(model))
             )
-            x64 = inputs.pack([keras.ops.cast(t[:1], "float64") for t in inputs.tensors])
+            x64 = inputs.pack([_to64(t[:1]) for t in inputs.tensors])
             if not twin.built:
                 twin(x64)
             twin.set_weights([np.asarray(w, dtype=np.float64) for w in model.get_weights()])
@@ -193,6 +220,13 @@ def _float64_twin(model, inputs):
     if any(keras.backend.standardize_dtype(t.dtype) != "float64" for t in keras.tree.flatten(out)):
         return None
     return twin
+
+
+def _to64(tensor):
+    """A float tensor as float64 (integer ones, held constant, as they are)."""
+    if keras.backend.standardize_dtype(tensor.dtype) in FLOAT_DTYPES:
+        return keras.ops.cast(tensor, "float64")
+    return tensor
 
 
 @contextlib.contextmanager
@@ -224,9 +258,12 @@ def _keras_float64():
 def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: str) -> np.ndarray:
     """`(batch, out_size, in_size)`: `(f(x + h e_j) - f(x - h e_j)) / 2h` for every input column."""
     B = inputs.batch
+    n_in = len(inputs.leaves)
     xs = [
-        np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64"))) for t in inputs.tensors
+        np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64")))
+        for t in inputs.tensors[:n_in]
     ]
+    constants = [_to64(t) for t in inputs.tensors[n_in:]]  # a cut's: held as they are
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     sizes = [leaf.size for leaf in inputs.leaves]
     N = flat.shape[1]
@@ -242,7 +279,11 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
                 )
             )
             offset += size
-        ys = call(inputs.pack(parts))
+        if constants:  # every perturbed copy of the batch with its samples' constants
+            copies = len(flat_batch) // B
+            ys = call(inputs.pack(parts), [tile(c, copies) for c in constants])
+        else:
+            ys = call(inputs.pack(parts))
         ys = keras.tree.flatten(ys) if not keras.ops.is_tensor(ys) else [ys]
         return np.concatenate(
             [

@@ -57,7 +57,13 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Inputs:
-    """`x` after the checks: its structure, its leaves as backend tensors, and their description."""
+    """`x` after the checks: its structure, its leaves as backend tensors, and their description.
+
+    For a model cut between layers (`jacket.engine.cut`), `tensors` also holds, after the
+    differentiated leaves, the `constants` the cut is called with (model inputs held fixed, such
+    as integer token ids): every kernel takes them as arguments, and differentiates only the
+    first `len(leaves)` (NOTE: [How a model is cut]).
+    """
 
     structure: Any  # x's own structure, leaves replaced by None
     tensors: (
@@ -65,13 +71,19 @@ class Inputs:
     )
     leaves: list[Leaf]
     batch: int
+    constants: tuple = ()  # `Leaf`s of the tensors after the differentiated ones (a cut's)
+    declared: tuple = ()  # the model's input `KerasTensor` of each leaf, where it declares them
 
     @property
     def signature(self) -> tuple:
-        return (self.batch, tuple((leaf.shape, leaf.dtype) for leaf in self.leaves))
+        return (
+            self.batch,
+            tuple((leaf.shape, leaf.dtype) for leaf in self.leaves + list(self.constants)),
+        )
 
     def pack(self, flat):
-        return pack(self.structure, flat)
+        """The differentiated leaves of `flat` in `x`'s structure (constants left out)."""
+        return pack(self.structure, list(flat)[: len(self.leaves)])
 
 
 # ----------------------------------------------------------------------------------------------- trees
@@ -101,16 +113,23 @@ def _is_array_like_leaf(value) -> bool:
 
 
 def _normalise_structure(fn_name: str, x, declared):
-    """Tell data (a nested list of numbers) from structure (a list of arrays), and check dict keys."""
+    """Tell data (a nested list of numbers) from structure (a list of arrays), and check dict keys.
+
+    What Keras accepts is accepted: a list in the order of the model's inputs for a model that
+    takes a dict whose keys are in sorted order (it is keyed by input name here, as the model
+    declares it), and a dict keyed by input name for a model that takes a list.
+    """
     if isinstance(x, Mapping):
-        if declared is not None and not isinstance(declared, Mapping):
+        names = _input_names(declared)
+        if declared is not None and not isinstance(declared, Mapping) and names is None:
             raise JacketTypeError(
                 f"{fn_name}: `x` is a dict, but the model takes {_describe_declared(declared)}. "
                 f"Received: x with keys {sorted(map(str, x))}. Pass the arrays without keys."
             )
-        if isinstance(declared, Mapping):
-            missing = sorted(map(str, set(declared) - set(x)))
-            extra = sorted(map(str, set(x) - set(declared)))
+        if declared is not None:
+            expected = list(declared) if isinstance(declared, Mapping) else names
+            missing = sorted(map(str, set(expected) - set(x)))
+            extra = sorted(map(str, set(x) - set(expected)))
             if missing or extra:
                 parts = []
                 if missing:
@@ -119,7 +138,7 @@ def _normalise_structure(fn_name: str, x, declared):
                     parts.append(f"unexpected {extra}")
                 raise JacketValueError(
                     f"{fn_name}: the keys of `x` must be the model's input names "
-                    f"{sorted(map(str, declared))}. Received: x with keys {sorted(map(str, x))} "
+                    f"{sorted(map(str, expected))}. Received: x with keys {sorted(map(str, x))} "
                     f"({', '.join(parts)}). Pass exactly one array per model input."
                 )
         return {key: _as_data(x[key]) for key in x}
@@ -127,22 +146,48 @@ def _normalise_structure(fn_name: str, x, declared):
         arrays = len(x) > 0 and all(_is_array_like_leaf(item) for item in x)
         multi_declared = declared is not None and not is_leaf_structure(declared)
         if arrays or multi_declared:
-            if isinstance(declared, Mapping):
-                raise JacketTypeError(
-                    f"{fn_name}: the model takes a dict of inputs {sorted(map(str, declared))}. "
-                    f"Received: x as a {type(x).__name__} of {len(x)} arrays. Pass a dict keyed by "
-                    "input name."
-                )
             if multi_declared and len(declared) != len(x):
                 raise JacketValueError(
                     f"{fn_name}: the model takes {len(declared)} inputs. Received: x as a "
                     f"{type(x).__name__} of {len(x)} items. Pass one array per model input."
                 )
+            if isinstance(declared, Mapping):
+                keys = list(declared)
+                if keys != sorted(keys):  # Keras itself refuses it then
+                    raise JacketTypeError(
+                        f"{fn_name}: the model takes a dict of inputs {keys}, whose keys are not "
+                        f"in sorted order, so a list cannot be matched to them (Keras refuses it "
+                        f"too). Received: x as a {type(x).__name__} of {len(x)} arrays. Pass a "
+                        "dict keyed by input name."
+                    )
+                return {key: _as_data(item) for key, item in zip(keys, x)}
             if multi_declared or len(x) > 1 or declared is None:
                 return type(x)(_as_data(item) for item in x)
             return x[0]  # a one-element list of arrays for a single-input model
         return _as_array(fn_name, "x", x)  # nested Python numbers: one array
     return x
+
+
+def _input_names(declared) -> list[str] | None:
+    """The names of a list of declared inputs (what Keras matches dict keys to), or None."""
+    if declared is None or isinstance(declared, Mapping) or is_leaf_structure(declared):
+        return None
+    names = [getattr(spec, "name", None) for spec in keras.tree.flatten(declared)]
+    if None in names or len(set(names)) != len(names):
+        return None
+    return names
+
+
+def _specs(declared, x, n: int) -> list:
+    """The declared input of each leaf of `x` (in `keras.tree.flatten` order), or Nones."""
+    if declared is None:
+        return [None] * n
+    if is_leaf_structure(declared):
+        return [declared]
+    if isinstance(x, Mapping) and not isinstance(declared, Mapping):
+        by_name = {spec.name: spec for spec in keras.tree.flatten(declared)}
+        return [by_name[key] for key in sorted(x)]  # `keras.tree.flatten` sorts a dict's keys
+    return keras.tree.flatten(declared)
 
 
 def _as_data(value):
@@ -241,16 +286,13 @@ def _foreign_to_numpy(value):
     return value
 
 
-def _target_dtype(fn_name: str, model, label: str, dtype: str, spec) -> str:
+def _target_dtype(fn_name: str, model, label: str, dtype: str, spec, integers: bool = False) -> str:
     declared = keras.backend.standardize_dtype(spec.dtype) if spec is not None else None
     if declared is not None and declared not in FLOAT_DTYPES:
+        if integers:
+            return declared  # held constant (a cut's constant input)
         name = getattr(spec, "name", None) or label
-        raise JacketTypeError(
-            f"{fn_name}: model input {name!r} (`{label}`) is declared {declared}: a Jacobian "
-            "with respect to integer ids (an Embedding's input, say) does not exist. Received: "
-            f"{label}.dtype={dtype}. Differentiate with respect to the embedding output instead: "
-            "build a model from the Embedding's output onward and pass it the embedded vectors."
-        )
+        raise integer_input_error(fn_name, model, name, label, declared, dtype)
     if declared is not None:
         return declared
     compute = getattr(model, "compute_dtype", None) if isinstance(model, keras.Layer) else None
@@ -259,6 +301,41 @@ def _target_dtype(fn_name: str, model, label: str, dtype: str, spec) -> str:
     if dtype in FLOAT_DTYPES:
         return dtype
     return keras.config.floatx()
+
+
+def integer_input_error(
+    fn_name: str, model, name: str, label: str, declared: str, dtype: str
+) -> JacketTypeError:
+    """The error for a Jacobian asked with respect to an integer model input."""
+    embedding = embedding_layer_name(model)
+    hint = f"wrt={embedding!r}" if embedding else "wrt='<embedding layer>'"
+    return JacketTypeError(
+        f"{fn_name}: model input {name!r} (`{label}`) is declared {declared}: a Jacobian with "
+        "respect to integer ids (an Embedding's input, say) does not exist. Received: "
+        f"{label}.dtype={dtype}. Differentiate with respect to the embedding output instead: "
+        f"pass {hint}."
+    )
+
+
+def embedding_layer_name(model) -> str | None:
+    """The name of the first Embedding layer of a model (nested ones as 'model/layer'), or None."""
+    if not isinstance(model, keras.Model):
+        return None
+
+    def search(layer, prefix):
+        for sub in getattr(layer, "layers", []):
+            if isinstance(sub, keras.layers.Embedding):
+                return prefix + sub.name
+            if isinstance(sub, keras.Model):
+                found = search(sub, f"{prefix}{sub.name}/")
+                if found:
+                    return found
+        return None
+
+    try:
+        return search(model, "")
+    except (AttributeError, TypeError):  # pragma: no cover - a model whose layers cannot be read
+        return None
 
 
 def example_inputs(fn_name: str, model, input_shape, batch: int, seed: int = 0):
@@ -292,6 +369,9 @@ def example_inputs(fn_name: str, model, input_shape, batch: int, seed: int = 0):
     for k, shape in enumerate(shapes):
         spec = specs[k] if k < len(specs) else None
         dtype = keras.backend.standardize_dtype(spec.dtype) if spec is not None else "float32"
+        if dtype not in FLOAT_DTYPES and spec is not None:  # ids, masks: held constant, zeros
+            arrays.append(np.zeros((batch,) + shape, dtype=dtype))
+            continue
         dtype = dtype if dtype in FLOAT_DTYPES else keras.config.floatx()
         arrays.append(rng.standard_normal((batch,) + shape).astype(numpy_dtype(dtype)))
     if declared is None or is_leaf_structure(declared):
@@ -299,8 +379,14 @@ def example_inputs(fn_name: str, model, input_shape, batch: int, seed: int = 0):
     return keras.tree.pack_sequence_as(declared, arrays)
 
 
-def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inputs:
-    """Check `x` against the model and turn it into backend tensors of the model's float dtype."""
+def prepare_inputs(
+    fn_name: str, model, x, *, check_finite: bool = True, integers: bool = False
+) -> Inputs:
+    """Check `x` against the model and turn it into backend tensors of the model's float dtype.
+
+    With `integers`, inputs the model declares integer (token ids, masks) are kept in their
+    declared dtype instead of refused: a cut holds them constant (`jacket.engine.cut`).
+    """
     if x is None:
         raise JacketTypeError(
             f"{fn_name}: `x` must be an array of shape `(batch, *in_shape)` (or a list/dict of them "
@@ -309,10 +395,7 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
     declared = declared_inputs(model)
     x = _normalise_structure(fn_name, x, declared)
     flat = flatten_with_labels(x, "x")
-    if isinstance(declared, Mapping) or not is_leaf_structure(declared):
-        specs = keras.tree.flatten(declared) if declared is not None else [None] * len(flat)
-    else:
-        specs = [declared]
+    specs = _specs(declared, x, len(flat))
     if len(specs) != len(flat):
         raise JacketValueError(
             f"{fn_name}: the model takes {len(specs)} inputs. Received: {len(flat)} arrays in `x`. "
@@ -330,7 +413,7 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
                 f"Received: {label}.shape={shape}. Pass inputs with at least one value per "
                 "sample."
             )
-        target = _target_dtype(fn_name, model, label, dtype, spec)
+        target = _target_dtype(fn_name, model, label, dtype, spec, integers)
         tensor = keras.ops.convert_to_tensor(array)
         if dtype != target:
             tensor = keras.ops.cast(tensor, target)
@@ -352,8 +435,10 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
         )
     if check_finite:
         for tensor, leaf in zip(tensors, leaves):
-            check_finite_samples(fn_name, leaf.label, tensor, batch)
-    return Inputs(skeleton(x), tensors, leaves, batch)
+            if leaf.dtype in FLOAT_DTYPES:
+                check_finite_samples(fn_name, leaf.label, tensor, batch)
+    known = tuple(specs) if all(spec is not None for spec in specs) else ()
+    return Inputs(skeleton(x), tensors, leaves, batch, declared=known)
 
 
 def _check_shape(fn_name: str, label: str, shape: tuple, spec) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from ..checks import check_model, positive_int
 from .executor import fast_key
-from .inputs import example_inputs, prepare_inputs
+from .inputs import example_inputs
 from .memory import check_result_fits
 from .options import Options
+from .point import Point, resolve
 from .probes import check_independent
 from .state import state_of
 from .tuning import PlanReport, Tuning
@@ -26,6 +27,8 @@ def jacobian(
     model,
     x,
     *,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
@@ -38,12 +41,14 @@ def jacobian(
     options = Options.checked(
         "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
-    return run("jacobian", model, x, options)
+    return run("jacobian", model, x, options, wrt, of)
 
 
 def jacobian_fn(
     model,
     *,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
@@ -57,18 +62,19 @@ def jacobian_fn(
     options = Options.checked(
         "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
     )
-    return JacobianFn(model, options)
+    return JacobianFn(model, options, wrt, of)
 
 
 class JacobianFn:
     """`jacobian(model, x, **options)` as a reusable callable; see `jacket.jacobian_fn`."""
 
-    def __init__(self, model, options: Options):
+    def __init__(self, model, options: Options, wrt=None, of=None):
         self.model = model
         self.options = options
+        self.wrt, self.of = wrt, of
 
     def __call__(self, x):
-        return run("jacobian_fn", self.model, x, self.options)
+        return run("jacobian_fn", self.model, x, self.options, self.wrt, self.of)
 
     def plan(self, x) -> PlanReport:
         """The plan this callable follows for inputs like `x` (mode, chunks, strategy) and where it
@@ -79,26 +85,39 @@ class JacobianFn:
         """Measure every candidate plan for inputs like `x` now, instead of over the next calls
         (NOTE: [Measured plans]), keep the fastest (in the plan cache too) and report it."""
         tuning = self._tuning(x)
-        inputs = prepare_inputs("jacobian_fn", self.model, x)
+        _, inputs = self._resolve(x, check_finite=True)
         if tuning.executor is None:
             tuning("jacobian_fn", inputs.tensors)
         while not tuning.settled:
             tuning("jacobian_fn", inputs.tensors)
         return tuning.report()
 
+    def _resolve(self, x, check_finite: bool = False):
+        return resolve(
+            "jacobian_fn", self.model, x, self.wrt, self.of, self.options.training,
+            check_finite=check_finite,
+        )  # fmt: skip
+
     def _tuning(self, x) -> Tuning:
-        inputs = prepare_inputs("jacobian_fn", self.model, x, check_finite=False)
-        state = state_of(self.model, self.options.training)
+        target, inputs = self._resolve(x)
+        state = state_of(target, self.options.training)
         entry = state.entry("jacobian_fn", inputs)
         return tuning_for(state, "jacobian_fn", inputs, entry, self.options)
 
     @property
     def trace_count(self) -> int:
-        """How many times this model's kernels were traced (for TensorFlow and JAX)."""
-        return state_of(self.model, self.options.training).traces
+        """How many times this model's kernels were traced (for TensorFlow and JAX), those of
+        its cuts between layers (`wrt`, `of`) included."""
+        training = self.options.training
+        count = state_of(self.model, training).traces
+        for cut in getattr(self.model, "_jacket_cuts", {}).values():
+            count += state_of(cut, training).traces
+            count += sum(state_of(p, training).traces for p in cut._prefixes.values())
+        return count
 
     def __repr__(self) -> str:
-        return f"JacobianFn({type(self.model).__name__}, {self.options})"
+        cut = "" if (self.wrt, self.of) == (None, None) else f", wrt={self.wrt!r}, of={self.of!r}"
+        return f"JacobianFn({type(self.model).__name__}, {self.options}{cut})"
 
 
 def tune(
@@ -118,7 +137,8 @@ def tune(
       input_shape: The per-sample input shape (a list or dict of them for several inputs); by
         default the model's declared one.
       seed: Seed of the standard-normal inputs the plans are measured on.
-      **options: As in `jacket.jacobian_fn` (`mode`, `chunk_size`, `memory_budget`, ...).
+      **options: As in `jacket.jacobian_fn` (`wrt`, `of`, `mode`, `chunk_size`,
+        `memory_budget`, ...).
 
     Returns:
       One `PlanReport` per batch size: the plan kept, where it came from, what each candidate took.
@@ -142,17 +162,24 @@ def tuning_for(state, fn_name: str, inputs, entry, options: Options) -> Tuning:
     return tuning
 
 
-def run(fn_name: str, model, x, options: Options):
+def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     """One dense Jacobian call: the fast path for a NumPy array of a signature seen before, else
-    the inputs checked, the model's outputs read, the samples probed, the planner's record made."""
+    the inputs checked (and the model cut between `wrt` and `of`), the outputs read, the samples
+    probed, the planner's record made."""
     check_model(fn_name, model)
-    state = state_of(model, options.training)
-    key = fast_key(x)
-    if key is not None:
-        tuning = state.executors.get((key, options))
-        if tuning is not None:
-            return tuning.call_array(fn_name, x)
-    inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
+    key = None
+    if wrt is None and of is None and not isinstance(x, Point):
+        state = state_of(model, options.training)
+        key = fast_key(x)
+        if key is not None:
+            tuning = state.executors.get((key, options))
+            if tuning is not None:
+                return tuning.call_array(fn_name, x)
+    # the model's inputs are checked inside the kernel; a cut's, before its forward pass to `wrt`
+    target, inputs = resolve(fn_name, model, x, wrt, of, options.training)
+    if target is not model:
+        key = None  # (the fast path is the model's own)
+    state = state_of(target, options.training)
     entry = state.entry(fn_name, inputs)
     if options.per_sample is True:
         check_independent(state, fn_name, inputs, entry)

@@ -17,14 +17,25 @@ from .plan import Plan
 ops = keras.ops
 
 
-def model_function(call, in_structure):
-    """`call` as a function of a flat list of inputs returning a flat list of outputs."""
+def model_function(call, in_structure, constants=()):
+    """`call` as a function of a flat list of inputs returning a flat list of outputs.
+
+    `constants`: the tensors a cut is called with beside its differentiated inputs
+    (`jacket.engine.cut`), passed as they are; a model has none.
+    """
 
     def f(flat_xs):
-        ys = call(pack(in_structure, flat_xs))
+        x = pack(in_structure, flat_xs)
+        ys = call(x, list(constants)) if constants else call(x)
         return keras.tree.flatten(ys) if not ops.is_tensor(ys) else [ys]
 
     return f
+
+
+def split_arguments(xs, n: int):
+    """A kernel's tensors: the `n` differentiated inputs, and the constants after them."""
+    xs = list(xs)
+    return xs[:n], xs[n:]
 
 
 def flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
@@ -94,7 +105,8 @@ def jacobian_kernel(
     memo = {}  # eager backends: the seeds of each pass are made once (`start` is a Python int)
 
     def kernel(call, xs, start):
-        f = model_function(call, in_structure)
+        xs, constants = split_arguments(xs, len(in_leaves))
+        f = model_function(call, in_structure, constants)
         if isinstance(start, int):
             if start not in memo:
                 memo[start] = make_seeds(start)
@@ -108,7 +120,8 @@ def jacobian_kernel(
                 ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)
             ]
             push = backend.vjp if reverse else jvp
-            outs = push(f, tiled, flat_seeds)
+            f_tiled = model_function(call, in_structure, [tile(c, k) for c in constants])
+            outs = push(f_tiled, tiled, flat_seeds)
         else:
             over = backend.vmap if plan.strategy == "vmap" else backend.loop
             if reverse:
@@ -139,22 +152,36 @@ def _finite(xs, batch: int):
     return out
 
 
-def vjp_kernel(backend, in_structure):
-    """`kernel(call, xs, cts) -> grads`: one VJP of the batched model."""
+def vjp_kernel(backend, in_structure, n_in: int | None = None):
+    """`kernel(call, xs, cts) -> grads`: one VJP of the batched model (with respect to the first
+    `n_in` tensors of `xs`, the rest constants; default all)."""
 
     def kernel(call, xs, cts):
-        return backend.vjp(model_function(call, in_structure), xs, cts)
+        xs, constants = split_arguments(xs, len(xs) if n_in is None else n_in)
+        return backend.vjp(model_function(call, in_structure, constants), xs, cts)
 
     return kernel
 
 
-def jvp_kernel(backend, in_structure, jvp=None):
+def jvp_kernel(backend, in_structure, jvp=None, n_in: int | None = None):
     """`kernel(call, xs, ts) -> tangents`: one JVP of the batched model (`jvp`: as in
-    `jacobian_kernel`)."""
+    `jacobian_kernel`; `n_in`: as in `vjp_kernel`)."""
     jvp = jvp or backend.jvp
 
     def kernel(call, xs, ts):
-        return jvp(model_function(call, in_structure), xs, ts)
+        xs, constants = split_arguments(xs, len(xs) if n_in is None else n_in)
+        return jvp(model_function(call, in_structure, constants), xs, ts)
+
+    return kernel
+
+
+def forward_kernel(in_structure, n_in: int):
+    """`kernel(call, xs) -> ys`: the model's outputs, flat (a cut's, from its `n_in` inputs and
+    its constants)."""
+
+    def kernel(call, xs):
+        xs, constants = split_arguments(xs, n_in)
+        return model_function(call, in_structure, constants)(xs)
 
     return kernel
 

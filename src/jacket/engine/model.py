@@ -9,6 +9,8 @@ import json
 
 import keras
 
+from .cut import Cut, Prefix
+
 
 def make_call(model, training: bool, state: list | None = None):
     """`x_structure -> y_structure` for a Keras layer or model (or the callable itself).
@@ -17,6 +19,8 @@ def make_call(model, training: bool, state: list | None = None):
     values: nothing of the model changes (BatchNormalization statistics, seed generators), and under
     `jax.jit` the weights are arguments instead of constants baked into the trace.
     """
+    if isinstance(model, (Cut, Prefix)):
+        return model.make_call(training, state)
     if not isinstance(model, keras.Layer):
         return model
     if state is None:
@@ -34,7 +38,7 @@ def eager_call(model, training: bool):
     """`make_call` for a run outside compiled code: stateless on the current weights in training
     mode, so nothing of the model changes."""
     state = None
-    if training and isinstance(model, keras.Layer):
+    if training and isinstance(model, (keras.Layer, Cut, Prefix)):
         state = [v.value for v in model.variables]
     return make_call(model, training, state)
 
@@ -55,6 +59,8 @@ def keeps_samples_apart(model, training: bool) -> bool:
     else - training mode, a subclassed model or layer, a `Lambda`, a raw `keras.ops` call in a
     Functional graph (`keras.ops.mean(h, axis=0)`) - is left to the probe in `jacket._api`.
     """
+    if isinstance(model, (Cut, Prefix)):
+        model = model.model  # a cut of a model that keeps its samples apart keeps them apart
     if training or not isinstance(model, keras.Layer):
         return False
     return _built_in_only(model)
@@ -89,6 +95,8 @@ _MAX_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D")
 def model_kind(model) -> str:
     """ "recurrent", "max_pooling", "depthwise", "conv", "dense" or "other": what decides the
     fastest way to batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
+    if isinstance(model, (Cut, Prefix)):
+        model = model.model
     if not isinstance(model, keras.Layer):
         return "other"
     names = {
@@ -114,7 +122,14 @@ def architecture(model) -> str | None:
     class, its configuration, the shapes and dtypes of its variables, and for a class that is not
     Keras's own the hash of its source code; for a Functional model its graph (in its config).
     None for what is not a Keras layer or model, or a class whose source cannot be read: such a
-    model's plans are measured in every process (NOTE: [The plan cache])."""
+    model's plans are measured in every process (NOTE: [The plan cache]). A cut between layers
+    (`jacket.engine.cut`) adds its `wrt`, `of` and constants to its model's."""
+    if isinstance(model, (Cut, Prefix)):
+        described = architecture(model.model)
+        if described is None:
+            return None
+        text = described + model.describe()
+        return hashlib.sha256(text.encode()).hexdigest()
     if not isinstance(model, keras.Layer):
         return None
     parts = []

@@ -24,12 +24,14 @@ is a legal result and gets no warning: only structural cuts do.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from dataclasses import dataclass
 
 import keras
 
 from ..errors import JacketWarning
+from .cut import Cut, Prefix
 
 # keras.ops whose derivative is zero everywhere it exists (their outputs are float)
 _ZERO_GRADIENT = frozenset(
@@ -59,14 +61,40 @@ def warn_if_cut(fn_name: str, model, structure, leaves, training: bool) -> None:
     except Exception:  # noqa: BLE001 - a model the symbolic walk cannot read: nothing to report
         return
     if cuts:
+        hint = ""
+        embeddings = [_wrt_name(cut) for cut in cuts if _IDS in cut]
+        if embeddings:
+            hint = (
+                f" An Embedding takes integer ids, whose Jacobian does not exist: differentiate "
+                f"with respect to its output instead, wrt={embeddings[0]!r}."
+            )
         warnings.warn(
             f"{fn_name}: the gradient stops at {'; '.join(cuts)}: an operation with a zero or "
             "no derivative (argmax, round, floor, sign, an integer cast, a comparison, "
             "stop_gradient). Jacobian entries of outputs that reach the inputs only through it "
-            "are zero.",
+            f"are zero.{hint}",
             JacketWarning,
             stacklevel=4,
         )
+
+
+_IDS = "which reads its input as integer ids"
+_GRAPH_CLASSES = ("Functional", "Sequential")
+
+
+def _wrt_name(cut: str) -> str:
+    """The `wrt` name of the output of the Embedding a cut description names: the path of
+    nested models down to it, or the first custom layer that holds it."""
+    chain = cut.split(_IDS)[0].split(" > ")[-8:]
+    names = []
+    for link in chain:
+        match = re.search(r"layer '([^']+)' \((\w+)\)", link)
+        if match is None:
+            continue
+        names.append(match.group(1))
+        if match.group(2) not in _GRAPH_CLASSES:
+            break
+    return "/".join(names) or "<embedding layer>"
 
 
 def model_cuts(model, structure, leaves, training: bool) -> list[str]:
@@ -75,6 +103,14 @@ def model_cuts(model, structure, leaves, training: bool) -> list[str]:
 
     `structure` and `leaves` describe the model's inputs (`jacket._model.Inputs`).
     """
+    if isinstance(model, Prefix):
+        return []
+    if isinstance(model, Cut):  # walked from the `wrt` tensors (a cut at the top level only)
+        if any(path for path, _ in model.diff) or any(t.path for t in model.of):
+            return []
+        inputs = [tensor for _, tensor in model.diff]
+        flows = _walk(inputs, [x for t in model.of for x in t.tensors], training, 0)
+        return _cuts_of(flows)
     if not isinstance(model, keras.Layer):
         return []
     graph = _own_graph(model)
@@ -95,6 +131,10 @@ def model_cuts(model, structure, leaves, training: bool) -> list[str]:
             _Flow(f.reachable, f.differentiable, tuple(f"{_describe(model)} > {c}" for c in f.cuts))
             for f in flows
         ]
+    return _cuts_of(flows)
+
+
+def _cuts_of(flows) -> list[str]:
     cuts: list[str] = []
     for flow in flows:
         if flow.reachable and not flow.differentiable:
@@ -168,6 +208,8 @@ def _node_flow(tensor, history, node, memo, node_flows, training, depth) -> _Flo
     cuts = tuple(dict.fromkeys(cut for p in parents for cut in p.cuts))
     if not reachable:
         return _CONSTANT
+    if through and isinstance(op, keras.layers.Embedding):  # float ids cast to integers inside
+        return _Flow(True, False, cuts + (f"{_describe(op)}, {_IDS}",))
     if through:
         if id(node) not in node_flows:
             node_flows[id(node)] = _inner_flows(op, node, training, depth)

@@ -8,6 +8,7 @@ per input signature. Each returns a verdict and keeps it in the model's state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import CouplingError
 from . import kernels
-from .inputs import Inputs, check_finite_samples, numpy_dtype, prepare_inputs
+from .inputs import Inputs, check_finite_samples, numpy_dtype
 from .model import eager_call, keeps_samples_apart
 from .state import Entry, ModelState
 
@@ -54,7 +55,7 @@ def forward_method(state: ModelState, fn_name: str, inputs: Inputs, entry: Entry
     if state.backend.EAGER:
         vjp = state.vjp(inputs)
     else:  # the reference runs eagerly: no second kernel to trace
-        kernel = kernels.vjp_kernel(state.backend, inputs.structure)
+        kernel = kernels.vjp_kernel(state.backend, inputs.structure, len(inputs.leaves))
         call = eager_call(state.model, state.training)
 
         def vjp(xs, cts):
@@ -180,7 +181,7 @@ def tiling_is_safe(state: ModelState, fn_name: str, inputs: Inputs) -> bool:
     if inputs.batch != 1 or keeps_samples_apart(state.model, state.training):
         return True
     doubled = [keras.ops.concatenate([t, t], axis=0) for t in inputs.tensors]
-    tiled = prepare_inputs(fn_name, state.model, inputs.pack(doubled), check_finite=False)
+    tiled = dataclasses.replace(inputs, tensors=doubled, batch=2 * inputs.batch)
     key = tiled.signature
     if key not in state.independent:
         for tensor, leaf in zip(tiled.tensors, tiled.leaves):

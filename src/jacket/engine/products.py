@@ -9,26 +9,29 @@ from ..checks import check_flag, check_model
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import flatten_with_labels, is_leaf_structure, pack, skeleton
 from . import kernels, plan, probes
-from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype, to_array
+from .inputs import Inputs, Leaf, numpy_dtype, result_dtype, to_array
 from .memory import default_memory_budget
+from .point import resolve
 from .state import Entry, ModelState, state_of
 
 __all__ = ["forward_mode_is_exact", "jvp", "vjp"]
 
 
-def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
+def jvp(model, x, v, *, wrt=None, of=None, per_sample: bool = True, training: bool = False):
     """Jacobian-vector product `J v`, per sample, without building `J`.
 
     Args:
       model: As in `jacket.jacobian`.
-      x: Input `(batch, *in_shape)` (or a structure of them).
-      v: Tangent with the structure and shapes of `x`.
+      x: Input `(batch, *in_shape)` (or a structure of them), or a `jacket.engine.Point`.
+      v: Tangent with the structure and shapes of `x` (of the `wrt` values, with `wrt`).
+      wrt, of: As in `jacket.jacobian`: the product of the Jacobian of `of` with respect to
+        `wrt`.
       per_sample: Check (once per model and shape) that samples do not interact, so that the result
         is `J_b v_b` for every sample `b`. With `False`, the product of the batch's full Jacobian.
       training: Call the model in training mode.
 
     Returns:
-      `(batch, *out_shape)` (the model's output structure): `out[b] = J_b @ v[b]`.
+      `(batch, *out_shape)` (the model's output structure, or `of`'s): `out[b] = J_b @ v[b]`.
 
     Forward mode is checked against reverse mode once per model and input shape on the
     backends whose forward mode can be silently wrong (TensorFlow, PyTorch); where it fails, the
@@ -37,8 +40,8 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     check_flag("jvp", "per_sample", per_sample)
     check_flag("jvp", "training", training)
     check_model("jvp", model)
-    state = state_of(model, training)
-    inputs = prepare_inputs("jvp", model, x)
+    target, inputs = resolve("jvp", model, x, wrt, of, training, check_finite=True)
+    state = state_of(target, training)
     tangents = like_leaves("jvp", "v", v, inputs.structure, inputs.leaves, inputs.batch)
     entry = state.entry("jvp", inputs)
     if per_sample:
@@ -51,24 +54,26 @@ def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
     return pack(entry.y_structure, list(outs))
 
 
-def vjp(model, x, u, *, per_sample: bool = True, training: bool = False):
+def vjp(model, x, u, *, wrt=None, of=None, per_sample: bool = True, training: bool = False):
     """Vector-Jacobian product `u^T J`, per sample, without building `J`.
 
     Args:
       model: As in `jacket.jacobian`.
-      x: Input `(batch, *in_shape)` (or a structure of them).
-      u: Cotangent with the structure and shapes of the model's output, `(batch, *out_shape)`.
+      x: Input `(batch, *in_shape)` (or a structure of them), or a `jacket.engine.Point`.
+      u: Cotangent with the structure and shapes of the model's output, `(batch, *out_shape)`
+        (of `of`'s values, with `of`).
+      wrt, of: As in `jacket.jacobian`.
       per_sample: As in `jacket.jvp`.
       training: Call the model in training mode.
 
     Returns:
-      `(batch, *in_shape)` (the structure of `x`): `out[b] = u[b] @ J_b`.
+      `(batch, *in_shape)` (the structure of `x`, or of `wrt`'s values): `out[b] = u[b] @ J_b`.
     """
     check_flag("vjp", "per_sample", per_sample)
     check_flag("vjp", "training", training)
     check_model("vjp", model)
-    state = state_of(model, training)
-    inputs = prepare_inputs("vjp", model, x)
+    target, inputs = resolve("vjp", model, x, wrt, of, training, check_finite=True)
+    state = state_of(target, training)
     entry = state.entry("vjp", inputs)
     cotangents = like_leaves("vjp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
     if per_sample:
@@ -77,11 +82,11 @@ def vjp(model, x, u, *, per_sample: bool = True, training: bool = False):
     return inputs.pack(list(grads))
 
 
-def forward_mode_is_exact(model, x, *, training: bool = False) -> bool:
+def forward_mode_is_exact(model, x, *, wrt=None, of=None, training: bool = False) -> bool:
     """Whether one of the backend's forward modes passed its check against reverse mode on this
     model and these input shapes (NOTE: [Checked forward mode]; kept per model and shapes)."""
-    state = state_of(model, training)
-    inputs = prepare_inputs("jvp", model, x)
+    target, inputs = resolve("jvp", model, x, wrt, of, training, check_finite=True)
+    state = state_of(target, training)
     entry = state.entry("jvp", inputs)
     return probes.forward_method(state, "jvp", inputs, entry) is not None
 

@@ -18,6 +18,7 @@ import keras
 from .. import backends
 from ..trees import skeleton
 from . import kernels
+from .cut import Cut, Prefix
 from .inputs import Inputs, Leaf, output_leaves
 from .model import eager_call, make_call, model_kind
 from .nondiff import warn_if_cut
@@ -73,14 +74,16 @@ class ModelState:
         """`(xs, cts) -> grads`: one VJP of the batched model, compiled."""
         return self.kernel(
             ("vjp", inputs.signature),
-            lambda: kernels.vjp_kernel(self.backend, inputs.structure),
+            lambda: kernels.vjp_kernel(self.backend, inputs.structure, len(inputs.leaves)),
         )
 
     def jvp(self, inputs: Inputs, method: str) -> Callable:
         """`(xs, ts) -> tangents`: one JVP by `backend.JVPS[method]`, compiled."""
         return self.kernel(
             ("jvp", inputs.signature, method),
-            lambda: kernels.jvp_kernel(self.backend, inputs.structure, self.backend.JVPS[method]),
+            lambda: kernels.jvp_kernel(
+                self.backend, inputs.structure, self.backend.JVPS[method], len(inputs.leaves)
+            ),
         )
 
     def entry(self, fn_name: str, inputs: Inputs) -> Entry:
@@ -90,7 +93,10 @@ class ModelState:
         if entry is None:
             y = _symbolic_output(self.model, inputs)
             if y is None:
-                y = eager_call(self.model, self.training)(inputs.pack(inputs.tensors))
+                call = eager_call(self.model, self.training)
+                x = inputs.pack(inputs.tensors)
+                constants = inputs.tensors[len(inputs.leaves) :]
+                y = call(x, constants) if constants else call(x)
             entry = Entry(
                 skeleton(y),
                 output_leaves(fn_name, y, inputs.batch),
@@ -118,6 +124,8 @@ class ModelState:
 def _symbolic_output(model, inputs: Inputs):
     """The output of a Functional or Sequential model as Keras symbolic tensors (no forward pass),
     or None where it cannot be had that way."""
+    if isinstance(model, (Cut, Prefix)):
+        return model.output_spec(inputs.batch)
     if type(model).__module__ not in (
         "keras.src.models.functional",
         "keras.src.models.sequential",
@@ -138,6 +146,8 @@ def _symbolic_output(model, inputs: Inputs):
 
 def activation_size(model) -> int | None:
     """Elements of all layer outputs for one sample, where the model's graph says (Functional)."""
+    if isinstance(model, (Cut, Prefix)):
+        return model.activation_size()
     layers = getattr(model, "layers", None)
     if not layers:
         return None

@@ -3,6 +3,7 @@ engine, and the nonzeros read back (NOTE: [Compressed passes] in `jacket.sparse.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from ..engine import Options, forward_mode_is_exact, jacobian, jvp, vjp
+from ..engine import Options, Point, forward_mode_is_exact, jacobian, jvp, vjp
 from ..engine.inputs import Inputs, numpy_dtype
 from ..engine.kernels import tile
 from ..errors import CouplingError
@@ -151,7 +152,7 @@ class CompressedPasses:
                 # the rows are compressed instead (never JVPs rebuilt from reverse passes of the
                 # repeated batch, which would cost a full Jacobian of it)
                 self.forward_checked = True
-                if not forward_mode_is_exact(model, inputs.pack(inputs.tensors), training=False):
+                if not forward_mode_is_exact(model, Point(model, inputs), training=False):
                     self.switched = "no forward mode passed its check: the rows are compressed"
                     self._seeds.clear()
                     self._use("reverse")
@@ -172,7 +173,7 @@ class CompressedPasses:
     def _dense_values(self, model, inputs: Inputs, options: Options) -> np.ndarray:
         J = jacobian(
             model,
-            inputs.pack(inputs.tensors),
+            Point(model, inputs),
             mode=options.mode,
             flatten=True,
             training=options.training,
@@ -200,7 +201,7 @@ class CompressedPasses:
         other_size = self.out_size if forward else self.in_size
         parts = []
         for seeds in self._seeds_for(batch, chunk):
-            xs = inputs.pack([tile(t, chunk) for t in inputs.tensors])
+            xs = _tiled(model, inputs, chunk)
             push = jvp if forward else vjp
             try:
                 out = push(model, xs, seeds, per_sample=probe_repeated)
@@ -219,13 +220,12 @@ class CompressedPasses:
         if inputs.batch in self._probed:
             return
         k = 2 if inputs.batch == 1 else 1
-        xs = [tile(t, k) for t in inputs.tensors]
         zeros = [
             keras.ops.zeros((k * inputs.batch,) + leaf.shape, dtype=leaf.dtype)
             for leaf in self.out_leaves
         ]
         try:
-            vjp(model, inputs.pack(xs), pack(self.y_structure, zeros))
+            vjp(model, _tiled(model, inputs, k), pack(self.y_structure, zeros))
         except CouplingError as error:
             raise CouplingError(f"{fn_name} (sparse=True): {error}") from None
         self._probed.add(inputs.batch)
@@ -256,3 +256,10 @@ class CompressedPasses:
                 seeds.append(pack(self.in_structure if forward else self.y_structure, tensors))
             self._seeds[key] = seeds
         return seeds
+
+
+def _tiled(model, inputs: Inputs, k: int) -> Point:
+    """The batch repeated `k` times (its constants too, for a cut between layers), as a point
+    the engine's `jvp`, `vjp` and `jacobian` take as `x`."""
+    tensors = [tile(t, k) for t in inputs.tensors]
+    return Point(model, dataclasses.replace(inputs, tensors=tensors, batch=k * inputs.batch))

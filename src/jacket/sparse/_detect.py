@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import scipy.sparse as sp
 
+from ..engine.cut import Cut
 from ._errors import SparsityWarning
 
 # ------------------------------------------------------------------------------------ dependency sets
@@ -718,11 +719,13 @@ class Detection:
     activation_size: int | None  # elements of all intermediate tensors of one sample
 
 
-def detect(model, in_shapes, out_shapes, *, training: bool = False) -> Detection:
+def detect(model, in_shapes, out_shapes, *, training: bool = False, constants=()) -> Detection:
     """Propagate the dependency sets of `model`'s inputs to its outputs (see the NOTE above).
 
     Args:
       in_shapes, out_shapes: per-sample shapes of the model's inputs and outputs, flat.
+      constants: per-sample shapes of the constants of a cut between layers
+        (`jacket.engine.cut`), which depend on no input.
     """
     n_in = sum(math.prod(s) for s in in_shapes)
     ctx = _Context(training)
@@ -736,7 +739,23 @@ def detect(model, in_shapes, out_shapes, *, training: bool = False) -> Detection
         deps.append(_per_element(shape, eye))
         offset += size
     outs = None
-    if _is_graph(model):
+    if isinstance(model, Cut):  # its graph run with dependency sets for values
+        try:
+            fixed = [_per_element(shape, sp.csr_array((math.prod(shape), n_in), dtype=bool))
+                     for shape in constants]  # fmt: skip
+            n = len(model.extras)
+
+            def apply(operation, args, kwargs, node):
+                return _apply(operation, args, kwargs, node, ctx)
+
+            outs = model.program(deps + fixed[:n], fixed[n:], training, call_fn=apply)
+            if [d.shape for d in outs] != [tuple(s) for s in out_shapes]:
+                ctx.notes.append("the cut: its outputs do not match the walked graph")
+                outs = None
+        except Exception as error:  # noqa: BLE001 - any failure falls back to the safe rule
+            ctx.notes.append(f"the cut: {type(error).__name__}: {error}")
+            outs = None
+    elif _is_graph(model):
         try:
             outs = _walk(model, deps, ctx)
             if [d.shape for d in outs] != [tuple(s) for s in out_shapes]:

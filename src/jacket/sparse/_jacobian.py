@@ -25,7 +25,8 @@ import scipy.sparse as sp
 
 from ..checks import check_model
 from ..engine import Options
-from ..engine.inputs import Inputs, prepare_inputs
+from ..engine.inputs import Inputs
+from ..engine.point import resolve
 from ..engine.state import state_of
 from ..errors import JacketTypeError, JacketValueError
 from ._compressed import CompressedPasses, SparsePlan
@@ -37,8 +38,9 @@ def jacobian_fn(model, *, sparsity=None, **options) -> SparseJacobianFn:
     """A prepared sparse Jacobian: `jacket.jacobian_fn(model, sparse=True, **options)`.
 
     Options as in `jacket.jacobian` (`mode`: "auto" compresses the side with fewer colors,
-    "forward" the columns, "reverse" the rows; `chunk_size`: colors per pass), and `sparsity`: a
-    known pattern `(out_size, in_size)` (scipy sparse or NumPy) instead of the detected one.
+    "forward" the columns, "reverse" the rows; `chunk_size`: colors per pass; `wrt`, `of`: the
+    model's cut between layers), and `sparsity`: a known pattern `(out_size, in_size)` (scipy
+    sparse or NumPy) instead of the detected one.
     """
     return prepared("jacobian_fn", model, sparsity=sparsity, **options)
 
@@ -46,34 +48,43 @@ def jacobian_fn(model, *, sparsity=None, **options) -> SparseJacobianFn:
 class SparseJacobianFn:
     """`jacket.jacobian(model, x, sparse=True, **options)` as a reusable callable."""
 
-    def __init__(self, fn_name: str, model, pattern, options: Options):
+    def __init__(self, fn_name: str, model, pattern, options: Options, wrt=None, of=None):
         self.fn_name = fn_name
         self.model = model
         self.pattern = pattern  # the caller's pattern, or None to detect
         self.options = options
+        self.wrt, self.of = wrt, of
+
+    def _resolve(self, x, check_finite: bool = True):
+        """The model (or its cut between `wrt` and `of`) and its inputs at `x`."""
+        return resolve(
+            self.fn_name, self.model, x, self.wrt, self.of, self.options.training,
+            check_finite=check_finite,
+        )  # fmt: skip
 
     def __call__(self, x) -> SparseJacobian:
-        inputs = prepare_inputs(self.fn_name, self.model, x)
-        return self.passes(inputs).run(self.fn_name, self.model, inputs, self.options)
+        target, inputs = self._resolve(x)
+        return self.passes(inputs, target).run(self.fn_name, target, inputs, self.options)
 
     def plan(self, x) -> SparsePlan:
         """What this callable does for inputs like `x` (detecting and coloring if not done yet)."""
-        inputs = prepare_inputs(self.fn_name, self.model, x, check_finite=False)
-        return self.passes(inputs).plan(inputs.batch, self.options)
+        target, inputs = self._resolve(x, check_finite=False)
+        return self.passes(inputs, target).plan(inputs.batch, self.options)
 
-    def passes(self, inputs: Inputs) -> CompressedPasses:
+    def passes(self, inputs: Inputs, target=None) -> CompressedPasses:
         """The pattern, its coloring and the seeds for these input shapes (made once, kept in
-        the model's state)."""
+        the state of the model, or of its cut)."""
+        target = self.model if target is None else target
         training = self.options.training
         pattern_key_ = "detected" if self.pattern is None else pattern_key(self.pattern)
         key = ("sparse", "passes", inputs.signature[1], pattern_key_, self.options.mode)
-        cache = state_of(self.model, training).wrappers
+        cache = state_of(target, training).wrappers
         found = cache.get(key)
         if found is None:
             if self.pattern is None:
-                detected = detection(self.fn_name, self.model, inputs, training)
+                detected = detection(self.fn_name, target, inputs, training)
             else:
-                y_structure, out_leaves = outputs(self.fn_name, self.model, inputs, training)
+                y_structure, out_leaves = outputs(self.fn_name, target, inputs, training)
                 pattern = user_pattern(self.fn_name, self.pattern, inputs, out_leaves)
                 detected = Detected(pattern, y_structure, out_leaves, None, 0.0)
             found = cache[key] = CompressedPasses(detected, inputs, self.options.mode, training)
@@ -88,6 +99,8 @@ def prepared(
     model,
     *,
     sparsity=None,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     flatten: bool = False,
@@ -112,4 +125,4 @@ def prepared(
             f"`(out_size, in_size)`, e.g. from `jacket.sparsity`. Received: "
             f"{type(sparsity).__name__}."
         )
-    return SparseJacobianFn(fn_name, model, sparsity, checked)
+    return SparseJacobianFn(fn_name, model, sparsity, checked, wrt, of)

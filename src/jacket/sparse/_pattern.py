@@ -13,15 +13,19 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..checks import check_flag, check_model
-from ..engine.inputs import FLOAT_DTYPES, Inputs, declared_inputs, output_leaves, prepare_inputs
+from ..engine.cut import Cut
+from ..engine.inputs import Inputs, declared_inputs, output_leaves
 from ..engine.model import eager_call
+from ..engine.point import resolve
 from ..engine.state import state_of
 from ..errors import JacketValueError
 from ..trees import skeleton
 from . import _detect
 
 
-def sparsity(model, input_shape, *, verify: bool = False, training: bool = False) -> sp.csr_array:
+def sparsity(
+    model, input_shape, *, wrt=None, of=None, verify: bool = False, training: bool = False
+) -> sp.csr_array:
     """The sparsity pattern of `model`'s per-sample Jacobian, found from its layers.
 
     The dependency structure is propagated layer by layer (convolutions with their strides,
@@ -36,6 +40,8 @@ def sparsity(model, input_shape, *, verify: bool = False, training: bool = False
         layer; a subclassed model or a plain function gets the dense pattern, with a warning).
       input_shape: The per-sample input shape, without the batch axis, e.g. `(32, 32, 1)`; a list
         or dict of shapes for a model with several inputs.
+      wrt, of: As in `jacket.jacobian`: the pattern of the model's cut between layers (`wrt`'s
+        values flattened as the columns, `of`'s as the rows).
       verify: Also check the pattern at two random points: against the dense Jacobian where it is
         small (`out_size * in_size <= 2**21`), else by comparing `J v` and `u^T J` of the sparse
         Jacobian with `jacket.jvp` / `jacket.vjp` on random `v`, `u` (which catches any missed
@@ -56,12 +62,12 @@ def sparsity(model, input_shape, *, verify: bool = False, training: bool = False
     check_flag("sparsity", "verify", verify)
     check_flag("sparsity", "training", training)
     zeros = zeros_like_shape(model, input_shape)
-    inputs = prepare_inputs("sparsity", model, zeros, check_finite=False)
-    found = detection("sparsity", model, inputs, bool(training))
+    target, inputs = resolve("sparsity", model, zeros, wrt, of, bool(training))
+    found = detection("sparsity", target, inputs, bool(training))
     if verify:
         from ._verify import check_pattern  # (it computes sparse Jacobians: above this module)
 
-        check_pattern("sparsity", model, inputs, found.pattern, bool(training), 2)
+        check_pattern("sparsity", target, inputs, found.pattern, bool(training), 2)
     return found.pattern
 
 
@@ -110,7 +116,8 @@ def zeros_like_shape(model, input_shape):
                     f"sample. Received: {label}={shape}.{hint}"
                 )
         dtype = keras.backend.standardize_dtype(spec.dtype) if spec is not None else None
-        zeros.append(np.zeros((1,) + shape, dtype=dtype if dtype in FLOAT_DTYPES else "float32"))
+        dtype = dtype if dtype is not None else "float32"  # integer ids: zeros, held constant
+        zeros.append(np.zeros((1,) + shape, dtype=dtype))
     if isinstance(input_shape, Mapping):
         return dict(zip(input_shape, zeros))
     return zeros[0] if len(items) == 1 and items[0][0] is None else list(zeros)
@@ -120,14 +127,19 @@ def outputs(fn_name, model, inputs: Inputs, training: bool):
     """The structure (leaves None) and the leaves of the model's output for a batch of one:
     symbolic for a Keras layer (no computation, nothing compiled), else from a forward pass."""
     y = None
-    if isinstance(model, keras.Layer):
+    if isinstance(model, Cut):
+        y = model.output_spec(1)
+    elif isinstance(model, keras.Layer):
         specs = [keras.KerasTensor((1,) + leaf.shape, dtype=leaf.dtype) for leaf in inputs.leaves]
         try:
             y = model.compute_output_spec(inputs.pack(specs))
         except Exception:  # noqa: BLE001 - a layer that cannot run symbolically runs for real
             y = None
     if y is None:
-        y = eager_call(model, training)(inputs.pack([t[:1] for t in inputs.tensors]))
+        call = eager_call(model, training)
+        first = [t[:1] for t in inputs.tensors]
+        constants = first[len(inputs.leaves) :]  # a cut's (`jacket.engine.cut`)
+        y = call(inputs.pack(first), constants) if constants else call(inputs.pack(first))
     return skeleton(y), output_leaves(fn_name, y, 1)
 
 
@@ -153,6 +165,7 @@ def detection(fn_name, model, inputs: Inputs, training: bool) -> Detected:
             [leaf.shape for leaf in inputs.leaves],
             [leaf.shape for leaf in out_leaves],
             training=training,
+            constants=[leaf.shape for leaf in inputs.constants],
         )
         found = Detected(
             detection.pattern,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -11,8 +12,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..checks import check_flag, check_model, positive_int
-from ..engine import jacobian, jvp, vjp
-from ..engine.inputs import Inputs, numpy_dtype, prepare_inputs
+from ..engine import Point, jacobian, jvp, vjp
+from ..engine.inputs import Inputs, numpy_dtype
+from ..engine.kernels import tile
+from ..engine.point import resolve
 from ..errors import JacketTypeError
 from ..trees import flat_matrix, pack, to_numpy
 from ._errors import SparsityError, SparsityWarning
@@ -24,7 +27,7 @@ VERIFY_DENSE_ENTRIES = 1 << 22
 
 
 def verify(
-    model, input_shape, sparsity, *, points: int = 2, training: bool = False
+    model, input_shape, sparsity, *, points: int = 2, training: bool = False, wrt=None, of=None
 ) -> dict[str, Any]:
     """Check that a sparsity pattern holds every nonzero of `model`'s per-sample Jacobian at
     `points` random inputs (standard normal, seeded: the same points every call).
@@ -36,7 +39,8 @@ def verify(
     of its row's scale.
 
     Args:
-      model, input_shape, training: As in `sparsity`.
+      model, input_shape, training, wrt, of: As in `sparsity` (with `wrt`, the random points are
+        values of the `wrt` layers).
       sparsity: The pattern, `(out_size, in_size)` (scipy sparse or NumPy), e.g. from `sparsity`.
       points: How many random inputs.
 
@@ -61,10 +65,11 @@ def verify(
             f"{fn}: `sparsity` must be a scipy.sparse matrix or a 2-D array `(out_size, in_size)`, "
             f"e.g. from `jacket.sparsity`. Received: {type(sparsity).__name__}."
         )
-    inputs = prepare_inputs(fn, model, zeros_like_shape(model, input_shape), check_finite=False)
-    _, out_leaves = outputs(fn, model, inputs, bool(training))
+    zeros = zeros_like_shape(model, input_shape)
+    target, inputs = resolve(fn, model, zeros, wrt, of, bool(training))
+    _, out_leaves = outputs(fn, target, inputs, bool(training))
     pattern = user_pattern(fn, sparsity, inputs, out_leaves)
-    return check_pattern(fn, model, inputs, pattern, bool(training), points)
+    return check_pattern(fn, target, inputs, pattern, bool(training), points)
 
 
 def check_pattern(
@@ -78,7 +83,8 @@ def check_pattern(
         )
         for leaf in inputs.leaves
     ]
-    x = inputs.pack(xs)
+    constants = [tile(c[:1], points) for c in inputs.tensors[len(inputs.leaves) :]]
+    x = Point(model, dataclasses.replace(inputs, tensors=xs + constants, batch=points))
     out_size, in_size = pattern.shape
     if out_size * in_size * points <= VERIFY_DENSE_ENTRIES:
         J = jacobian(model, x, flatten=True, training=training)
