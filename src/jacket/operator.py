@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from .checks import check_flag, check_model
-from .engine import jacobian, jvp, vjp
+from .engine import Point, at, jacobian, jvp, vjp
 from .errors import JacketTypeError, JacketValueError
 from .trees import to_numpy
 
@@ -29,8 +29,11 @@ class JacobianOperator:
     Args:
       model: A Keras model or layer with one input and one output, mapping `(batch, *in_shape)` to
         `(batch, *out_shape)` (or a callable doing so).
-      x: Input of shape `(batch, *in_shape)` (NumPy array or backend tensor).
+      x: Input of shape `(batch, *in_shape)` (NumPy array or backend tensor); with `wrt` or
+        `of`, the model's inputs (a structure of them for several), or a `jacket.engine.Point`.
       training: Call the model in training mode (see `jacket.jacobian`).
+      wrt, of: The Jacobian of `of` with respect to `wrt` (see `jacket.jacobian`): one layer
+        each; `in_shape` is then the shape of `wrt`'s values, `out_shape` that of `of`'s.
 
     Products (results are tensors of the active Keras backend, like `jacket.jvp`):
 
@@ -52,18 +55,31 @@ class JacobianOperator:
       >>> s = scipy.sparse.linalg.svds(op.as_linear_operator(0), k=1, return_singular_vectors=False)
     """
 
-    def __init__(self, model, x, *, training: bool = False):
+    def __init__(self, model, x, *, training: bool = False, wrt=None, of=None):
         check_model("JacobianOperator", model)
-        if isinstance(x, (list, tuple, dict)):
+        check_flag("JacobianOperator", "training", training)
+        if wrt is not None or of is not None or isinstance(x, Point):
+            # a cut between layers: the products are taken at the point's `wrt` values
+            x = at(model, x, wrt=wrt, of=of, training=bool(training), outputs=False)
+            if len(x.leaves) != 1:
+                raise JacketValueError(
+                    "JacobianOperator: `wrt` must name one tensor. Received: wrt names "
+                    f"{len(x.leaves)} ({', '.join(leaf.label for leaf in x.leaves)}). Use "
+                    "`jacket.jvp` / `jacket.vjp` with structures instead."
+                )
+        elif isinstance(x, (list, tuple, dict)):
             raise JacketValueError(
                 "JacobianOperator: `x` must be one array `(batch, *in_shape)`; models with several "
                 f"inputs are not supported. Received: a {type(x).__name__} of inputs. Use "
-                "`jacket.jvp` / `jacket.vjp` with structures instead."
+                "`jacket.jvp` / `jacket.vjp` with structures instead, or name the input to "
+                "differentiate with `wrt=`."
             )
-        check_flag("JacobianOperator", "training", training)
-        if not keras.ops.is_tensor(x):
+        elif not keras.ops.is_tensor(x):
             x = np.asarray(x)
-        shape = tuple(int(d) for d in x.shape)
+        if isinstance(x, Point):
+            shape = (x.batch,) + x.leaves[0].shape
+        else:
+            shape = tuple(int(d) for d in x.shape)
         if len(shape) < 2:
             raise JacketValueError(
                 "JacobianOperator: `x` must have a leading batch axis, shape `(batch, *in_shape)`. "
@@ -146,6 +162,7 @@ class JacobianOperator:
             )
         b = int(b) % self.batch
         one = JacobianOperator(self.model, self.x[b : b + 1], training=self.training)
+        one._caller = self._caller
         if self._out is not None:
             one._out = self._out
         m, n = self.out_size, self.in_size
@@ -191,6 +208,8 @@ class JacobianOperator:
         return self._out
 
     def _tensor(self):
+        if isinstance(self.x, Point):
+            return self.x.wrt
         return self.x if keras.ops.is_tensor(self.x) else keras.ops.convert_to_tensor(self.x)
 
     def _product(self, v, *, transpose: bool):
@@ -218,6 +237,8 @@ class JacobianOperator:
                 c = int(cols.shape[2])
                 # tile the batch c times: row j * B + b is sample b with column j
                 x_tiled = keras.ops.tile(self._tensor(), (c,) + (1,) * len(self.in_shape))
+                if isinstance(self.x, Point):  # the constants of a cut repeated alike
+                    x_tiled = self.x.with_values(x_tiled, repeat=c)
                 seeds = keras.ops.reshape(
                     keras.ops.transpose(cols, (2, 0, 1)), (c * B,) + src_shape
                 )

@@ -65,6 +65,8 @@ def lipschitz(
     tol: float = 1e-6,
     max_iter: int | None = None,
     progress: Progress | None = None,
+    wrt=None,
+    of=None,
 ) -> Lipschitz:
     """The largest local spectral norm `max_b ||J(x_b)||_2` over a dataset, and where it is attained.
 
@@ -76,6 +78,7 @@ def lipschitz(
       data: An array `(n, *in_shape)`, or an iterable of arrays (or `(x, y)` pairs).
       batch_size, progress: As in `jacket.analysis.sensitivity`.
       method, tol, max_iter: As in `spectral_norm`.
+      wrt, of: As in `jacket.jacobian` (one layer each): the estimate for the map between them.
 
     Returns:
       A `Lipschitz` with `value`, `index`, `x` (the maximizing input), its singular vectors `u`,
@@ -84,7 +87,7 @@ def lipschitz(
     fn = "lipschitz"
     check_model(fn, model)
     batch_size = positive_int(fn, "batch_size", batch_size, allow_none=True)
-    highest = _Highest(fn, model, method, tol, max_iter)
+    highest = _Highest(fn, model, method, tol, max_iter, wrt, of)
     stream, total = batches(fn, data, batch_size)
     for part in stream:
         highest.add(part)
@@ -103,6 +106,8 @@ def jacobian_norms(
     lipschitz: bool = False,
     batch_size: int | None = 64,
     progress: Progress | None = None,
+    wrt=None,
+    of=None,
 ) -> JacobianNorms:
     """Norms of every sample's Jacobian over a dataset, in one pass of batches: the norms
     `ords`, and on request the log-determinants and the Lipschitz estimate.
@@ -118,6 +123,7 @@ def jacobian_norms(
         before any norm is computed).
       lipschitz: Also the `Lipschitz` estimate (see `lipschitz`).
       batch_size, progress: As in `jacket.analysis.sensitivity`.
+      wrt, of: As in `jacket.jacobian` (one layer each).
 
     Returns:
       A `JacobianNorms`: `values`, `errors` and `methods` per ord, `samples`, `logdet`,
@@ -145,18 +151,18 @@ def jacobian_norms(
     parts: dict = {ord: ([], []) for ord in ords}
     signs, logabs = [], []
     result = JacobianNorms()
-    highest = _Highest(fn, model, None, 1e-6, None) if lipschitz else None
+    highest = _Highest(fn, model, None, 1e-6, None, wrt, of) if lipschitz else None
     stream, total = batches(fn, data, batch_size)
     for part in stream:
         if logdet:  # first: a non-square model fails before any other work
-            det = _norms.logdet(model, part.x)
+            det = _norms.logdet(model, part.x, wrt=wrt, of=of)
             signs.append(det.sign[: part.valid])
             logabs.append(det.logabsdet[: part.valid])
         for ord in ords:
             options = {}
             if ord == "fro" and projections is not None:
                 options = {"method": "estimate", "n_projections": projections}
-            norm = _norms.jacobian_norm(model, part.x, ord, **options)
+            norm = _norms.jacobian_norm(model, part.x, ord, wrt=wrt, of=of, **options)
             parts[ord][0].append(norm.value[: part.valid])
             parts[ord][1].append(norm.error[: part.valid])
             result.methods[ord] = norm.method
@@ -181,7 +187,7 @@ def jacobian_norms(
 class _Highest:
     """The largest spectral norm over the batches of a dataset so far, and where it is."""
 
-    def __init__(self, fn: str, model, method, tol, max_iter):
+    def __init__(self, fn: str, model, method, tol, max_iter, wrt=None, of=None):
         tol = positive_float(fn, "tol", tol)
         max_iter = positive_int(fn, "max_iter", max_iter, allow_none=True)
         if method is not None and method not in ("exact", "lanczos"):
@@ -189,6 +195,7 @@ class _Highest:
                 f"{fn}: `method` must be 'exact', 'lanczos' or None. Received: method={method!r}."
             )
         self.fn, self.model = fn, model
+        self.wrt, self.of = wrt, of
         self.method, self.tol, self.max_iter = method, tol, max_iter
         self.rng = np.random.default_rng(0)
         self.known = None  # the output's shape and dtype, learned on the first batch
@@ -199,7 +206,7 @@ class _Highest:
         """The spectral norms of one batch's samples (see `spectral_norm`)."""
         from ..operator import JacobianOperator
 
-        op = JacobianOperator(self.model, part.x)
+        op = JacobianOperator(self.model, part.x, wrt=self.wrt, of=self.of)
         op._caller = self.fn
         op._out = self.known
         result = _norms._spectral(op, self.method, self.tol, self.max_iter, self.rng)

@@ -71,6 +71,8 @@ def jacobian_norm(
     seed: int | np.random.Generator | None = 0,
     tol: float = 1e-6,
     max_iter: int | None = None,
+    wrt=None,
+    of=None,
 ) -> JacobianNorm:
     """A norm of each sample's Jacobian `J_b` (flattened to `(out_size, in_size)`).
 
@@ -97,6 +99,8 @@ def jacobian_norm(
       seed: Seed (or `numpy.random.Generator`) for the projections and Lanczos's start vector.
       tol: Relative residual at which Lanczos stops.
       max_iter: Lanczos steps at most (default `min(out_size, in_size) + 1`, where it is exact).
+      wrt, of: As in `jacket.jacobian`: the norm of the Jacobian of `of` with respect to `wrt`
+        (one layer each).
 
     Returns:
       A `JacobianNorm` (`value`, `error`, and for ord 2 the singular vectors `u`, `v`).
@@ -123,7 +127,7 @@ def jacobian_norm(
     tol = positive_float(fn, "tol", tol)
     max_iter = positive_int(fn, "max_iter", max_iter, allow_none=True)
     x = single_array(fn, "x", x)
-    op = _operator(fn, model, x)
+    op = _operator(fn, model, x, wrt, of)
     if ord == 2 or method == "estimate":
         op.out_shape  # noqa: B018 - one forward product: the output's shape, and its check
     if ord == 2:
@@ -146,19 +150,24 @@ def spectral_norm(
     tol: float = 1e-6,
     max_iter: int | None = None,
     seed: int | np.random.Generator | None = 0,
+    wrt=None,
+    of=None,
 ) -> JacobianNorm:
     """`jacobian_norm(model, x, 2, ...)`: each sample's largest singular value and its singular
     vectors `u` (output side) and `v` (input side)."""
-    return jacobian_norm(model, x, 2, method=method, tol=tol, max_iter=max_iter, seed=seed)
+    return jacobian_norm(
+        model, x, 2, method=method, tol=tol, max_iter=max_iter, seed=seed, wrt=wrt, of=of
+    )
 
 
-def logdet(model, x) -> LogDet:
+def logdet(model, x, *, wrt=None, of=None) -> LogDet:
     """Sign and log-absolute-determinant of each sample's Jacobian, for models whose output size
     equals their input size (normalizing flows, invertible blocks).
 
     Args:
       model: A Keras model or layer with one input and one output, `out_size == in_size`.
       x: Input `(batch, *in_shape)`.
+      wrt, of: As in `jacket.jacobian` (one layer each).
 
     Returns:
       `LogDet(sign, logabsdet)`, each `(batch,)`, from `numpy.linalg.slogdet` of the dense `J` in
@@ -168,7 +177,7 @@ def logdet(model, x) -> LogDet:
     fn = "logdet"
     check_model(fn, model)
     x = single_array(fn, "x", x)
-    op = _operator(fn, model, x)
+    op = _operator(fn, model, x, wrt, of)
     if op.out_size != op.in_size:
         raise JacketValueError(
             f"{fn}: the Jacobian must be square (output size == input size). Received: a model "
@@ -182,12 +191,12 @@ def logdet(model, x) -> LogDet:
 # ------------------------------------------------------------------------------------- internals
 
 
-def _operator(fn: str, model, x: np.ndarray):
+def _operator(fn: str, model, x: np.ndarray, wrt=None, of=None):
     """`JacobianOperator(model, x)` with its output described: a model of several outputs is
     refused here, by jacket's error naming `fn`."""
     from ..operator import JacobianOperator
 
-    op = JacobianOperator(model, x)
+    op = JacobianOperator(model, x, wrt=wrt, of=of)
     op._caller = fn
     return op
 

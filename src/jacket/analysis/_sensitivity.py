@@ -9,8 +9,8 @@ import numpy as np
 
 from ..batches import Progress, batches, single_array
 from ..checks import check_model, choice, positive_int
-from ..engine import jacobian, vjp
-from ..engine.outputs import output_index, output_structure, outputs
+from ..engine import at, jacobian, vjp
+from ..engine.outputs import output_index, output_structure, outputs, single_output
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import to_numpy
 from .reductions import (  # one definition, shared with jacket.distributed
@@ -51,6 +51,8 @@ def sensitivity(
     output: int | None = None,
     batch_size: int | None = 64,
     progress: Progress | None = None,
+    wrt=None,
+    of=None,
 ) -> Sensitivity:
     """Sensitivity of the outputs to each input feature, over a dataset streamed in batches.
 
@@ -72,6 +74,8 @@ def sensitivity(
       batch_size: Samples per engine call (the stream is re-cut to this size; the last batch is
         padded so every call has the same shape). None: as the data comes.
       progress: Called as `progress(samples_done, samples_total_or_None)` after each batch.
+      wrt, of: As in `jacket.jacobian`: the sensitivity of `of` (a layer's output) to each
+        value of `wrt` (one layer's output, e.g. an embedding: `values` then has its shape).
 
     Returns:
       A `Sensitivity` with `values` (`in_shape`) and `ranking` (flat indices, most sensitive first).
@@ -96,16 +100,19 @@ def sensitivity(
     summed = seed = None
     for part in stream:
         x = part.x
+        in_shape = x.shape[1:]
+        if wrt is not None or of is not None:  # the shape of the `wrt` values
+            x = at(model, x, wrt=wrt, of=of, outputs=False)
+            in_shape = _single_wrt(fn, x)
         if output is None:
             blocks = keras.tree.flatten(jacobian(model, x, flatten=True))  # (b, m_k, n)
             blocks = [to_numpy(block)[: part.valid] for block in blocks]
         else:
-            if seed is None or keras.tree.flatten(seed)[0].shape[0] != x.shape[0]:
-                seed = _one_hot_outputs(fn, model, x, output)
+            if seed is None or keras.tree.flatten(seed)[0].shape[0] != part.x.shape[0]:
+                seed = _one_hot_outputs(fn, model, part.x, output, wrt, of)
             row = to_numpy(vjp(model, x, seed))
-            blocks = [row.reshape(x.shape[0], 1, -1)[: part.valid]]
+            blocks = [row.reshape(part.x.shape[0], 1, -1)[: part.valid]]
         summed = partial(blocks) if summed is None else combine(summed, partial(blocks))
-        in_shape = x.shape[1:]
         if progress is not None:
             progress(part.stop, total)
     if summed is None:
@@ -122,10 +129,23 @@ def sensitivity(
     )
 
 
-def _one_hot_outputs(fn: str, model, x: np.ndarray, output: int):
-    """Cotangents for `x`'s batch in the model's output structure: 1 at the flat index `output`
-    of the concatenated outputs, 0 elsewhere."""
-    y = output_structure(model, x[:1])
+def _single_wrt(fn: str, point) -> tuple:
+    """The per-sample shape of a point's one `wrt` value (an analysis of one input)."""
+    if len(point.leaves) != 1:
+        raise JacketValueError(
+            f"{fn}: `wrt` must name one tensor here. Received: wrt names {len(point.leaves)} "
+            f"({', '.join(leaf.label for leaf in point.leaves)}). Name one layer."
+        )
+    return point.leaves[0].shape
+
+
+def _one_hot_outputs(fn: str, model, x: np.ndarray, output: int, wrt=None, of=None):
+    """Cotangents for `x`'s batch in the model's output structure (or `of`'s): 1 at the flat
+    index `output` of the concatenated outputs, 0 elsewhere."""
+    if wrt is None and of is None:
+        y = output_structure(model, x[:1])
+    else:
+        y = keras.tree.map_structure(to_numpy, at(model, x[:1], wrt=wrt, of=of).outputs)
     leaves = keras.tree.flatten(y)
     sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
     index = output_index(fn, "output", output, sum(sizes), 1)[0]
@@ -139,7 +159,7 @@ def _one_hot_outputs(fn: str, model, x: np.ndarray, output: int):
     return keras.tree.pack_sequence_as(y, seeds) if len(leaves) > 1 else seeds[0]
 
 
-def saliency(model, x, target=None) -> Saliency:
+def saliency(model, x, target=None, *, wrt=None, of=None) -> Saliency:
     """Saliency: the gradient of one output per sample with respect to the input (one VJP).
 
     Args:
@@ -147,6 +167,8 @@ def saliency(model, x, target=None) -> Saliency:
       x: Input `(batch, *in_shape)`.
       target: The flat output index (class) to differentiate: an int for all samples, one per
         sample `(batch,)`, or None for each sample's largest output (its predicted class).
+      wrt, of: As in `jacket.jacobian`: the gradient of `of` (one tensor) with respect to the
+        values of `wrt` (one layer's output; `gradient` then has its shape).
 
     Returns:
       A `Saliency` with `gradient` `(batch, *in_shape)`, `target` `(batch,)` and `map` (`|gradient|`,
@@ -160,7 +182,14 @@ def saliency(model, x, target=None) -> Saliency:
     fn = "saliency"
     check_model(fn, model)
     x = single_array(fn, "x", x)
-    y = outputs(model, x, fn)
+    if wrt is None and of is None:
+        y = outputs(model, x, fn)
+    else:
+        x = at(model, x, wrt=wrt, of=of)
+        _single_wrt(fn, x)
+        y = x.outputs
+        single_output(fn, y)
+        y = to_numpy(y)
     batch, size = y.shape[0], int(np.prod(y.shape[1:]))
     if target is None:
         index = y.reshape(batch, -1).argmax(axis=1)

@@ -6,6 +6,7 @@ and `check` are the engine's own. How one call flows through the modules: `jacke
 
 from .check import CheckReport as CheckReport
 from .check import check as check
+from .cut import graph_layers as graph_layers
 from .jacobian import JacobianFn as JacobianFn
 from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
@@ -15,6 +16,7 @@ from .point import Point as Point
 from .point import at as at
 from .products import forward_mode_is_exact as forward_mode_is_exact
 from .products import jvp as jvp
+from .products import value_and_vjp as value_and_vjp
 from .products import vjp as vjp
 from .tuning import PlanReport as PlanReport
 
@@ -27,9 +29,11 @@ __all__ = [
     "at",
     "check",
     "forward_mode_is_exact",
+    "graph_layers",
     "jacobian",
     "jacobian_fn",
     "jvp",
     "tune",
+    "value_and_vjp",
     "vjp",
 ]

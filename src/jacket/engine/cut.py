@@ -969,3 +969,26 @@ def _input_keys(declared) -> dict:
         return {id(v): k for k, v in declared.items()}
     specs = [declared] if is_leaf_structure(declared) else keras.tree.flatten(declared)
     return {id(s): s.name for s in specs}
+
+
+def graph_layers(model) -> list[tuple[str, Any]]:
+    """`[(name, layer)]`: every layer call of a Functional or Sequential model in the order of its
+    graph, those inside nested models in place of the nested model's call, each with the name
+    `wrt`/`of` take (`"dense"`, `"shared:1"`, `"encoder/conv"`); empty for other models."""
+    graph = graph_of(model) if isinstance(model, keras.Model) else None
+    if graph is None:
+        return []
+    out: list[tuple[str, Any]] = []
+
+    def visit(g: _Graph):
+        for node in g.nodes:
+            if node.operation is None or node.is_input:
+                continue
+            child = g.child(node)
+            if child is not None:
+                visit(child)
+            else:
+                out.append((g.prefix + _call_name(g, node), node.operation))
+
+    visit(_graph_cached(model, graph))
+    return out

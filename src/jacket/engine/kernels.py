@@ -163,6 +163,18 @@ def vjp_kernel(backend, in_structure, n_in: int | None = None):
     return kernel
 
 
+def value_and_vjp_kernel(backend, in_structure, n_in: int):
+    """`kernel(call, xs, cts) -> (ys, grads)`: the outputs and one VJP of the batched model from
+    one forward pass (with respect to the first `n_in` tensors of `xs`)."""
+
+    def kernel(call, xs, cts):
+        xs, constants = split_arguments(xs, n_in)
+        ys, pullback = backend.linearize_vjp(model_function(call, in_structure, constants), xs)
+        return list(ys), pullback(list(cts))
+
+    return kernel
+
+
 def jvp_kernel(backend, in_structure, jvp=None, n_in: int | None = None):
     """`kernel(call, xs, ts) -> tangents`: one JVP of the batched model (`jvp`: as in
     `jacobian_kernel`; `n_in`: as in `vjp_kernel`)."""

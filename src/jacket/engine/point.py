@@ -86,6 +86,21 @@ class Point:
         inputs = dataclasses.replace(self.inputs, tensors=tensors + constants, batch=batch)
         return Point(self.target, inputs)
 
+    def take(self, index, values) -> Point:
+        """A point of `len(index)` samples: row `r` has the `wrt` values `values[r]` (one
+        array per `wrt` value, or the array of the one) and the constants of sample
+        `index[r]` of this point."""
+        n = len(self.inputs.leaves)
+        flat = [values] if n == 1 and not isinstance(values, (list, tuple, dict)) else values
+        flat = flat if isinstance(flat, list) else keras.tree.flatten(flat)
+        rows = keras.ops.convert_to_tensor(np.asarray(index, dtype="int32"))
+        tensors = [keras.ops.cast(v, leaf.dtype) for v, leaf in zip(flat, self.inputs.leaves)]
+        constants = [keras.ops.take(c, rows, axis=0) for c in self.inputs.tensors[n:]]
+        inputs = dataclasses.replace(
+            self.inputs, tensors=tensors + constants, batch=int(np.asarray(index).shape[0])
+        )
+        return Point(self.target, inputs)
+
     def __getitem__(self, index: slice) -> Point:
         """The samples `index` (a slice) of this point."""
         if not isinstance(index, slice):
@@ -96,6 +111,16 @@ class Point:
             raise JacketValueError(f"Point[{index}]: no sample selected. Received: {index}.")
         inputs = dataclasses.replace(self.inputs, tensors=tensors, batch=batch)
         return Point(self.target, inputs)
+
+    def output_shapes(self, training: bool = False) -> list[tuple]:
+        """Per-sample shapes of the outputs (of `of`), from the engine's description (symbolic
+        where Keras can tell them, else one forward pass)."""
+        entry = state_of(self.target, training).entry("output_shapes", self.inputs)
+        return [leaf.shape for leaf in entry.out_leaves]
+
+    def output_dtypes(self, training: bool = False) -> list[str]:
+        entry = state_of(self.target, training).entry("output_dtypes", self.inputs)
+        return [leaf.dtype for leaf in entry.out_leaves]
 
     def rows_per_pass(self, memory_budget: int, training: bool = False) -> int:
         """How many samples one forward and backward pass may take within `memory_budget`

@@ -14,7 +14,7 @@ from .memory import default_memory_budget
 from .point import resolve
 from .state import Entry, ModelState, state_of
 
-__all__ = ["forward_mode_is_exact", "jvp", "vjp"]
+__all__ = ["forward_mode_is_exact", "jvp", "value_and_vjp", "vjp"]
 
 
 def jvp(model, x, v, *, wrt=None, of=None, per_sample: bool = True, training: bool = False):
@@ -80,6 +80,33 @@ def vjp(model, x, u, *, wrt=None, of=None, per_sample: bool = True, training: bo
         probes.check_independent(state, "vjp", inputs, entry)
     grads = state.vjp(inputs)(inputs.tensors, cotangents)
     return inputs.pack(list(grads))
+
+
+def value_and_vjp(
+    model, x, u, *, wrt=None, of=None, per_sample: bool = True, training: bool = False
+):
+    """`(y, u^T J)`: the outputs and the vector-Jacobian product of `jacket.vjp`, from one forward
+    pass (what an attribution that needs both the outputs and the gradients runs).
+
+    Args and shapes: as in `jacket.vjp`.
+
+    Returns:
+      `(y, grads)`: `y` in the structure of the model's outputs (of `of`), `grads` in that of `x`
+      (of `wrt`'s values).
+    """
+    check_flag("value_and_vjp", "per_sample", per_sample)
+    check_flag("value_and_vjp", "training", training)
+    check_model("value_and_vjp", model)
+    target, inputs = resolve("value_and_vjp", model, x, wrt, of, training, check_finite=True)
+    state = state_of(target, training)
+    entry = state.entry("value_and_vjp", inputs)
+    cotangents = like_leaves(
+        "value_and_vjp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch
+    )
+    if per_sample:
+        probes.check_independent(state, "value_and_vjp", inputs, entry)
+    ys, grads = state.value_and_vjp(inputs)(inputs.tensors, cotangents)
+    return pack(entry.y_structure, list(ys)), inputs.pack(list(grads))
 
 
 def forward_mode_is_exact(model, x, *, wrt=None, of=None, training: bool = False) -> bool:

@@ -77,6 +77,15 @@ class ModelState:
             lambda: kernels.vjp_kernel(self.backend, inputs.structure, len(inputs.leaves)),
         )
 
+    def value_and_vjp(self, inputs: Inputs) -> Callable:
+        """`(xs, cts) -> (ys, grads)`: the outputs and one VJP of the batched model, compiled."""
+        return self.kernel(
+            ("value_and_vjp", inputs.signature),
+            lambda: kernels.value_and_vjp_kernel(
+                self.backend, inputs.structure, len(inputs.leaves)
+            ),
+        )
+
     def jvp(self, inputs: Inputs, method: str) -> Callable:
         """`(xs, ts) -> tangents`: one JVP by `backend.JVPS[method]`, compiled."""
         return self.kernel(
