@@ -40,6 +40,8 @@ _EXPORTS = {
     "SmoothGrad": "._attribution",
     "gradcam": "._attribution",
     "GradCAM": "._attribution",
+    "attribute": "._attribution",
+    "Attribution": "._attribution",
     "token_attribution": "._tokens",
     "TokenAttribution": "._tokens",
 }
@@ -47,9 +49,11 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._attribution import Attribution as Attribution
     from ._attribution import GradCAM as GradCAM
     from ._attribution import IntegratedGradients as IntegratedGradients
     from ._attribution import SmoothGrad as SmoothGrad
+    from ._attribution import attribute as attribute
     from ._attribution import gradcam as gradcam
     from ._attribution import integrated_gradients as integrated_gradients
     from ._attribution import smoothgrad as smoothgrad

@@ -30,20 +30,9 @@ from ..engine.memory import default_memory_budget
 from ..engine.outputs import output_index, single_output
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import to_numpy
-
-METHODS = ("riemann_trapezoid", "gausslegendre", "riemann_left", "riemann_right", "riemann_middle")
-
+from ._maps import ATTRIBUTION_METHODS, METHODS, Attribution, image_map
 
 # ------------------------------------------------------------------------------------------ results
-
-
-def image_map(values: np.ndarray, channels_first: bool = False) -> np.ndarray:
-    """`|values|`, the largest over the channel axis of image-like values `(batch, H, W, C)`
-    (`(batch, C, H, W)` with `channels_first`); other shapes as they are."""
-    magnitude = np.abs(values)
-    if magnitude.ndim == 4:
-        return magnitude.max(axis=1 if channels_first else -1)
-    return magnitude
 
 
 @dataclass
@@ -567,3 +556,51 @@ def _resize(cam: np.ndarray, size: tuple) -> np.ndarray:
         image, size, interpolation="bilinear", antialias=False, data_format="channels_last"
     )
     return to_numpy(resized)[..., 0].astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def attribute(
+    model,
+    x,
+    *,
+    method: str = "saliency",
+    target=None,
+    layer=None,
+    baseline=None,
+    steps: int = 50,
+    quadrature: str = "riemann_trapezoid",
+    n: int = 50,
+    sigma: float = 0.15,
+    memory_budget: int | str | None = None,
+) -> Attribution:
+    """An attribution map by name: "saliency" (`jacket.analysis.saliency`), "gradcam"
+    (`gradcam`, at `layer`), "ig" (`integrated_gradients` with `steps`, `quadrature`,
+    `baseline`, at the inputs or the activations of `layer`) or "smoothgrad" (`smoothgrad`
+    with `n`, `sigma`).
+
+    Returns:
+      An `Attribution` (`values`, `map`, `target`, `delta`).
+    """
+    fn = "attribute"
+    choice(fn, "method", method, ATTRIBUTION_METHODS)
+    if method == "gradcam":
+        cam = gradcam(model, x, layer=layer, target=target)
+        return Attribution(cam.map, cam.map, cam.target, method)
+    if method == "ig":
+        ig = integrated_gradients(
+            model, x, baseline=baseline, steps=steps, target=target, method=quadrature,
+            wrt=layer, memory_budget=memory_budget,
+        )  # fmt: skip
+        change = ig.outputs - ig.baseline_outputs
+        return Attribution(ig.attributions, ig.map, ig.target, method, ig.delta, change)
+    if method == "smoothgrad":
+        sg = smoothgrad(
+            model, x, n=n, sigma=sigma, target=target, wrt=layer, memory_budget=memory_budget
+        )
+        return Attribution(sg.gradient, sg.map, sg.target, method)
+    from ._sensitivity import saliency
+
+    s = saliency(model, x, target, wrt=layer)
+    return Attribution(s.gradient, image_map(s.gradient), s.target, method)

@@ -1,7 +1,8 @@
 """The `jacket` command (typer + rich): thin commands over the library and `jacket.io`.
 
 Every command is registered here, in the order `jacket --help` lists them; each lives in the module
-of its group (`jacobian`: jacobian, check, plot; `analysis`: sensitivity, norms; `attacks`: attack
+of its group (`jacobian`: jacobian, check, plot; `analysis`: sensitivity, norms; `attribution`:
+attribute; `attacks`: attack
 fgsm|jsma|deepfool; `sparse`: sparsity; `tools`: demo, info, bench, tune), with the Dask variants in
 `distributed` and what they all share (options, errors, output) in `shared`.
 
@@ -20,7 +21,7 @@ import sys
 
 import typer
 
-from . import analysis, attacks, jacobian, sparse, tools
+from . import analysis, attacks, attribution, jacobian, sparse, tools
 from .shared import BackendOption, OneLineUsage, set_backend
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ app.command()(tools.bench)
 app.command()(tools.tune)
 app.command()(analysis.sensitivity)
 app.command()(analysis.norms)
+app.command()(attribution.attribute)
 app.add_typer(attack_app, name="attack")
 attack_app.command("fgsm")(attacks.fgsm)
 attack_app.command("jsma")(attacks.jsma)

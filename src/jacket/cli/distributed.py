@@ -1,5 +1,5 @@
-"""`--scheduler` and `--workers` of `jacket jacobian`, `jacket sensitivity` and `jacket norms`: the
-same commands on Dask, through `jacket.distributed`.
+"""`--scheduler` and `--workers` of `jacket jacobian`, `jacket sensitivity`, `jacket norms` and
+`jacket attribute`: the same commands on Dask, through `jacket.distributed`.
 
     jacket jacobian model.keras x.zarr -o J.zarr --scheduler tcp://10.0.0.5:8786
     jacket jacobian model.keras x.zarr -o J.zarr --workers 4          # a local cluster
@@ -259,6 +259,33 @@ def norms(model, inputs, scheduler, workers, *, batch_size: int, quiet: bool):
             samples=len(values),
         )
         return result, where.backend(), where.describe
+
+
+def attribute(model, inputs, scheduler, workers, *, batch_size: int, quiet: bool, first: int,
+              **arguments):  # fmt: skip
+    """`jacket attribute ... --scheduler/--workers`: `jacket.distributed.attribution_dataset`,
+    and the first `first` inputs read from the store for `--plot`.
+
+    Returns:
+      `(Attribution, images, backend, where it ran)`.
+    """
+    import numpy as np
+
+    from ..distributed import attribution_dataset
+
+    with cluster("attribute", scheduler, workers) as where:
+        with Bar("Attribution", "chunks", show=not quiet) as bar:
+            result = attribution_dataset(
+                model, inputs, batch_size=batch_size, progress=bar, client=where, **arguments
+            )
+        images = np.zeros((0,))
+        if first:
+            import zarr
+
+            stored = zarr.open(store=inputs, mode="r")
+            if hasattr(stored, "shape"):  # one array (a group's arrays are not drawn)
+                images = np.asarray(stored[:first])
+        return result, images, where.backend(), where.describe
 
 
 # ---------------------------------------------------------------------------------------- helpers

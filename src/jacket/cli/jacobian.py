@@ -66,6 +66,23 @@ FlattenOption = Annotated[
 BudgetOption = Annotated[
     str | None, typer.Option(help="Working memory per pass, e.g. 500MB (default 1GiB).")
 ]
+WrtOption = Annotated[
+    str | None,
+    typer.Option(
+        "--wrt",
+        help="Differentiate with respect to this layer's output (a name, 'model/layer' in a "
+        "nested model, 'layer:1' for a second call); default: the model's inputs.",
+        show_default=False,
+    ),
+]
+OfOption = Annotated[
+    str | None,
+    typer.Option(
+        "--of",
+        help="Differentiate this layer's output (default: the model's outputs).",
+        show_default=False,
+    ),
+]
 
 
 def jacobian(
@@ -79,6 +96,8 @@ def jacobian(
     flatten: FlattenOption = False,
     batch_size: BatchOption = 128,
     memory_budget: BudgetOption = None,
+    wrt: WrtOption = None,
+    of: OfOption = None,
     size: SizeOption = None,
     backend: BackendOption = None,
     force: ForceOption = False,
@@ -93,7 +112,14 @@ def jacobian(
     options = dict(mode=mode.value, chunk_size=chunk_size, flatten=flatten)
     options.update(memory_budget=parse_memory_budget(memory_budget))
     common = dict(batch_size=batch_size, force=force, quiet=quiet, as_json=as_json)
-    if distributed.runs_on_dask(scheduler, workers, size=size, unsafe=unsafe):
+    on_dask = distributed.runs_on_dask(scheduler, workers, size=size, unsafe=unsafe)
+    if (wrt is not None or of is not None) and (on_dask or sparse_ or sparsity is not None):
+        usage(
+            "--wrt and --of write a dense Jacobian in this process; --sparse, --sparsity, "
+            "--scheduler and --workers are not taken with them. Pass one or the other (the "
+            "library takes both: jacket.jacobian(model, x, wrt=..., sparse=True))."
+        )
+    if on_dask:
         if sparse_ or sparsity is not None:
             usage(
                 "--sparse writes one .npz file and runs in this process; --scheduler and "
@@ -115,10 +141,11 @@ def jacobian(
         import keras
 
         attrs = {"model": model, "inputs": inputs, "backend": keras.backend.backend()}
+        cut = {} if (wrt, of) == (None, None) else {"wrt": wrt, "of": of}
         with Bar("Jacobians", "samples", show=not quiet) as bar:
             layout = io.stream_jacobian(
                 run.model, run.x, out, batch_size=batch_size, force=force,
-                attrs={**attrs, "flatten": flatten}, on_batch=bar, **options,
+                attrs={**attrs, "flatten": flatten, **cut}, on_batch=bar, **options, **cut,
             )  # fmt: skip
         seconds = time.perf_counter() - started
     batches = -(-run.samples // batch_size)
@@ -126,8 +153,10 @@ def jacobian(
     summary = {"command": "jacobian", **attrs, "samples": run.samples, "batch_size": batch_size}
     summary.update(batches=batches, mode=mode.value, flatten=flatten, output=str(out))
     summary.update(format=out.suffix.lower().lstrip("."), blocks=blocks, seconds=round(seconds, 3))
+    summary.update(cut)
     rows = [("model", model), ("inputs", f"{inputs}: {run.describe()}")]
     rows += [("backend", attrs["backend"])]
+    rows += [(name, value) for name, value in cut.items() if value is not None]
     rows += [(f"Jacobian {key}", f"{shape} {dtype}") for key, (shape, dtype) in layout.items()]
     rows += [("batches", f"{batches} of up to {batch_size} samples")]
     rows += [("time", f"{seconds:.2f} s (load, compile, compute, write)"), ("wrote", out)]

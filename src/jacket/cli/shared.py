@@ -232,7 +232,7 @@ _LIBRARY_PREFIX = re.compile(
     r"^(?:jacobian_fn|jacobian|jvp|vjp|check|sparsity|verify|sensitivity|saliency|"
     r"jacobian_norms?|spectral_norm|logdet|lipschitz|JacobianOperator|fgsm|jsma|deepfool|"
     r"jacobian_dataset|sensitivity_dataset|jacobian_norms_dataset|Cluster|iter_batches|"
-    r"padded_batches): "
+    r"padded_batches|attribute|integrated_gradients|smoothgrad|gradcam|attribution_dataset|at): "
 )
 # The library's words for what the command line calls otherwise (the arguments of
 # `jacket.distributed`, which its commands set with options of other names), in order

@@ -26,6 +26,7 @@ from .cluster import IN_PROCESS_MAX_BYTES as IN_PROCESS_MAX_BYTES
 from .cluster import Cluster as Cluster
 from .job import OPTION_DEFAULTS as OPTION_DEFAULTS
 from .runners import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from .runners import attribution_dataset as attribution_dataset
 from .runners import jacobian_dataset as jacobian_dataset
 from .runners import jacobian_norms_dataset as jacobian_norms_dataset
 from .runners import sensitivity_dataset as sensitivity_dataset
@@ -34,6 +35,7 @@ __all__ = [
     "jacobian_dataset",
     "sensitivity_dataset",
     "jacobian_norms_dataset",
+    "attribution_dataset",
     "Cluster",
     "DEFAULT_BATCH_SIZE",
     "IN_PROCESS_MAX_BYTES",

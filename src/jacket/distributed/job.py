@@ -30,7 +30,7 @@ class Job:
     """What every task of a run needs: small and picklable (paths, options, no model, no result)."""
 
     fn: str
-    kind: str  # "jacobian", "sensitivity" or "norms"
+    kind: str  # "jacobian", "sensitivity", "norms" or "attribution"
     model_path: str
     model_sha256: str
     options: dict
@@ -41,6 +41,9 @@ class Job:
     backend: str | None = None
     store: str | None = None
     layout: dict | None = None
+    attribution: dict | None = (
+        None  # the arguments of `jacket.analysis.attribute` (kind "attribution")
+    )
 
     @classmethod
     def prepare(cls, fn, model_path, inputs, batch_size, options, *, kind) -> Job:

@@ -25,7 +25,7 @@ from .store import (
     store_path,
     write_blocks,
 )
-from .worker import jacobian_chunk, reduce_chunk
+from .worker import attribution_chunk, jacobian_chunk, reduce_chunk
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -238,17 +238,106 @@ def jacobian_norms_dataset(
     return norms
 
 
+def attribution_dataset(
+    model_path: str | os.PathLike,
+    inputs,
+    *,
+    method: str = "saliency",
+    target: int | None = None,
+    layer: str | None = None,
+    steps: int = 50,
+    quadrature: str = "riemann_trapezoid",
+    n: int = 50,
+    sigma: float = 0.15,
+    memory_budget: int | str | None = None,
+    client=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool | Callable[[int, int], None] = False,
+):
+    """Attribution maps of a whole dataset, computed where the chunks are (as
+    `sensitivity_dataset`): each worker runs `jacket.analysis.attribute` on its chunk and sends
+    back arrays the size of its inputs; the driver puts them in order.
+
+    Args:
+      model_path, inputs, client, scheduler, workers, batch_size, progress: As in
+        `jacobian_dataset` (a model with one input).
+      method, layer, steps, quadrature, n, sigma, memory_budget: As in
+        `jacket.analysis.attribute` (`layer` a name: "saliency", "ig" and "smoothgrad" at its
+        activations, "gradcam" its feature maps).
+      target: One flat output index for every sample, or None for each sample's largest output.
+
+    Returns:
+      A `jacket.analysis.Attribution` over the dataset: `values` `(n, ...)`, `map`, `target`,
+      `delta` (integrated gradients).
+
+    Example:
+      >>> a = attribution_dataset("model.keras", "x.zarr", method="ig", workers=4)
+      >>> a.values.shape, float(abs(a.delta).max())
+    """
+    from ..analysis._maps import ATTRIBUTION_METHODS, METHODS, Attribution
+
+    fn = "attribution_dataset"
+    if not isinstance(method, str) or method not in ATTRIBUTION_METHODS:
+        raise JacketValueError(
+            f"{fn}: `method` must be one of {', '.join(map(repr, ATTRIBUTION_METHODS))}. "
+            f"Received: method={method!r}."
+        )
+    if quadrature not in METHODS:
+        raise JacketValueError(
+            f"{fn}: `quadrature` must be one of {', '.join(map(repr, METHODS))}. Received: "
+            f"quadrature={quadrature!r}."
+        )
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+        raise JacketTypeError(
+            f"{fn}: `target` must be one flat output index (int) for every sample, or None. "
+            f"Received: target={target!r}."
+        )
+    if layer is not None and not isinstance(layer, str):
+        raise JacketTypeError(
+            f"{fn}: `layer` must be a layer name (the workers load their own model). Received: "
+            f"layer of type {type(layer).__name__}."
+        )
+    job = Job.prepare(fn, model_path, inputs, batch_size, {}, kind="attribution")
+    if len(job.source.arrays) != 1:
+        raise JacketValueError(
+            f"{fn}: attribution maps need a model with one input. Received: "
+            f"{len(job.source.arrays)} inputs ({', '.join(job.source.labels)})."
+        )
+    job.attribution = dict(
+        method=method, target=target, layer=layer, steps=steps, quadrature=quadrature, n=n,
+        sigma=sigma, memory_budget=memory_budget,
+    )  # fmt: skip
+    parts: dict = {}
+
+    def put(index, result):
+        start = index * job.batch_size
+        for key in ("values", "map", "target", "delta", "change"):
+            value = result[key]
+            if value is None:
+                continue
+            if key not in parts:
+                parts[key] = np.empty((job.n,) + value.shape[1:], value.dtype)
+            parts[key][start : start + len(value)] = value
+
+    _reduce(fn, job, client, scheduler, workers, progress, put, task=attribution_chunk)
+    return Attribution(parts["values"], parts["map"], parts["target"], method, parts.get("delta"))
+
+
 # -------------------------------------------------------------------------------------- the driver
 
 
-def _reduce(fn, job: Job, client, scheduler, workers, progress, put) -> None:
-    """Run `job` (a reduction) over every chunk; `put(index, result)` as each one finishes."""
+def _reduce(fn, job: Job, client, scheduler, workers, progress, put, task=None) -> None:
+    """Run `job` (a reduction) over every chunk; `put(index, result)` as each one finishes.
+    `task`: what runs per chunk (default `reduce_chunk`)."""
+    task = reduce_chunk if task is None else task
     report = check_progress(fn, progress)
     where = _cluster(fn, client, scheduler, workers)
     try:
         job.backend = where.backend()
         with Progress(report, job.n_chunks, job.kind) as bar:
-            first = where.first_runner(job.n_chunks).call(reduce_chunk, job, 0, job.piece(0))
+            first = where.first_runner(job.n_chunks).call(task, job, 0, job.piece(0))
             put(0, first)
             bar.update(1)
             todo = range(1, job.n_chunks)
@@ -261,7 +350,7 @@ def _reduce(fn, job: Job, client, scheduler, workers, progress, put) -> None:
                     count[0] += 1
                     bar.update(count[0])
 
-                runner.run(((i, reduce_chunk, (job, i, job.piece(i))) for i in todo), done)
+                runner.run(((i, task, (job, i, job.piece(i))) for i in todo), done)
     finally:
         if where is not client:
             where.close()

@@ -154,3 +154,33 @@ def layout(job: Job, out_skeleton, blocks: list) -> dict:
         "arrays": arrays,
         "chunk_bytes": chunk_bytes,
     }
+
+
+def attribution_chunk(job: Job, index: int, piece: Piece) -> dict:
+    """Task: the attribution maps of chunk `index` (`jacket.analysis.attribute` with the job's
+    arguments), returned to the driver: arrays the size of the inputs, never a Jacobian."""
+    backend = worker_backend()
+    if job.backend is not None and backend != job.backend:
+        raise JacketValueError(
+            f"{job.fn}: a worker ({hostname()}) runs the Keras backend {backend!r}, but this run "
+            f"uses {job.backend!r}. Start every worker with KERAS_BACKEND={job.backend}."
+        )
+    from ..analysis import attribute  # imports Keras: on the workers only
+
+    model = _load_model(job.model_path, job.model_sha256)
+    x, valid = piece.read(job.batch_size)
+    try:
+        result = attribute(model, x, **job.attribution)
+    except JacketValueError as error:
+        raise type(error)(
+            f"{job.fn}: chunk {index} (samples {piece.start} to {piece.stop - 1}): {error}"
+        ) from error
+    out = {
+        "values": result.values[:valid],
+        "map": result.map[:valid],
+        "target": result.target[:valid],
+        "delta": None if result.delta is None else result.delta[:valid],
+        "change": None if result.change is None else result.change[:valid],
+    }
+    out["chunk_bytes"] = sum(int(v.nbytes) for v in out.values() if v is not None)
+    return out

@@ -36,6 +36,8 @@ def stream_jacobian(
     chunk_size: int | None = None,
     flatten: bool = False,
     memory_budget: int | str | None = None,
+    wrt=None,
+    of=None,
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Per-sample Jacobians of `model` over `x`, computed in batches and streamed to a file.
 
@@ -53,6 +55,8 @@ def stream_jacobian(
       attrs: metadata for a zarr result.
       on_batch: called as `on_batch(done, samples)` after each batch.
       mode, chunk_size, flatten, memory_budget: as in `jacket.jacobian`.
+      wrt, of: as in `jacket.jacobian` (one layer name each: the blocks are then keyed by `of`'s
+        outputs alone).
 
     Returns:
       `{key: (shape, dtype)}` of what was written.
@@ -62,12 +66,15 @@ def stream_jacobian(
     samples = num_samples(x)
     check_output(path, force=force)
     jac = jacobian_fn(
-        model, mode=mode, chunk_size=chunk_size, flatten=flatten, memory_budget=memory_budget
-    )
+        model, mode=mode, chunk_size=chunk_size, flatten=flatten, memory_budget=memory_budget,
+        wrt=wrt, of=of,
+    )  # fmt: skip
     single_npy = Path(path).suffix.lower() == ".npy"
     with ResultWriter(path, samples, force=force, attrs=attrs) as writer:
         for batch in padded_batches(x, batch_size, model=model):
-            blocks = jacobian_blocks(jac(batch.x), batch.x, model)
+            # with `wrt`, the blocks' inner structure is the one layer's, not `x`'s
+            structure = batch.x if wrt is None else np.empty(0)
+            blocks = jacobian_blocks(jac(batch.x), structure, model if of is None else None)
             blocks = {key: value[: batch.valid] for key, value in blocks.items()}
             if single_npy and len(blocks) > 1 and flatten:
                 blocks = {SINGLE_KEY: assemble_flat(blocks)}
