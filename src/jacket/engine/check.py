@@ -281,7 +281,7 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
             offset += size
         if constants:  # every perturbed copy of the batch with its samples' constants
             copies = len(flat_batch) // B
-            ys = call(inputs.pack(parts), [tile(c, copies) for c in constants])
+            ys = call((inputs.pack(parts), [tile(c, copies) for c in constants]))
         else:
             ys = call(inputs.pack(parts))
         ys = keras.tree.flatten(ys) if not keras.ops.is_tensor(ys) else [ys]

@@ -694,10 +694,13 @@ class Cut:
         return self.model.variables
 
     def make_call(self, training: bool, state=None):
-        """`(x, constants) -> y`: the cut as a function (stateless on `state`, as `make_call`)."""
+        """`x -> y`, or `(x, constants) -> y` for a cut with constants: the cut as a function of
+        one argument (stateless on `state`, as `jacket.engine.model.make_call`)."""
         mapping = None if state is None else list(zip(self.model.variables, state))
+        held = bool(self.extras or self.inputs)
 
-        def call(x, constants=()):
+        def call(arg):
+            x, constants = arg if held else (arg, ())
             flat = [x] if is_leaf_structure(self.in_structure) else keras.tree.flatten(x)
             n = len(self.extras)
             given = list(flat) + list(constants[:n])
@@ -712,7 +715,8 @@ class Cut:
 
     def __call__(self, x, constants=(), training: bool = False):
         """The `of` values at the `wrt` values `x` (and the constants)."""
-        return self.make_call(training)(x, constants)
+        call = self.make_call(training)
+        return call((x, constants)) if (self.extras or self.inputs) else call(x)
 
     def output_spec(self, batch: int):
         """The cut's outputs as symbolic tensors of this batch size, or None where a size is
@@ -785,7 +789,8 @@ class Prefix:
     def make_call(self, training: bool, state=None):
         mapping = None if state is None else list(zip(self.model.variables, state))
 
-        def call(x, constants=()):
+        def call(arg):
+            _, constants = arg if self.inputs else (arg, ())
             if mapping is None:
                 return self.program([], list(constants), training)
             with keras.StatelessScope(state_mapping=mapping):
@@ -794,7 +799,8 @@ class Prefix:
         return call
 
     def __call__(self, x, constants=(), training: bool = False):
-        return self.make_call(training)(x, constants)
+        call = self.make_call(training)
+        return call((x, constants)) if self.inputs else call(x)
 
     def output_spec(self, batch: int):
         return None

@@ -21,12 +21,14 @@ def model_function(call, in_structure, constants=()):
     """`call` as a function of a flat list of inputs returning a flat list of outputs.
 
     `constants`: the tensors a cut is called with beside its differentiated inputs
-    (`jacket.engine.cut`), passed as they are; a model has none.
+    (`jacket.engine.cut`): the cut then takes one argument, `(x, constants)` (one argument, as a
+    model takes, so that what the backends wrap around a model's call wraps it too); a model
+    has none.
     """
 
     def f(flat_xs):
         x = pack(in_structure, flat_xs)
-        ys = call(x, list(constants)) if constants else call(x)
+        ys = call((x, list(constants))) if constants else call(x)
         return keras.tree.flatten(ys) if not ops.is_tensor(ys) else [ys]
 
     return f

@@ -105,7 +105,7 @@ class ModelState:
                 call = eager_call(self.model, self.training)
                 x = inputs.pack(inputs.tensors)
                 constants = inputs.tensors[len(inputs.leaves) :]
-                y = call(x, constants) if constants else call(x)
+                y = call((x, constants)) if constants else call(x)
             entry = Entry(
                 skeleton(y),
                 output_leaves(fn_name, y, inputs.batch),

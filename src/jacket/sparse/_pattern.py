@@ -139,7 +139,7 @@ def outputs(fn_name, model, inputs: Inputs, training: bool):
         call = eager_call(model, training)
         first = [t[:1] for t in inputs.tensors]
         constants = first[len(inputs.leaves) :]  # a cut's (`jacket.engine.cut`)
-        y = call(inputs.pack(first), constants) if constants else call(inputs.pack(first))
+        y = call((inputs.pack(first), constants)) if constants else call(inputs.pack(first))
     return skeleton(y), output_leaves(fn_name, y, 1)
 
 
