@@ -9,6 +9,9 @@ and seconds the default took to settle its plan (NOTE: [Measured plans] in `jack
 and the time as a multiple of the FLOP limit: the counted forward FLOPs of the batch times
 `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches in the same run.
 
+Then the sparse table (`benchmarks/sparse.py`, `--skip-sparse` leaves it out) and integrated
+gradients beside Captum (`benchmarks/attribution.py`, `--skip-attribution` leaves it out).
+
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
 """
@@ -106,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
     parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
+    parser.add_argument(
+        "--skip-attribution", action="store_true", help="leave out benchmarks/attribution.py"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -146,6 +152,10 @@ def main(argv=None):
     if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
         command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
         command += ["--repeats", str(args.repeats), "--backends", *args.backends]
+        subprocess.run(command, check=True)
+    if not args.skip_attribution:  # integrated gradients beside Captum: benchmarks/attribution.py
+        command = [sys.executable, str(HERE / "attribution.py"), "--out", str(out)]
+        command += ["--repeats", str(min(args.repeats, 5)), "--backends", *args.backends]
         subprocess.run(command, check=True)
     return 0
 
