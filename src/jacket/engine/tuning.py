@@ -75,12 +75,14 @@ class PlanReport:
         cache), or "forced" (`strategy=` given).
       timings: warm milliseconds per Jacobian of each measured candidate, by its description.
       failures: why a candidate was dropped, by its description.
+      settled: nothing is left to measure: the next calls run this plan.
     """
 
     plan: Plan
     source: str
     timings: dict = field(default_factory=dict)
     failures: dict = field(default_factory=dict)
+    settled: bool = False
 
     def __getattr__(self, name):
         return getattr(self.plan, name)
@@ -163,7 +165,7 @@ class Tuning:
         failures = {t.plan.describe(): t.failure for t in self.trials.values() if t.failure}
         if self.note:
             source = f"{source}, {self.note}"
-        return PlanReport(self.plan, source, timings, failures)
+        return PlanReport(self.plan, source, timings, failures, self.settled)
 
     # ------------------------------------------------------------------------------------ calls
 
