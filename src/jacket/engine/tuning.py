@@ -466,8 +466,10 @@ class Tuning:
         if stored is None:
             return
         chosen = next((p for p in self.order if cache.same_plan(p, stored.plan)), None)
+        if chosen is None and self.options.default_budget:  # the chunk follows today's memory
+            chosen = next((p for p in self.order if cache.same_choice(p, stored.plan)), None)
         if chosen is None:
-            return  # the candidates changed (another memory budget, say): measure again
+            return  # not one of today's candidates: measure again
         cache.restore_verdicts(self.state, inputs, stored)
         self.chosen = chosen
         self.cached_ms = {p.describe(): s * 1e3 for p, s in stored.timings(self.order).items()}
