@@ -342,10 +342,10 @@ def test_verify_is_the_library_check(files):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket.sparse import _detect, _verify
+    from jacket.sparse import _detect, _sparsity
 
     if not dense_check:
-        monkeypatch.setattr(_verify, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,

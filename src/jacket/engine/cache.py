@@ -171,7 +171,7 @@ def load(k: Key | None) -> Stored | None:
 
 def store(k: Key, state, inputs: Inputs, chosen: Plan, source: str, trials: list) -> None:
     """Write the measured plan of `k` (atomically; a failure to write is a warning, never an
-    error). `trials` are the candidates measured (`jacket.engine.tuning.Trial`)."""
+    error). `trials` are the candidates measured (`jacket.engine.trials.Trial`)."""
     if directory() is None:
         return
     path = _path(k)

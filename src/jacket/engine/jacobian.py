@@ -17,7 +17,8 @@ from .memory import check_result_fits
 from .options import Options
 from .probes import check_independent
 from .state import state_of
-from .tuning import PlanReport, Tuning
+from .trials import PlanReport
+from .tuning import Tuning
 
 __all__ = ["jacobian", "jacobian_fn", "JacobianFn", "tune"]
 
