@@ -342,7 +342,7 @@ def test_verify_is_the_library_check(files):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket.sparse import _detect, _sparsity
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
         monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
@@ -350,7 +350,7 @@ def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatc
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )

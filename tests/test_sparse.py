@@ -388,7 +388,7 @@ def test_verify_accepts_a_right_pattern(monkeypatch):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_rule(dense_check, monkeypatch):
-    from jacket.sparse import _detect, _sparsity
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
         monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
@@ -396,7 +396,7 @@ def test_verify_catches_a_wrong_rule(dense_check, monkeypatch):
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )
