@@ -416,7 +416,7 @@ def _fresh(build):
 def _settle(jac, x) -> tuple[int, float]:
     """Calls of the default until its plan is settled (NOTE: [Measured plans]): (calls, seconds)."""
     calls, start = 0, time.perf_counter()
-    while jac.plan(x).source in ("prior", "measuring") and calls < 50:
+    while not jac.plan(x).settled and calls < 50:
         _numpy(jac(x))
         calls += 1
     return calls, time.perf_counter() - start

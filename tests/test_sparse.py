@@ -379,24 +379,24 @@ def test_a_single_layer_is_a_model(rng):
 def test_verify_accepts_a_right_pattern(monkeypatch):
     model = EXACT["conv2d_valid_strided"]()
     jacket.sparsity(model, (9, 8, 1), verify=True)  # against the dense Jacobian
-    from jacket.sparse import _verify
+    from jacket.sparse import _sparsity
 
-    monkeypatch.setattr(_verify, "VERIFY_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     fresh = EXACT["conv2d_valid_strided"]()
     jacket.sparsity(fresh, (9, 8, 1), verify=True)  # by random products
 
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_rule(dense_check, monkeypatch):
-    from jacket.sparse import _detect, _verify
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
-        monkeypatch.setattr(_verify, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )

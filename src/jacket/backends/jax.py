@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from ._memory import cpu_description
+from .memory import cpu_description
 
 NAME = "jax"
 EAGER = False  # kernels are traced and compiled once per signature

@@ -18,7 +18,7 @@ from .products import forward_mode_is_exact as forward_mode_is_exact
 from .products import jvp as jvp
 from .products import value_and_vjp as value_and_vjp
 from .products import vjp as vjp
-from .tuning import PlanReport as PlanReport
+from .trials import PlanReport as PlanReport
 
 __all__ = [
     "CheckReport",

@@ -18,7 +18,8 @@ from .options import Options
 from .point import Point, resolve
 from .probes import check_independent
 from .state import state_of
-from .tuning import PlanReport, Tuning
+from .trials import PlanReport
+from .tuning import Tuning
 
 __all__ = ["jacobian", "jacobian_fn", "JacobianFn", "tune"]
 

@@ -32,67 +32,29 @@ under the same load.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from dataclasses import dataclass, field
 
 import keras
-import ml_dtypes
 import numpy as np
 
 from ..errors import JacketError, JacketMemoryError, JacketValueError
 from . import cache, plan, probes
 from .executor import Executor
 from .inputs import Inputs, numpy_dtype, result_dtype
-from .memory import available_memory, is_out_of_memory
+from .memory import is_out_of_memory
 from .options import Options
 from .plan import Plan, Problem, prior
 from .state import Entry, ModelState
+from .trials import (
+    PlanReport,
+    Trial,
+    difference,
+    fits_twice,
+    lacks_batching_rule,
+    result_bytes,
+    timed,
+)
 
 DROP_FACTOR = 1.5  # a candidate whose lower bound is this much slower is not compiled
-TIME_S = 0.05  # warm runs of one timing last together at least this long (at most `MAX_RUNS`)
-MAX_RUNS = 5
-
-
-@dataclass
-class Trial:
-    """What was measured of one candidate."""
-
-    plan: Plan
-    seconds: float | None = None  # warm seconds per Jacobian, the best run
-    failure: str | None = None  # why it cannot be used
-
-
-@dataclass(frozen=True)
-class PlanReport:
-    """The plan a prepared Jacobian follows for one input signature, and where it came from.
-
-    Attributes:
-      mode, per_sample, strategy, chunk, rows, n_chunks: as in the plan (see `describe`).
-      source: "prior" (the backend's first candidate, not yet measured against the others),
-        "measuring" (candidates are being tried on the calls), "calibrated" (measured in this
-        process), "autotune", "cache" (measured in an earlier process, read from the plan
-        cache), or "forced" (`strategy=` given).
-      timings: warm milliseconds per Jacobian of each measured candidate, by its description.
-      failures: why a candidate was dropped, by its description.
-    """
-
-    plan: Plan
-    source: str
-    timings: dict = field(default_factory=dict)
-    failures: dict = field(default_factory=dict)
-
-    def __getattr__(self, name):
-        return getattr(self.plan, name)
-
-    def describe(self) -> str:
-        text = f"{self.plan.describe()} (plan from: {self.source}"
-        if self.timings:
-            shown = ", ".join(f"{k}: {v:.3g} ms" for k, v in self.timings.items())
-            text += f"; measured {shown}"
-        if self.failures:
-            text += "; dropped " + ", ".join(f"{k}: {v}" for k, v in self.failures.items())
-        return text + ")"
 
 
 def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -> Problem:
@@ -163,7 +125,7 @@ class Tuning:
         failures = {t.plan.describe(): t.failure for t in self.trials.values() if t.failure}
         if self.note:
             source = f"{source}, {self.note}"
-        return PlanReport(self.plan, source, timings, failures)
+        return PlanReport(self.plan, source, timings, failures, self.settled)
 
     # ------------------------------------------------------------------------------------ calls
 
@@ -203,7 +165,7 @@ class Tuning:
                 executor = self._executor(fn_name, candidate, tensors)
                 result = executor(fn_name, tensors, checked)
             except Exception as error:
-                if is_out_of_memory(error) or _lacks_batching_rule(error):
+                if is_out_of_memory(error) or lacks_batching_rule(error):
                     raise  # the plan is changed by `_recover`
                 if isinstance(error, _Unusable):
                     self._drop(candidate, error)
@@ -229,7 +191,7 @@ class Tuning:
     def _try_next(self, fn_name: str, tensors: list, checked: bool):
         """Time the current plan, try one more candidate on the same input, keep the faster."""
         current = self.executor
-        result, seconds = _timed(lambda: current(fn_name, tensors, checked), self.state.backend)
+        result, seconds = timed(lambda: current(fn_name, tensors, checked), self.state.backend)
         trial = self.trials[current.plan]
         trial.seconds = seconds if trial.seconds is None else min(trial.seconds, seconds)
         untried = self._untried()
@@ -246,7 +208,7 @@ class Tuning:
                 executor = self._executor(fn_name, candidate, tensors)
                 if executor.plan.n_chunks > 1:  # one pass first: compiles, and bounds the rest
                     executor.kernel(tensors, executor.starts[0])
-                    _, pass_s = _timed(
+                    _, pass_s = timed(
                         lambda: executor.kernel(tensors, executor.starts[0]), self.state.backend
                     )
                     estimate = pass_s * executor.plan.n_chunks
@@ -257,12 +219,12 @@ class Tuning:
                             f"{pass_s * 1e3:.3g} ms) against {current_s * 1e3:.3g} ms"
                         )
                 other = executor(fn_name, tensors, checked)  # compiles (or runs every pass)
-                difference = _difference(result, other)
-                if difference is not None:
-                    self._drop(candidate, f"another Jacobian ({difference})")
+                gap = difference(result, other)
+                if gap is not None:
+                    self._drop(candidate, f"another Jacobian ({gap})")
                     executor.release()
                 else:
-                    _, candidate_s = _timed(
+                    _, candidate_s = timed(
                         lambda: executor(fn_name, tensors, checked), self.state.backend
                     )
                     self.trials[candidate].seconds = candidate_s
@@ -319,7 +281,7 @@ class Tuning:
                 for leaf in self.entry.out_leaves
             ]
             kernel(tensors, ones)  # compiles
-            _, self.vjp_seconds = _timed(lambda: kernel(tensors, ones), self.state.backend)
+            _, self.vjp_seconds = timed(lambda: kernel(tensors, ones), self.state.backend)
         t, n = self.vjp_seconds, candidate.n_chunks
         if candidate.strategy == "replicate":
             return n * t  # a pass over `k * batch` costs at least one over `batch`
@@ -392,7 +354,7 @@ class Tuning:
         failed = self.running or (self.executor.plan if self.executor is not None else None)
         if failed is None:
             raise error
-        if _lacks_batching_rule(error) and failed.strategy == "vmap":
+        if lacks_batching_rule(error) and failed.strategy == "vmap":
             if self.forced:
                 raise JacketValueError(
                     f"{fn_name}: strategy='vmap' cannot run on this model: "
@@ -464,8 +426,10 @@ class Tuning:
         if stored is None:
             return
         chosen = next((p for p in self.order if cache.same_plan(p, stored.plan)), None)
+        if chosen is None and self.options.default_budget:  # the chunk follows today's memory
+            chosen = next((p for p in self.order if cache.same_choice(p, stored.plan)), None)
         if chosen is None:
-            return  # the candidates changed (another memory budget, say): measure again
+            return  # not one of today's candidates: measure again
         cache.restore_verdicts(self.state, inputs, stored)
         self.chosen = chosen
         self.cached_ms = {p.describe(): s * 1e3 for p, s in stored.timings(self.order).items()}
@@ -475,50 +439,3 @@ class Tuning:
 
 class _Unusable(Exception):
     """A candidate plan that cannot run on this model (said in the report)."""
-
-
-def _lacks_batching_rule(error: BaseException) -> bool:
-    """JAX's `NotImplementedError: Batching rule for 'rnn_bwd' not implemented`, or PyTorch's
-    `RuntimeError: Batching rule not implemented for aten::...`."""
-    return isinstance(error, (NotImplementedError, RuntimeError)) and "atching rule" in str(error)
-
-
-def _timed(run, backend) -> tuple:
-    """`(result, seconds)`: the best of warm runs lasting together at least `TIME_S`."""
-    best, spent, runs = math.inf, 0.0, 0
-    result = None
-    while runs < MAX_RUNS and (runs == 0 or spent < TIME_S):
-        start = time.perf_counter()
-        result = run()
-        backend.block_until_ready(result)
-        seconds = time.perf_counter() - start
-        best, spent, runs = min(best, seconds), spent + seconds, runs + 1
-    return result, best
-
-
-def _difference(a, b) -> str | None:
-    """None when two Jacobians agree to rounding, else how far apart they are."""
-    worst = 0.0
-    for x, y in zip(keras.tree.flatten(a), keras.tree.flatten(b)):
-        x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
-        y = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
-        if x.shape != y.shape:
-            return f"shape {y.shape} instead of {x.shape}"
-        scale = max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0), 1e-30)
-        worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
-    dtype = keras.backend.standardize_dtype(keras.tree.flatten(a)[0].dtype)
-    allowed = 100 * math.sqrt(float(ml_dtypes.finfo(numpy_dtype(dtype)).eps))
-    return None if worst <= allowed else f"max relative difference {worst:.2g}"
-
-
-def result_bytes(inputs: Inputs, entry: Entry, problem: Problem) -> int:
-    """Bytes of the Jacobian (per-sample, or the full cross-sample one)."""
-    elements = problem.batch * problem.out_size * problem.in_size
-    return elements * problem.itemsize * (1 if problem.per_sample else problem.batch)
-
-
-def fits_twice(size_bytes: int) -> bool:
-    """Whether two results of this size fit in the memory available (trying a candidate holds
-    its result beside the current plan's)."""
-    available = available_memory()
-    return available is None or 2 * size_bytes <= available

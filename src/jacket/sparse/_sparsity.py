@@ -1,4 +1,5 @@
-"""`verify`: a sparsity pattern checked against the model's Jacobian at random points."""
+"""`sparsity` and `verify`: the pattern of a model's per-sample Jacobian, and a pattern checked
+against the Jacobian at random points."""
 
 from __future__ import annotations
 
@@ -20,10 +21,56 @@ from ..errors import JacketTypeError
 from ..trees import flat_matrix, pack, to_numpy
 from ._errors import SparsityError, SparsityWarning
 from ._jacobian import prepared
-from ._pattern import outputs, user_pattern, zeros_like_shape
+from ._pattern import detection, outputs, user_pattern, zeros_like_shape
 
 # `verify` compares with the dense Jacobian up to this many entries (all samples), else it probes
 VERIFY_DENSE_ENTRIES = 1 << 22
+
+
+def sparsity(
+    model, input_shape, *, wrt=None, of=None, verify: bool = False, training: bool = False
+) -> sp.csr_array:
+    """The sparsity pattern of `model`'s per-sample Jacobian, found from its layers.
+
+    The dependency structure is propagated layer by layer (convolutions with their strides,
+    dilation and padding, pooling, up-sampling, padding and cropping, normalisations, Dense,
+    merges, reshapes; see `jacket.sparse._detect`). A layer without a rule gets a conservative
+    one (each of its outputs depends on all of its inputs), so the pattern never misses a nonzero;
+    `SparsityWarning` says where that happened. The pattern depends on the architecture only, not
+    on the weights, and is kept with the model for each input shape.
+
+    Args:
+      model: A Keras model or layer (Sequential and Functional models are followed layer by
+        layer; a subclassed model or a plain function gets the dense pattern, with a warning).
+      input_shape: The per-sample input shape, without the batch axis, e.g. `(32, 32, 1)`; a list
+        or dict of shapes for a model with several inputs.
+      wrt, of: As in `jacket.jacobian`: the pattern of the model's cut between layers (`wrt`'s
+        values flattened as the columns, `of`'s as the rows).
+      verify: Also check the pattern at two random points: against the dense Jacobian where it is
+        small (`out_size * in_size <= 2**21`), else by comparing `J v` and `u^T J` of the sparse
+        Jacobian with `jacket.jvp` / `jacket.vjp` on random `v`, `u` (which catches any missed
+        entry larger than about `sqrt(eps)` of its row). Raises `SparsityError` on a miss.
+      training: The pattern of the model in training mode (batch statistics mix more).
+
+    Returns:
+      A boolean `scipy.sparse.csr_array` `(out_size, in_size)`: entry `(i, j)` is True when output
+      `i` of a sample may depend on its input `j` (inputs and outputs flattened; several are
+      concatenated in `keras.tree.flatten` order).
+
+    Example:
+      >>> P = jacket.sparsity(model, (32, 32, 1))          # 3 x Conv2D 3x3 "same"
+      >>> P.shape, P.nnz / (1024 * 1024)
+      ((1024, 1024), 0.043)
+    """
+    check_model("sparsity", model)
+    check_flag("sparsity", "verify", verify)
+    check_flag("sparsity", "training", training)
+    zeros = zeros_like_shape(model, input_shape)
+    target, inputs = resolve("sparsity", model, zeros, wrt, of, bool(training))
+    found = detection("sparsity", target, inputs, bool(training))
+    if verify:
+        check_pattern("sparsity", target, inputs, found.pattern, bool(training), 2)
+    return found.pattern
 
 
 def verify(
