@@ -41,7 +41,7 @@ _EXPORTS = {
     "gradcam": "._attribution",
     "GradCAM": "._attribution",
     "attribute": "._attribution",
-    "Attribution": "._attribution",
+    "Attribution": ".maps",
     "token_attribution": "._tokens",
     "TokenAttribution": "._tokens",
 }
@@ -49,7 +49,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ._attribution import Attribution as Attribution
     from ._attribution import GradCAM as GradCAM
     from ._attribution import IntegratedGradients as IntegratedGradients
     from ._attribution import SmoothGrad as SmoothGrad
@@ -72,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._sensitivity import sensitivity as sensitivity
     from ._tokens import TokenAttribution as TokenAttribution
     from ._tokens import token_attribution as token_attribution
+    from .maps import Attribution as Attribution
 
 
 def __getattr__(name: str):

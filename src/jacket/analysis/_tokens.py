@@ -9,18 +9,12 @@ import numpy as np
 
 from ..checks import check_model, choice
 from ..engine import vjp
-from ..engine.inputs import embedding_layer_name
+from ..engine.embedding import embedding_layer_name
 from ..errors import JacketValueError
 from ..trees import to_numpy
-from ._attribution import (
-    METHODS,
-    _budget,
-    _one_hot,
-    _point,
-    _single,
-    _targets,
-    integrated_gradients,
-)
+from ._attribution import integrated_gradients
+from ._batched import _budget, _one_hot, _point, _single, _targets
+from .maps import METHODS
 
 TOKEN_METHODS = ("integrated_gradients", "gradient_x_input")
 

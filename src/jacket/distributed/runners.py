@@ -276,7 +276,7 @@ def attribution_dataset(
       >>> a = attribution_dataset("model.keras", "x.zarr", method="ig", workers=4)
       >>> a.values.shape, float(abs(a.delta).max())
     """
-    from ..analysis._maps import ATTRIBUTION_METHODS, METHODS, Attribution
+    from ..analysis.maps import ATTRIBUTION_METHODS, METHODS, Attribution
 
     fn = "attribution_dataset"
     if not isinstance(method, str) or method not in ATTRIBUTION_METHODS:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import flatten_with_labels, is_leaf_structure, pack, skeleton
+from .embedding import integer_input_error
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -301,41 +302,6 @@ def _target_dtype(fn_name: str, model, label: str, dtype: str, spec, integers: b
     if dtype in FLOAT_DTYPES:
         return dtype
     return keras.config.floatx()
-
-
-def integer_input_error(
-    fn_name: str, model, name: str, label: str, declared: str, dtype: str
-) -> JacketTypeError:
-    """The error for a Jacobian asked with respect to an integer model input."""
-    embedding = embedding_layer_name(model)
-    hint = f"wrt={embedding!r}" if embedding else "wrt='<embedding layer>'"
-    return JacketTypeError(
-        f"{fn_name}: model input {name!r} (`{label}`) is declared {declared}: a Jacobian with "
-        "respect to integer ids (an Embedding's input, say) does not exist. Received: "
-        f"{label}.dtype={dtype}. Differentiate with respect to the embedding output instead: "
-        f"pass {hint}."
-    )
-
-
-def embedding_layer_name(model) -> str | None:
-    """The name of the first Embedding layer of a model (nested ones as 'model/layer'), or None."""
-    if not isinstance(model, keras.Model):
-        return None
-
-    def search(layer, prefix):
-        for sub in getattr(layer, "layers", []):
-            if isinstance(sub, keras.layers.Embedding):
-                return prefix + sub.name
-            if isinstance(sub, keras.Model):
-                found = search(sub, f"{prefix}{sub.name}/")
-                if found:
-                    return found
-        return None
-
-    try:
-        return search(model, "")
-    except (AttributeError, TypeError):  # pragma: no cover - a model whose layers cannot be read
-        return None
 
 
 def example_inputs(fn_name: str, model, input_shape, batch: int, seed: int = 0):
