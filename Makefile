@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-tensorflow test-jax test-torch bench docs lint clean
+.PHONY: demo test test-tensorflow test-jax test-torch bench docs figures lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ $(VENV)/.docs.stamp: pyproject.toml | $(PY)
 
 docs: $(VENV)/.docs.stamp
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The figures of the documentation that jacket draws (docs/figures.py), written into docs/.
+figures: $(VENV)/.demo.stamp
+	$(PY) docs/figures.py
 
 lint: $(VENV)/.test.stamp
 	$(VENV)/bin/ruff check src tests

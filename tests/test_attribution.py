@@ -5,6 +5,7 @@ Captum on the PyTorch backend, the figures, and `jacket attribute`."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -245,6 +246,16 @@ def test_attribution_and_token_figures(digits):
     assert len(figure.texts) == 4 + 2 + 2  # the tokens, padding left out, and the labels
     with pytest.raises(jacket.JacketValueError, match="one entry per sample"):
         plot.attribution_figure(x[:2], cam.map)
+
+
+def test_the_documentation_figure_is_drawn_by_its_script(tmp_path):
+    """docs/figures.py draws docs/attribution-maps.png (one map per method on the digits)."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "figures.py"
+    spec = importlib.util.spec_from_file_location("docs_figures", path)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    out = figures.attribution_maps(tmp_path / "maps.png", samples=2)
+    assert out.read_bytes().startswith(PNG)
 
 
 # ------------------------------------------------------------------------------------ the command
