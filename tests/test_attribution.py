@@ -285,6 +285,30 @@ def test_jacket_attribute(tmp_path, digits):
     one_red_line(result, ".txt")
 
 
+def test_attribution_dataset_on_dask_equals_the_direct_call(tmp_path, digits):
+    """`jacket.distributed.attribution_dataset` (what `jacket attribute --workers` runs), on the
+    synchronous scheduler: chunk by chunk, the same maps as one direct call."""
+    from jacket import distributed
+
+    model, x = digits
+    model_path, inputs = tmp_path / "digits.keras", np.asarray(x[:6])
+    model.save(model_path)
+    got = distributed.attribution_dataset(
+        model_path, inputs, method="ig", steps=8, batch_size=4, scheduler="synchronous"
+    )
+    expected = analysis.attribute(model, x[:6], method="ig", steps=8)
+    assert got.values.shape == (6, 8, 8, 1) and got.method == "ig"
+    np.testing.assert_array_equal(got.target, expected.target)
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.relative_error, expected.relative_error, rtol=1e-3, atol=1e-6)
+    cam = distributed.attribution_dataset(
+        model_path, inputs, method="gradcam", batch_size=4, scheduler="synchronous"
+    )
+    assert cam.values.shape == (6, 8, 8) and cam.delta is None
+    with pytest.raises(jacket.JacketValueError, match="`method` must be one of"):
+        distributed.attribution_dataset(model_path, inputs, method="lime", scheduler="synchronous")
+
+
 @pytest.mark.cli
 def test_jacket_jacobian_wrt_of(tmp_path, digits):
     model, x = digits

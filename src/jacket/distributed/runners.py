@@ -322,7 +322,14 @@ def attribution_dataset(
             parts[key][start : start + len(value)] = value
 
     _reduce(fn, job, client, scheduler, workers, progress, put, task=attribution_chunk)
-    return Attribution(parts["values"], parts["map"], parts["target"], method, parts.get("delta"))
+    return Attribution(
+        parts["values"],
+        parts["map"],
+        parts["target"],
+        method,
+        parts.get("delta"),
+        parts.get("change"),
+    )
 
 
 # -------------------------------------------------------------------------------------- the driver
