@@ -157,9 +157,13 @@ _UNROLL = 16
 # Nothing here compiles or caches: the enclosing `tf.function` does. NOTE: [Derivatives inside a
 # training step] in `jacket.training._derivatives`.
 
-# Forward mode is native here (`ForwardAccumulator`), so input derivatives of few inputs and second
-# derivatives along an input axis are taken forward (and forward over forward).
-TRAIN_FORWARD = True
+# Measured here (TensorFlow 2.21): one `ForwardAccumulator` inside the step's tape gives the right
+# weight gradient, but an accumulator nested in another (forward over forward, for a second
+# derivative) under a tape does not: eagerly it fails ("returned too few gradients"), in a
+# `tf.function` the gradient of the last Dense kernel comes back None. So Jacobians and second
+# derivatives go reverse (over reverse: nested tapes, as TensorFlow's PINN codes do), and
+# `train_jvp` serves single JVPs only.
+TRAIN_FORWARD = False
 
 
 def train_linearize(f, xs):
@@ -178,9 +182,9 @@ def train_linearize(f, xs):
 
 
 def train_jvp(f, xs, ts):
-    """`(ys, df(xs) ts)` by `ForwardAccumulator`, recorded by any enclosing tape (and nestable:
-    an accumulator inside an accumulator gives second derivatives). Where the accumulator cannot
-    trace `f` (an LSTM's `while_loop`), the double VJP, reverse mode only."""
+    """`(ys, df(xs) ts)` by `ForwardAccumulator`, recorded by any enclosing tape (one level: see
+    `TRAIN_FORWARD`). Where the accumulator cannot trace `f` (an LSTM's `while_loop`), the double
+    VJP, reverse mode only."""
     try:
         with tf.autodiff.ForwardAccumulator(xs, ts) as accumulator:
             ys = f(xs)

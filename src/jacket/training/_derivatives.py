@@ -17,8 +17,10 @@ section of each `jacket.backends` module:
   the graph that `loss.backward()` goes through.
 
 They compose (a pullback of a pullback is a second derivative), and the second-order quantities
-are written once on that: forward over forward where forward mode is native (TensorFlow, JAX:
-`TRAIN_FORWARD`), reverse over reverse on PyTorch, whose JVP is itself two reverse passes.
+are written once on that: forward over forward where forward mode is native and nests under the
+step's gradient (JAX: `TRAIN_FORWARD`), reverse over reverse on TensorFlow (whose nested
+`ForwardAccumulator`s lose weight gradients under a tape) and PyTorch (whose JVP is itself two
+reverse passes).
 
 Per-sample derivatives come from the batch-sum trick (NOTE: [How the plan decides] in the
 engine): one pass with the same seed for every sample gives every sample's derivative, which is
@@ -250,7 +252,8 @@ class Derivatives:
 
     def partial(self, *axes: int):
         """The mixed partial derivative `d^k u / d x_{axes[0]} ... d x_{axes[k-1]}`, `(batch,
-        *out_shape)`, by nested forward passes (JVPs along each coordinate).
+        *out_shape)`: nested JVPs along each coordinate where forward mode is native, else nested
+        reverse passes.
 
         Example:
           >>> d.partial(0, 1)        # d^2 u / dx_0 dx_1
@@ -266,10 +269,9 @@ class Derivatives:
             )
         key = ("partial",) + tuple(axes)
         if key not in self._cache:
-            backend = current()
             g = self._fn
             for axis in axes:
-                g = _along(backend, g, _one_hot_leaf(self.x, axis))
+                g = _along(g, self.x, axis)
             self._cache[key] = g(self._fn.xs)[0]
         return self._cache[key]
 
@@ -512,11 +514,18 @@ def _squared_frobenius(fn, n_projections, seed):
     return m * ops.mean(sq, axis=0)
 
 
-def _along(backend, g, e):
-    """`xs -> [d g(xs) e]`: the directional derivative of `g` along `e`, itself differentiable."""
+def _along(g, x, axis: int):
+    """`xs -> [d g(xs) / d x_axis]` for `g` of one input and one output: a JVP along the
+    coordinate where forward mode is native (and nests), else that column of the reverse-mode
+    Jacobian (`m` pullbacks); itself differentiable, so these nest into mixed partials."""
+    backend = current()
+    e = _one_hot_leaf(x, axis)
 
     def derivative(xs):
-        _, tangents = backend.train_jvp(g, xs, [e])
-        return tangents
+        if backend.TRAIN_FORWARD:
+            _, tangents = backend.train_jvp(g, xs, [e])
+            return tangents
+        ys, J = _flat_jacobian(g, xs, reverse=True)  # (batch, m, n)
+        return [ops.reshape(J[:, :, axis], (-1,) + tuple(int(d) for d in ys[0].shape[1:]))]
 
     return derivative

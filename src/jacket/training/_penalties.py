@@ -209,7 +209,7 @@ class PDEResidual(Penalty):
     Args:
       residual: `(x, d) -> tensor`, written in `keras.ops`.
       points: The collocation points `(n, *in_shape)`, all of them used at every step (cast to
-        the model's compute dtype); None: the batch's inputs.
+        the dtype of the batch's inputs); None: the batch's inputs.
       weight: The penalty's factor in the loss.
       name: The metric's name.
 
@@ -242,8 +242,7 @@ class PDEResidual(Penalty):
     def value(self, model, x, y, *, training: bool, seed):
         points = x
         if self.points is not None:
-            dtype = getattr(model, "compute_dtype", None) or keras.backend.floatx()
-            points = ops.convert_to_tensor(self.points, dtype=dtype)
+            points = ops.convert_to_tensor(self.points, dtype=_data_dtype(x))
         d = Derivatives(_Function(self.name, model, points, training, single=True))
         return ops.mean(ops.square(self.residual(d.x, d)))
 
@@ -275,3 +274,15 @@ def interpolates(x, seed):
         e = ops.reshape(ops.cast(eps, t.dtype), (-1,) + (1,) * (len(t.shape) - 1))
         out.append(t + e * (ops.roll(t, 1, axis=0) - t))
     return pack(skeleton(x), out)
+
+
+def _data_dtype(x) -> str:
+    """The dtype of the batch's (first floating) inputs, else Keras's float type."""
+    flat = [x] if is_leaf_structure(x) else keras.tree.flatten(x)
+    for leaf in flat:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None:
+            name = keras.backend.standardize_dtype(dtype)
+            if name.startswith(("float", "bfloat")):
+                return name
+    return keras.backend.floatx()
