@@ -93,9 +93,14 @@ TRAIN_FORWARD = True  # `jax.jvp` is native: few inputs and second derivatives g
 
 
 def train_linearize(f, xs):
-    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times."""
+    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times (a None
+    cotangent: zeros for that output)."""
     ys, pullback = jax.vjp(f, list(xs))
-    return ys, lambda cts: pullback(list(cts))[0]
+
+    def pull(cts):
+        return pullback([jax.numpy.zeros_like(y) if c is None else c for y, c in zip(ys, cts)])[0]
+
+    return ys, pull
 
 
 def train_jvp(f, xs, ts):

@@ -168,7 +168,8 @@ TRAIN_FORWARD = False
 
 def train_linearize(f, xs):
     """`(ys, pullback)`: one forward pass; `pullback(cts)` (`cts^T df(xs)`) may be called many
-    times, and any enclosing tape records it (a persistent tape inside the step's tape)."""
+    times (a None cotangent leaves its output out), and any enclosing tape records it (a
+    persistent tape inside the step's tape)."""
     tape = tf.GradientTape(persistent=True)
     with tape:
         for x in xs:
@@ -176,7 +177,13 @@ def train_linearize(f, xs):
         ys = f(xs)
 
     def pullback(cts):
-        return tape.gradient(ys, xs, output_gradients=list(cts), unconnected_gradients=_ZERO)
+        pairs = [(y, c) for y, c in zip(ys, cts) if c is not None]
+        return tape.gradient(
+            [y for y, _ in pairs],
+            xs,
+            output_gradients=[c for _, c in pairs],
+            unconnected_gradients=_ZERO,
+        )
 
     return ys, pullback
 

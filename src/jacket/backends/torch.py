@@ -197,15 +197,15 @@ def _train_watched(xs):
 
 
 def train_linearize(f, xs):
-    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times, and builds
-    the graph of its result (`create_graph=True`)."""
+    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times (a None
+    cotangent leaves its output out), and builds the graph of its result (`create_graph=True`)."""
     with torch.enable_grad():
         xs = _train_watched(xs)
         ys = f(xs)
 
     def pullback(cts):
         with torch.enable_grad(), _math_attention():
-            pairs = [(y, c) for y, c in zip(ys, cts) if y.requires_grad]
+            pairs = [(y, c) for y, c in zip(ys, cts) if c is not None and y.requires_grad]
             if not pairs:
                 return [torch.zeros_like(x) for x in xs]
             return _grad(
