@@ -96,6 +96,7 @@ def closed_residual(p, pts):
 
 
 INTERPOLATE_SEED = 11
+PAIR_TARGETS = np.array([[0.3], [-1.0], [2.0], [0.1]])  # distinct: no ties to break
 
 
 def closed_penalty(name, p, x):
@@ -114,6 +115,14 @@ def closed_penalty(name, p, x):
         xi = x + eps[:, None] * (np.roll(x, 1, axis=0) - x)
         norm = np.sqrt((closed_J(p, xi) ** 2).sum(axis=(1, 2)) + 1e-12)
         return np.mean((norm - 0.5) ** 2)
+    if name == "gradient_penalty_pairs":  # sorted by target, first with last, ...
+        eps = to_numpy(keras.random.uniform((len(x),), dtype="float64", seed=INTERPOLATE_SEED))
+        order = np.argsort(PAIR_TARGETS[:, 0])
+        partner = np.empty(len(x), int)
+        partner[order] = order[::-1]
+        xi = x + eps[:, None] * (x[partner] - x)
+        norm = np.sqrt((closed_J(p, xi) ** 2).sum(axis=(1, 2)) + 1e-12)
+        return np.mean((norm - 1.0) ** 2)
     if name == "contractive":
         return np.mean(closed_encoder_sq(p, x))
     if name == "pde_residual":
@@ -127,6 +136,10 @@ PENALTIES = {
     "gradient_penalty": (lambda: training.GradientPenalty(1.0), 0),
     "gradient_penalty_interpolates": (
         lambda: training.GradientPenalty(1.0, 0.5, interpolate=True),
+        INTERPOLATE_SEED,
+    ),
+    "gradient_penalty_pairs": (
+        lambda: training.GradientPenalty(1.0, interpolate=True),
         INTERPOLATE_SEED,
     ),
     "contractive": (lambda: training.Contractive(1.0, "encoder"), 0),
@@ -279,8 +292,10 @@ def test_penalty_value_and_weight_gradient(name, data):
     make, seed = PENALTIES[name]
     penalty = make()
 
+    y = PAIR_TARGETS if name.endswith("_pairs") else None
+
     def value():
-        return penalty.value(model, x, None, training=False, seed=seed)
+        return penalty.value(model, x, y, training=False, seed=seed)
 
     p = params(model)
     assert_close(value(), closed_penalty(name, p, x), rtol=1e-10)

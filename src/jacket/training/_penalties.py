@@ -98,11 +98,12 @@ class GradientPenalty(Penalty):
     target)^2`, the norm of each sample's input gradient (for several outputs, the Frobenius norm
     of its Jacobian), taken at the batch's inputs.
 
-    With `interpolate=True` it is taken at `x_b + eps_b (x_{b-1} - x_b)` instead, `eps_b` uniform
-    in `[0, 1]`: each sample joined to its neighbour in the batch. Fed a critic's batch that mixes
-    real and generated samples (shuffled, as `fit` does), about half of these lines join a real
-    sample to a generated one, as in WGAN-GP; the rest join two of a kind, where the 1-Lipschitz
-    target holds as well.
+    With `interpolate=True` it is taken at `x_b + eps_b (x_p - x_b)` instead, `eps_b` uniform in
+    `[0, 1]`, sample `b` joined to a partner `p` of the same batch: with targets, the batch sorted
+    by target and paired first with last, second with second last, ..., so that a critic's batch
+    of real (`y = -1`) and generated (`y = +1`) samples joins real to generated wherever it can,
+    as WGAN-GP's interpolates do (a shuffled batch of 256 from equal halves: about 94% of them);
+    without targets, each sample with the one before it.
 
     Args:
       weight: The penalty's factor in the loss (WGAN-GP: 10).
@@ -131,7 +132,7 @@ class GradientPenalty(Penalty):
         self.interpolate = interpolate
 
     def value(self, model, x, y, *, training: bool, seed):
-        points = interpolates(x, seed) if self.interpolate else x
+        points = interpolates(x, y, seed) if self.interpolate else x
         fn = _Function(self.name, model, points, training)
         norm = ops.sqrt(_squared_frobenius(fn, "exact", None) + _NORM_EPS)
         return ops.mean(ops.square(norm - self.target))
@@ -260,19 +261,28 @@ class PDEResidual(Penalty):
         return cls(**config)
 
 
-def interpolates(x, seed):
-    """`x_b + eps_b (x_{b-1} - x_b)` for every leaf of `x`, `eps_b` uniform in `[0, 1]`, the same
-    for all leaves of a sample."""
+def interpolates(x, y, seed):
+    """`x_b + eps_b (x_pair(b) - x_b)` for every leaf of `x`, `eps_b` uniform in `[0, 1]` (the same
+    for all leaves of a sample). With targets `y`, the samples sorted by their (first) target are
+    paired first with last, second with second last, ...: a sample with another target wherever
+    the batch has one. Without, each sample with the one before it."""
     flat = [x] if is_leaf_structure(x) else keras.tree.flatten(x)
     flat = [t if ops.is_tensor(t) else ops.convert_to_tensor(t) for t in flat]
     first = flat[0]
     eps = keras.random.uniform(
         ops.shape(first)[:1], dtype=keras.backend.standardize_dtype(first.dtype), seed=seed
     )
+    targets = None if y is None else ([y] if is_leaf_structure(y) else keras.tree.flatten(y))
+    if targets:
+        key = ops.reshape(ops.convert_to_tensor(targets[0]), (ops.shape(first)[0], -1))[:, 0]
+        order = ops.argsort(key)
+        position = ops.argsort(order)  # of each sample, in the sorted batch
+        partner = ops.take(ops.flip(order, 0), position, axis=0)  # at the mirror position
     out = []
     for t in flat:
+        other = ops.roll(t, 1, axis=0) if not targets else ops.take(t, partner, axis=0)
         e = ops.reshape(ops.cast(eps, t.dtype), (-1,) + (1,) * (len(t.shape) - 1))
-        out.append(t + e * (ops.roll(t, 1, axis=0) - t))
+        out.append(t + e * (other - t))
     return pack(skeleton(x), out)
 
 
