@@ -6,6 +6,10 @@ median ms, first call s (trace + compile + run), peak resident memory above the 
 (MB, sampled every ms), and jacket's time as a multiple of the FLOP limit: the counted forward FLOPs
 of the batch times `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches on
 this machine in the same run.
+
+Then `benchmarks/sparse.py` (`--skip-sparse` leaves it out) and `benchmarks/training.py`: by default
+the step time of a Jacobian penalty; `--training all` adds the PINN against DeepXDE, the WGAN-GP
+critic and the digits sweep (tens of minutes on a laptop's CPU).
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ def main(argv=None):
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
     parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
+    parser.add_argument(
+        "--training", nargs="*", default=["step"], choices=["step", "pinn", "wgan", "sweep", "all"],
+        help="parts of benchmarks/training.py (default: the penalty's step time; `all`: also the "
+        "PINN against DeepXDE, the WGAN-GP critic and the digits sweep, tens of minutes; none "
+        "named: skip it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -112,6 +122,11 @@ def main(argv=None):
     if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
         command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
         command += ["--repeats", str(args.repeats), "--backends", *args.backends]
+        subprocess.run(command, check=True)
+    if args.training:  # derivatives inside training: benchmarks/training.py
+        parts = ["step", "pinn", "wgan", "sweep"] if "all" in args.training else args.training
+        command = [sys.executable, str(HERE / "training.py"), "--out", str(out)]
+        command += ["--backends", *args.backends, "--parts", *parts]
         subprocess.run(command, check=True)
     return 0
 

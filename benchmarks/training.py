@@ -3,8 +3,8 @@ the WGAN-GP toy critic and the digits sweep of Jacobian-penalty weights.
 
 `python benchmarks/training.py` runs every installed backend, each in its own process (Keras fixes
 the backend per process; DeepXDE too, in a process of its own), writes
-`bench-results/training-<backend>.json` and prints four tables; `benchmarks/run.py` (`make bench`)
-calls it last. One backend alone: `KERAS_BACKEND=jax python benchmarks/training.py --child`.
+`bench-results/training-<backend>.json` and prints four tables; `make bench` runs its step-time
+part last, `make bench ARGS="--training all"` all of it. One backend alone: `KERAS_BACKEND=jax python benchmarks/training.py --child`.
 
 - Step time: the issue's digits CNN (Conv2D(16) + Dense(32) + Dense(10)), batch 64, Adam, through
   `fit`: the plain step, the step with `JacobianNorm(0.01)` (one projection) and a hand-written
@@ -15,7 +15,8 @@ calls it last. One backend alone: `KERAS_BACKEND=jax python benchmarks/training.
 - PINN: `examples/poisson_pinn.py` against DeepXDE's own code on the same problem (the collocation
   points DeepXDE samples, 3 x 50 tanh, Glorot uniform, Adam 1e-3, the same number of steps, mean
   squared residual plus mean squared boundary error), per seed; relative L2 error on 100 points
-  and steady ms per step (the first 500 steps left out of both). jacket runs `fit` with
+  and steady ms per step (the first 500 steps left out of both), median [min, max] over seeds
+  (the final error of Adam at this step size moves by orders of magnitude from seed to seed). jacket runs `fit` with
   `steps_per_execution=1` and, where Keras allows it (TensorFlow, JAX), 50; "no PDE ms" is the
   same `fit` on the boundary values alone (Keras's own cost of a step, at the larger setting).
   Targets: error <= 1e-2 and no worse than DeepXDE's; time <= 1.0x DeepXDE's (the time ratio:
@@ -208,19 +209,24 @@ print("RESULT " + json.dumps({"runs": runs, "points": points, "version": dde.__v
 
 
 def pinn_deepxde(backend: str, steps: int, seeds: list[int]) -> dict:
+    """DeepXDE on `backend`, one fresh process per seed (seeded by `dde.config.set_random_seed`;
+    its TensorFlow backend gave one same result for every seed run in one process)."""
     if importlib.util.find_spec("deepxde") is None:
         return {"error": "DeepXDE is not installed (pip install deepxde)"}
     env = {**os.environ, "DDE_BACKEND": DEEPXDE_BACKEND[backend], "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("KERAS_BACKEND", None)
-    command = [sys.executable, "-c", DEEPXDE_CHILD, str(steps), ",".join(map(str, seeds))]
-    done = subprocess.run(
-        command + [str(PINN_WARM)], env=env, capture_output=True, text=True, check=False
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-1:])
-    return {"error": f"DeepXDE did not run on {backend}: {tail[:200]}"}
+    result: dict = {"runs": []}
+    for seed in seeds:
+        command = [sys.executable, "-c", DEEPXDE_CHILD, str(steps), str(seed), str(PINN_WARM)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-1:])
+            return {"error": f"DeepXDE did not run on {backend}: {tail[:200]}"}
+        one = json.loads(lines[0][len("RESULT ") :])
+        result["runs"] += one["runs"]
+        result["points"], result["version"] = one["points"], one["version"]
+    return result
 
 
 # ------------------------------------------------------------------------------------ one backend
@@ -236,11 +242,11 @@ def run_child(args) -> dict:
         result["step"] = step_time(args.rounds)
         print(f"[{backend}] step time done", flush=True)
     if "pinn" in args.parts:
-        deepxde = pinn_deepxde(backend, args.pinn_steps, args.seeds)
+        deepxde = pinn_deepxde(backend, args.pinn_steps, args.pinn_seeds)
         points = deepxde.get("points")
         result["pinn"] = {
             "steps": args.pinn_steps,
-            "jacket": pinn_jacket(args.pinn_steps, args.seeds, points),
+            "jacket": pinn_jacket(args.pinn_steps, args.pinn_seeds, points),
             "deepxde": {k: v for k, v in deepxde.items() if k != "points"},
             "points": "DeepXDE's" if points is not None else "18 evenly spaced",
         }
@@ -281,6 +287,14 @@ def machine() -> dict:
 # ------------------------------------------------------------------------------------------ table
 
 
+def _median_range(values) -> str:
+    """`median [min, max]`: the PINN's final errors spread over orders of magnitude by seed."""
+    values = sorted(values)
+    if len(values) == 1:
+        return f"{values[0]:.2g}"
+    return f"{statistics.median(values):.2g} [{values[0]:.1g}, {values[-1]:.1g}]"
+
+
 def _mean_std(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -310,7 +324,7 @@ def print_tables(results: list[dict]) -> None:
         steps = pinns[0]["pinn"]["steps"]
         print(
             f"\nPoisson PINN, -u'' = pi^2 sin(pi x) on [0, 1]: {steps} Adam steps, relative L2 "
-            "error (mean +- std over seeds), steady ms per step"
+            "error (median [min, max] over seeds), steady ms per step (median)"
         )
         print(
             f"{'backend':<11}{'jacket error':>22}{'ms (spe=50)':>13}{'ms (spe=1)':>12}"
@@ -325,14 +339,14 @@ def print_tables(results: list[dict]) -> None:
             fast = statistics.median(run["ms_per_step"] for run in main)
             dx = p["deepxde"]
             if "runs" in dx:
-                dx_err = _mean_std([run["error"] for run in dx["runs"]])
+                dx_err = _median_range([run["error"] for run in dx["runs"]])
                 dx_ms = statistics.median(run["ms_per_step"] for run in dx["runs"])
                 ratio = f"{fast / dx_ms:.2f}x"
                 dx_cells = f"{dx_err:>22}{dx_ms:>8.2f}{ratio:>12}"
             else:
                 dx_cells = f"  {dx.get('error', '-')[:60]}"
             print(
-                f"{r['backend']:<11}{_mean_std([run['error'] for run in main]):>22}"
+                f"{r['backend']:<11}{_median_range([run['error'] for run in main]):>22}"
                 f"{(f'{fast:.2f}' if spe > 1 else '-'):>13}"
                 f"{(f'{statistics.median(one):.2f}' if one else '-'):>12}"
                 f"{p['jacket']['keras_alone_ms']:>11.2f}{dx_cells}"
@@ -396,6 +410,7 @@ def main(argv=None):
     parser.add_argument("--weights", type=float, nargs="*", default=[0, 0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--epochs", type=int, default=30, help="digits sweep epochs")
     parser.add_argument("--pinn-steps", type=int, default=5000)
+    parser.add_argument("--pinn-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rounds", type=int, default=7, help="step-time rounds of one epoch")
     parser.add_argument("--child", action="store_true", help="run the active backend only")
     parser.add_argument("--json", default=None, help="(--child) write results here")
@@ -420,6 +435,7 @@ def main(argv=None):
         command += ["--parts", *args.parts, "--seeds", *map(str, args.seeds)]
         command += ["--weights", *map(str, args.weights), "--epochs", str(args.epochs)]
         command += ["--pinn-steps", str(args.pinn_steps), "--rounds", str(args.rounds)]
+        command += ["--pinn-seeds", *map(str, args.pinn_seeds)]
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         subprocess.run(command, check=True, env=env)
         results.append(json.loads(path.read_text()))
