@@ -24,6 +24,7 @@ _EXPORTS = {
     "check": ".engine",
     "CheckReport": ".engine",
     "PlanReport": ".engine",
+    "tune": ".engine",
     "JacketError": ".errors",
     "JacketValueError": ".errors",
     "JacketTypeError": ".errors",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .engine import PlanReport as PlanReport
     from .engine import check as check
     from .engine import jvp as jvp
+    from .engine import tune as tune
     from .engine import vjp as vjp
     from .errors import CouplingError as CouplingError
     from .errors import JacketError as JacketError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from ._memory import cpu_description
+from .memory import cpu_description
 
 NAME = "tensorflow"
 EAGER = False  # kernels are traced and compiled once per signature

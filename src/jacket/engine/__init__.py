@@ -9,10 +9,12 @@ from .check import check as check
 from .jacobian import JacobianFn as JacobianFn
 from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
+from .jacobian import tune as tune
 from .options import Options as Options
+from .products import forward_mode_is_exact as forward_mode_is_exact
 from .products import jvp as jvp
 from .products import vjp as vjp
-from .tuning import PlanReport as PlanReport
+from .trials import PlanReport as PlanReport
 
 __all__ = [
     "CheckReport",
@@ -20,8 +22,10 @@ __all__ = [
     "Options",
     "PlanReport",
     "check",
+    "forward_mode_is_exact",
     "jacobian",
     "jacobian_fn",
     "jvp",
+    "tune",
     "vjp",
 ]
