@@ -8,7 +8,8 @@ import numpy as np
 from ..checks import positive_float
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import is_leaf_structure, pack, skeleton
-from ._derivatives import Derivatives, _Function, _squared_frobenius, check_projections
+from ._calls import _Function, _squared_frobenius, check_projections
+from ._derivatives import Derivatives
 
 __all__ = ["Contractive", "GradientPenalty", "JacobianNorm", "PDEResidual", "Penalty"]
 
