@@ -9,6 +9,9 @@ training loop, written three ways.
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -474,3 +477,34 @@ def test_errors(data):
         training.jacobian(model, [x, x])
     with pytest.raises(jacket.JacketValueError, match=r"an int in \[0, 3\)"):
         training.derivatives(model, x).partial(3)
+
+
+# ------------------------------------------------------------------------------------ examples
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize(
+    "script, argv, printed",
+    [
+        ("poisson_pinn", ["--steps", "8"], "relative L2 error"),
+        pytest.param(
+            "wgan_gp_critic",
+            ["--epochs", "1"],
+            "critic gradient norm on interpolates",
+            marks=pytest.mark.slow,
+        ),  # 4096 samples; its snippet in docs/training.md runs in test_readme.py
+        pytest.param(
+            "digits_jacobian", ["--epochs", "1"], "FGSM@0.1", marks=pytest.mark.slow
+        ),  # evaluation: an exact Jacobian and two attacks on 397 digits
+    ],
+)
+def test_examples_run(script, argv, printed, monkeypatch, capsys):
+    """The examples of the guide (`examples/*.py`), each a few steps on the active backend: they
+    run end to end and print their line; the numbers themselves are `benchmarks/training.py`'s."""
+    if script == "digits_jacobian":
+        pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module(script)
+    module.main(argv)
+    assert printed in capsys.readouterr().out
