@@ -9,8 +9,10 @@ and seconds the default took to settle its plan (NOTE: [Measured plans] in `jack
 and the time as a multiple of the FLOP limit: the counted forward FLOPs of the batch times
 `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches in the same run.
 
-Then the sparse table (`benchmarks/sparse.py`, `--skip-sparse` leaves it out) and integrated
-gradients beside Captum (`benchmarks/attribution.py`, `--skip-attribution` leaves it out).
+Then the sparse table (`benchmarks/sparse.py`, `--skip-sparse` leaves it out), integrated
+gradients beside Captum (`benchmarks/attribution.py`, `--skip-attribution` leaves it out) and
+`benchmarks/training.py`: by default the step time of a Jacobian penalty; `--training all` adds the
+PINN against DeepXDE, the WGAN-GP critic and the digits sweep (tens of minutes on a laptop's CPU).
 
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
@@ -112,6 +114,12 @@ def main(argv=None):
     parser.add_argument(
         "--skip-attribution", action="store_true", help="leave out benchmarks/attribution.py"
     )
+    parser.add_argument(
+        "--training", nargs="*", default=["step"], choices=["step", "pinn", "wgan", "sweep", "all"],
+        help="parts of benchmarks/training.py (default: the penalty's step time; `all`: also the "
+        "PINN against DeepXDE, the WGAN-GP critic and the digits sweep, tens of minutes; none "
+        "named: skip it)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -156,6 +164,11 @@ def main(argv=None):
     if not args.skip_attribution:  # integrated gradients beside Captum: benchmarks/attribution.py
         command = [sys.executable, str(HERE / "attribution.py"), "--out", str(out)]
         command += ["--repeats", str(min(args.repeats, 5)), "--backends", *args.backends]
+        subprocess.run(command, check=True)
+    if args.training:  # derivatives inside training: benchmarks/training.py
+        parts = ["step", "pinn", "wgan", "sweep"] if "all" in args.training else args.training
+        command = [sys.executable, str(HERE / "training.py"), "--out", str(out)]
+        command += ["--backends", *args.backends, "--parts", *parts]
         subprocess.run(command, check=True)
     return 0
 

@@ -47,6 +47,7 @@ _SUBPACKAGES = (
     "operator",
     "plot",
     "sparse",
+    "training",
 )
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]

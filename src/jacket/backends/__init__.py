@@ -31,6 +31,20 @@ Every backend module defines:
 
 Jacobians, chunking, coupling probes and everything above them are written once on these
 (`jacket.engine`).
+
+Training (the `# ---- training` section of each module, for `jacket.training`): derivatives that
+run inside the user's own traced step and stay differentiable with respect to the weights; nothing
+here compiles or caches (NOTE: [Derivatives inside a training step]):
+
+- `TRAIN_FORWARD`: True where forward mode is native and nests under the step's gradient (JAX):
+  second derivatives then go forward over forward; else reverse over reverse (TensorFlow, whose
+  nested `ForwardAccumulator`s lose weight gradients under a tape; PyTorch, whose JVP is two
+  reverse passes).
+- `train_linearize(f, xs)`: `(ys, pullback)`, one forward pass; `pullback(cts)` may be called many
+  times (a None cotangent leaves its output out) and its result is differentiable again.
+- `train_jvp(f, xs, ts)`: `(ys, tangents)`, differentiable.
+- `train_map(fn, stacked)`: `fn` over axis 0 of a list of tensors, results stacked (`jax.vmap`; a
+  loop elsewhere).
 """
 
 from __future__ import annotations

@@ -85,3 +85,34 @@ def vmap(fn, stacked):
 
 def loop(fn, stacked):
     return jax.lax.map(lambda args: fn(list(args)), list(stacked))
+
+
+# ---- training
+# Derivatives that are part of a loss (`jacket.training`): `jax.vjp` and `jax.jvp` composed inside
+# the traced step (Keras's `compute_loss_and_updates` under `jax.value_and_grad`), closing over the
+# traced weights that a `keras.StatelessScope` hands the model, so the outer gradient flows through
+# them. NOTE: [Derivatives inside a training step] in `jacket.training._derivatives`.
+
+TRAIN_FORWARD = True  # `jax.jvp` is native: few inputs and second derivatives go forward
+
+
+def train_linearize(f, xs):
+    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times (a None
+    cotangent: zeros for that output)."""
+    ys, pullback = jax.vjp(f, list(xs))
+
+    def pull(cts):
+        return pullback([jax.numpy.zeros_like(y) if c is None else c for y, c in zip(ys, cts)])[0]
+
+    return ys, pull
+
+
+def train_jvp(f, xs, ts):
+    """`(ys, df(xs) ts)`; nestable (`jax.jvp` of a `jax.jvp`)."""
+    ys, tangents = jax.jvp(f, (list(xs),), (list(ts),))
+    return ys, tangents
+
+
+def train_map(fn, stacked):
+    """`fn` over axis 0 of a list of tensors, results stacked (`jax.vmap`)."""
+    return jax.vmap(lambda args: fn(list(args)))(list(stacked))

@@ -148,3 +148,67 @@ def loop(fn, stacked):
 
 
 _UNROLL = 16
+
+
+# ---- training
+# Derivatives that are part of a loss (`jacket.training`): they run inside whatever TensorFlow is
+# tracing and recording (Keras's `train_step` under its `GradientTape`, or a user's own tape), so
+# their results stay differentiable with respect to everything `f` reads, the weights included.
+# Nothing here compiles or caches: the enclosing `tf.function` does. NOTE: [Derivatives inside a
+# training step] in `jacket.training._derivatives`.
+
+# Measured here (TensorFlow 2.21): one `ForwardAccumulator` inside the step's tape gives the right
+# weight gradient, but an accumulator nested in another (forward over forward, for a second
+# derivative) under a tape does not: eagerly it fails ("returned too few gradients"), in a
+# `tf.function` the gradient of the last Dense kernel comes back None. So Jacobians and second
+# derivatives go reverse (over reverse: nested tapes, as TensorFlow's PINN codes do), and
+# `train_jvp` serves single JVPs only.
+TRAIN_FORWARD = False
+
+
+def train_linearize(f, xs):
+    """`(ys, pullback)`: one forward pass; `pullback(cts)` (`cts^T df(xs)`) may be called many
+    times (a None cotangent leaves its output out), and any enclosing tape records it (a
+    persistent tape inside the step's tape)."""
+    tape = tf.GradientTape(persistent=True)
+    with tape:
+        for x in xs:
+            tape.watch(x)
+        ys = f(xs)
+
+    def pullback(cts):
+        pairs = [(y, c) for y, c in zip(ys, cts) if c is not None]
+        return tape.gradient(
+            [y for y, _ in pairs],
+            xs,
+            output_gradients=[c for _, c in pairs],
+            unconnected_gradients=_ZERO,
+        )
+
+    return ys, pullback
+
+
+def train_jvp(f, xs, ts):
+    """`(ys, df(xs) ts)` by `ForwardAccumulator`, recorded by any enclosing tape (one level: see
+    `TRAIN_FORWARD`). Where the accumulator cannot trace `f` (an LSTM's `while_loop`), the double
+    VJP, reverse mode only."""
+    try:
+        with tf.autodiff.ForwardAccumulator(xs, ts) as accumulator:
+            ys = f(xs)
+        return ys, [accumulator.jvp(y, unconnected_gradients=_ZERO) for y in ys]
+    except (TypeError, ValueError, NotImplementedError, LookupError):
+        with tf.GradientTape(persistent=True) as outer:
+            ys, pullback = train_linearize(f, xs)
+            us = [tf.zeros_like(y) for y in ys]
+            for u in us:
+                outer.watch(u)
+            grads = pullback(us)
+        return ys, outer.gradient(grads, us, output_gradients=list(ts), unconnected_gradients=_ZERO)
+
+
+def train_map(fn, stacked):
+    """`fn` over axis 0 of a list of tensors, results stacked: unrolled into the graph (the maps
+    of `jacket.training` run over a model's outputs or inputs, a few dozen at most)."""
+    stacked = list(stacked)
+    results = [fn([s[i] for s in stacked]) for i in range(int(stacked[0].shape[0]))]
+    return [tf.stack([r[j] for r in results]) for j in range(len(results[0]))]

@@ -178,3 +178,67 @@ def vmap(fn, stacked):
     if batched is None:
         return loop(fn, stacked)
     return batched(stacked)
+
+
+# ---- training
+# Derivatives that are part of a loss (`jacket.training`): plain autograd with `create_graph=True`,
+# so the derivative is itself a node of the graph that the step's `loss.backward()` goes through.
+# Inputs that already carry a graph (the output of another model, or of an enclosing derivative)
+# are kept as they are, so these compose: a pullback of a pullback is a second derivative.
+# NOTE: [Derivatives inside a training step] in `jacket.training._derivatives`.
+
+# A JVP here is two reverse passes (the double VJP), so second derivatives go reverse over
+# reverse: one more backward pass through the graph of the first derivative.
+TRAIN_FORWARD = False
+
+
+def _train_watched(xs):
+    return [x if x.requires_grad else x.detach().requires_grad_(True) for x in xs]
+
+
+def train_linearize(f, xs):
+    """`(ys, pullback)`: one forward pass; `pullback(cts)` may be called many times (a None
+    cotangent leaves its output out), and builds the graph of its result (`create_graph=True`)."""
+    with torch.enable_grad():
+        xs = _train_watched(xs)
+        ys = f(xs)
+
+    def pullback(cts):
+        with torch.enable_grad(), _math_attention():
+            pairs = [(y, c) for y, c in zip(ys, cts) if c is not None and y.requires_grad]
+            if not pairs:
+                return [torch.zeros_like(x) for x in xs]
+            return _grad(
+                [y for y, _ in pairs], xs, [c for _, c in pairs], create_graph=True,
+                retain_graph=True,
+            )  # fmt: skip
+
+    return ys, pullback
+
+
+def train_jvp(f, xs, ts):
+    """`(ys, df(xs) ts)` by the double VJP (`d/du <u^T J, v>`), its graph kept."""
+    with torch.enable_grad(), _math_attention():
+        xs = _train_watched(xs)
+        ys = f(xs)
+        out = []
+        for y in ys:
+            if not y.requires_grad:
+                out.append(torch.zeros_like(y))
+                continue
+            u = torch.zeros_like(y, requires_grad=True)
+            grads = torch.autograd.grad(y, xs, u, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(grads, ts) if g is not None and g.requires_grad]
+            d = None
+            if pairs:
+                (d,) = torch.autograd.grad(
+                    [g for g, _ in pairs], u, [t for _, t in pairs], create_graph=True,
+                    allow_unused=True,
+                )  # fmt: skip
+            out.append(torch.zeros_like(y) if d is None else d)
+        return ys, out
+
+
+def train_map(fn, stacked):
+    """`fn` over axis 0 of a list of tensors, results stacked (a Python loop)."""
+    return loop(fn, stacked)
