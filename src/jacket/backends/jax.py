@@ -81,3 +81,26 @@ def vmap(fn, stacked):
 
 def loop(fn, stacked):
     return jax.lax.map(lambda args: fn(list(args)), list(stacked))
+
+
+# ---- second order
+
+SECOND_ORDER_MODE = "forward"
+SECOND_ORDER_STRATEGY = "vmap"
+
+
+def vjp_differentiable(f, xs, cts):
+    """`vjp`, whose result JAX differentiates again with respect to `xs` as it is."""
+    return vjp(f, xs, cts)
+
+
+def jet2(f, xs, ts):
+    """`(ys, J t, f''[t, t])`: the value, first and second directional derivatives of `f` at `xs`
+    along `ts` (a JVP of a JVP)."""
+    xs, ts = list(xs), list(ts)
+
+    def first(primals):
+        return jax.jvp(f, (primals,), (ts,))
+
+    (ys, dys), (_, d2ys) = jax.jvp(first, (xs,), (ts,))
+    return list(ys), list(dys), list(d2ys)

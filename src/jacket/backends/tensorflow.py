@@ -148,3 +148,53 @@ def loop(fn, stacked):
 
 
 _UNROLL = 16
+
+
+# ---- second order
+
+SECOND_ORDER_MODE = "forward"
+SECOND_ORDER_STRATEGY = "vmap"
+
+
+def vjp_differentiable(f, xs, cts):
+    """`vjp`, whose result an enclosing tape or forward accumulator differentiates again."""
+    return vjp(f, xs, cts)
+
+
+def jet2(f, xs, ts):
+    """`(ys, J t, f''[t, t])`: the value, first and second directional derivatives of `f` at `xs`
+    along `ts`, by two nested `ForwardAccumulator`s; where they cannot trace a layer (an LSTM's
+    while_loop), by reverse passes only (`_jet2_by_reverse`)."""
+    xs, ts = list(xs), list(ts)
+    try:
+        with tf.autodiff.ForwardAccumulator(xs, ts) as outer:
+            with tf.autodiff.ForwardAccumulator(xs, ts) as inner:
+                ys = f(xs)
+            dys = [inner.jvp(y, unconnected_gradients=_ZERO) for y in ys]
+        d2ys = [outer.jvp(d, unconnected_gradients=_ZERO) for d in dys]
+        return list(ys), dys, d2ys
+    except (TypeError, ValueError, NotImplementedError, LookupError):
+        return _jet2_by_reverse(f, xs, ts)
+
+
+def _jet2_by_reverse(f, xs, ts):
+    """`jet2` by tapes alone: with `u` a zero cotangent, `r = <J^T u, t> = u^T J t`; `J t` is
+    `dr/du`, and `f''[t, t]` is `d/du <dr/dx, t>`."""
+    with tf.GradientTape(persistent=True) as by_u:
+        with tf.GradientTape() as by_x:
+            for x in xs:
+                by_x.watch(x)
+            with tf.GradientTape() as inner:
+                for x in xs:
+                    inner.watch(x)
+                ys = f(xs)
+            us = [tf.zeros_like(y) for y in ys]
+            for u in us:
+                by_u.watch(u)
+            grads = inner.gradient(ys, xs, output_gradients=us, unconnected_gradients=_ZERO)
+            r = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, ts)])
+        curvature = by_x.gradient(r, xs, unconnected_gradients=_ZERO)
+        z = tf.add_n([tf.reduce_sum(h * t) for h, t in zip(curvature, ts)])
+    first = by_u.gradient(r, us, unconnected_gradients=_ZERO)
+    second = by_u.gradient(z, us, unconnected_gradients=_ZERO)
+    return list(ys), first, second

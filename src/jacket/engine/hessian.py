@@ -1,0 +1,422 @@
+"""Second derivatives with respect to the inputs: `hessian` (per-sample input Hessians) and `hvp`
+(Hessian-vector products without the Hessian), on the engine's state, probes and memory rules.
+
+NOTE: [Hessians by the batch-sum trick]
+The per-sample Hessian of output `i` is the Jacobian of the per-sample gradient `g_i(x) = d y_i /
+dx`. Since sample `b`'s output depends on sample `b`'s input only (the coupling probe checks it,
+NOTE: [The coupling probe]), the gradient of `sum_b y_{b,i}` holds every sample's `g_i` at once, and
+so does its derivative along a tangent broadcast over the batch: one Hessian-vector product (HVP)
+with the cotangent `e_i` and the tangent `e_j` gives column `j` of every sample's `H_i`. A Hessian
+is then `out_size * in_size` HVPs over the whole batch, each one backward pass differentiated once
+more: forward-over-reverse (a JVP of the gradient: `mode="forward"`) or reverse-over-reverse (a VJP
+of the gradient, equal by symmetry: `mode="reverse"`). `mode="auto"` takes the backend's faster form
+(`SECOND_ORDER_MODE` in `jacket.backends`), forward-over-reverse only where the model's forward mode
+passed its check (NOTE: [Checked forward mode]). The pairs `(i, j)` go through in chunks that fit
+`memory_budget`, batched like a Jacobian's seeds (NOTE: [How the plan decides]): "replicate" tiles
+the batch once per pair and runs one HVP over it; "vmap" and "loop" keep one forward pass and map
+the pairs over it. The result is symmetrised, `(H + H^T) / 2`, which leaves a true Hessian as it is
+and halves the rounding of its two triangles.
+
+NOTE: [Memory of a Hessian pass]
+One pair keeps, per sample, the forward activations, their cotangents, and the tangents of both
+(four copies of the activations where a Jacobian's seed keeps two), plus its seeds and result row:
+`batch * itemsize * (4 * activations + 3 * in_size + out_size)` bytes, half again for "replicate"
+(each copy keeps its own forward pass). The chunk is the largest number of pairs whose estimate
+fits `memory_budget`, evened out over the passes. The Hessian itself, `batch * out_size * in_size^2`
+values, is refused before any work when it cannot fit in the memory available, with the ways
+around it (`hvp`, `laplacian`, a smaller batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from ..checks import check_model, format_bytes
+from ..errors import JacketMemoryError, JacketValueError
+from ..trees import pack
+from . import kernels, probes
+from .inputs import Inputs, Leaf, dtype_name, numpy_dtype, prepare_inputs, result_dtype
+from .memory import available_memory
+from .options import Options
+from .products import like_leaves
+from .state import Entry, ModelState, state_of
+
+__all__ = ["hessian", "hvp"]
+
+ops = keras.ops
+MAX_LOOPED = 32  # pairs per pass of a "loop" plan (TensorFlow unrolls up to 16 of them)
+
+
+def hessian(
+    model,
+    x,
+    *,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    flatten: bool = False,
+):
+    """Per-sample input Hessians of `model` at `x`.
+
+    Args:
+      model: As in `jacket.jacobian`: a Keras model or layer, or a callable mapping a batch to a
+        batch (called in inference).
+      x: Input of shape `(batch, *in_shape)` (or a list/dict of them for several inputs).
+      mode: "forward" (forward-over-reverse: a JVP of the gradient), "reverse"
+        (reverse-over-reverse: a VJP of the gradient) or "auto" (the backend's faster form; see
+        NOTE [Hessians by the batch-sum trick]). The result does not depend on it.
+      chunk_size: `(output, input)` pairs pushed per pass; bounds memory. Default: as many as fit
+        `memory_budget`.
+      memory_budget: Working memory one pass may use, in bytes or as a string ("500MB"), as in
+        `jacket.jacobian`.
+      flatten: Return `(batch, out_size, in_size, in_size)` instead of
+        `(batch, *out_shape, *in_shape, *in_shape)`.
+
+    Returns:
+      A tensor of shape `(batch, *out_shape, *in_shape, *in_shape)`, symmetric in its two input
+      groups, where `H[b, i..., j..., k...] = d^2 model(x)[b, i...] / d x[b, j...] d x[b, k...]`.
+      For several inputs or outputs, the model's output structure of its input structure of its
+      input structure: `H["score"]["image"]["meta"]`. The dtype is that of `jacket.jacobian`.
+
+    Raises:
+      CouplingError: if one sample's outputs depend on another sample's inputs.
+      JacketMemoryError: if the Hessians alone would not fit in the memory available (use
+        `jacket.hvp` or `jacket.laplacian`, or a smaller batch).
+
+    Example:
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+      ...                           keras.layers.Dense(2)])
+      >>> H = jacket.hessian(model, np.ones((5, 3), "float32"))
+      >>> tuple(H.shape)
+      (5, 2, 3, 3)
+    """
+    options = Options.checked("hessian", mode, chunk_size, flatten, True, False, memory_budget)
+    check_model("hessian", model)
+    state = state_of(model, False)
+    inputs = prepare_inputs("hessian", model, x)
+    entry = state.entry("hessian", inputs)
+    probes.check_independent(state, "hessian", inputs, entry)
+    key = ("second_order", "hessian", inputs.signature, options)
+    runner = state.wrappers.get(key)
+    if runner is None:
+        check_hessian_fits("hessian", inputs, entry)
+        runner = state.wrappers[key] = HessianRunner(state, inputs, entry, options)
+    return runner(inputs.tensors)
+
+
+def hvp(model, x, v, *, u=None):
+    """Per-sample Hessian-vector products `H v`, without building `H`.
+
+    Args:
+      model: As in `jacket.hessian`.
+      x: Input `(batch, *in_shape)` (or a structure of them).
+      v: Tangent with the structure and shapes of `x`.
+      u: Weights of the outputs, with the structure and shapes of the model's output `(batch,
+        *out_shape)`: the product is `sum_i u[b, i] H_i[b] v[b]`. May be left out only when the
+        model has one output value per sample.
+
+    Returns:
+      `(batch, *in_shape)` (the structure of `x`): `out[b] = sum_i u[b, i] H_i[b] @ v[b]`.
+
+    Example:
+      >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="tanh")])
+      >>> x = np.ones((4, 3), "float32")
+      >>> tuple(jacket.hvp(model, x, x).shape)
+      (4, 3)
+    """
+    check_model("hvp", model)
+    state = state_of(model, False)
+    inputs = prepare_inputs("hvp", model, x)
+    tangents = like_leaves("hvp", "v", v, inputs.structure, inputs.leaves, inputs.batch)
+    entry = state.entry("hvp", inputs)
+    if u is None:
+        if entry.out_size != 1:
+            raise JacketValueError(
+                f"hvp: `u` must be given for a model with {entry.out_size} output values per "
+                f"sample ({', '.join(f'{leaf.label}: {leaf.shape}' for leaf in entry.out_leaves)}"
+                "). Received: u=None. Pass `u` shaped like the model's output, weighting each "
+                "output's Hessian (a one-hot for one output's)."
+            )
+        cotangents = [
+            ops.ones((inputs.batch,) + leaf.shape, dtype=leaf.dtype) for leaf in entry.out_leaves
+        ]
+    else:
+        cotangents = like_leaves("hvp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
+    probes.check_independent(state, "hvp", inputs, entry)
+    mode, method = outer_mode(state, "hvp", inputs, entry, "auto")
+    kernel = state.kernel(
+        ("hvp", inputs.signature, mode, method),
+        lambda: hvp_kernel(state.backend, inputs.structure, mode, jvp_form(state, method)),
+    )
+    return inputs.pack(list(kernel(inputs.tensors, cotangents, tangents)))
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def outer_mode(
+    state: ModelState, fn_name: str, inputs: Inputs, entry: Entry, mode: str
+) -> tuple[str, str | None]:
+    """`(mode, jvp method)` of the outer derivative: "forward" with the name in `backend.JVPS` of
+    a forward mode that passed its check, or "reverse" (NOTE: [Hessians by the batch-sum trick])."""
+    if mode == "auto":
+        mode = state.backend.SECOND_ORDER_MODE
+    if mode == "forward":
+        method = probes.forward_method(state, fn_name, inputs, entry)
+        if method is not None:
+            return "forward", method
+    return "reverse", None
+
+
+def jvp_form(state: ModelState, method: str | None):
+    return None if method is None else state.backend.JVPS[method]
+
+
+def strategy_for(state: ModelState) -> str:
+    """The backend's measured way of batching the pairs of one pass (`SECOND_ORDER_STRATEGY`)."""
+    return state.backend.SECOND_ORDER_STRATEGY
+
+
+def pair_chunk(
+    inputs: Inputs,
+    entry: Entry,
+    rows: int,
+    strategy: str,
+    memory_budget: int,
+    chunk_size: int | None = None,
+) -> int:
+    """Pairs per pass: `chunk_size`, else what fits `memory_budget` (NOTE: [Memory of a Hessian
+    pass]), evened out over the passes."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, rows))
+    in_size = sum(leaf.size for leaf in inputs.leaves)
+    itemsize = np.dtype(numpy_dtype(result_dtype(inputs.leaves + entry.out_leaves))).itemsize
+    activations = entry.activation_size or 4 * (in_size + entry.out_size)
+    per_pair = inputs.batch * itemsize * (4 * activations + 3 * in_size + entry.out_size)
+    if strategy == "replicate":
+        per_pair = per_pair * 3 // 2
+    chunk = max(1, min(rows, memory_budget // max(per_pair, 1)))
+    if strategy == "loop":
+        chunk = min(chunk, MAX_LOOPED)
+    return math.ceil(rows / math.ceil(rows / chunk))
+
+
+def check_hessian_fits(fn_name: str, inputs: Inputs, entry: Entry) -> None:
+    """Refuse Hessians larger than the host memory available (NOTE: [Memory of a Hessian pass])."""
+    in_size = sum(leaf.size for leaf in inputs.leaves)
+    dtype = result_dtype(inputs.leaves + entry.out_leaves)
+    size = inputs.batch * entry.out_size * in_size * in_size * np.dtype(numpy_dtype(dtype)).itemsize
+    available = available_memory()
+    if available is None or size <= available:
+        return
+    raise JacketMemoryError(
+        f"{fn_name}: the result would take {format_bytes(size)} (per-sample Hessians of "
+        f"{entry.out_size} outputs x {in_size} x {in_size} inputs per sample, batch "
+        f"{inputs.batch}, {dtype}), more than the {format_bytes(available)} of memory available. "
+        "Pass a smaller batch, or compute what you need without the Hessian: `jacket.hvp` "
+        "(H v), `jacket.laplacian` (its trace), or a model of fewer outputs."
+    )
+
+
+# ---------------------------------------------------------------------------------- the kernels
+
+
+def push_pairs(backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int):
+    """`sum_i u_i H_i t` for `k` pairs: `us` are `(k, B, *out_leaf)` cotangents, `ts` are `(k, B,
+    *in_leaf)` tangents; returns `(k, B, *in_leaf)` per input leaf (NOTE: [Hessians by the
+    batch-sum trick])."""
+    jvp = jvp or backend.jvp
+    if strategy == "replicate":
+        tiled = [kernels.tile(x, k) for x in xs]
+        flat_us = [ops.reshape(u, (k * B,) + tuple(u.shape[2:])) for u in us]
+        flat_ts = [ops.reshape(t, (k * B,) + tuple(t.shape[2:])) for t in ts]
+
+        def gradient(zs):
+            return backend.vjp_differentiable(f, zs, flat_us)
+
+        outs = (
+            jvp(gradient, tiled, flat_ts)
+            if mode == "forward"
+            else backend.vjp(gradient, tiled, flat_ts)
+        )
+        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
+    n_out = len(us)
+
+    def one(args):
+        cts, tangents = list(args[:n_out]), list(args[n_out:])
+
+        def gradient(zs):
+            return backend.vjp_differentiable(f, zs, cts)
+
+        if mode == "forward":
+            return list(jvp(gradient, xs, tangents))
+        return list(backend.vjp(gradient, xs, tangents))
+
+    over = backend.vmap if strategy == "vmap" else backend.loop
+    return list(over(one, list(us) + list(ts)))
+
+
+def one_hot_pairs(start, k: int, m: int, n: int, B: int, dtype: str):
+    """The cotangents `e_i` and tangents `e_j` of pairs `start .. start + k` (pair `r` is output
+    `r // n`, input `r % n`; pairs past `m * n` get a zero cotangent), each `(k, B, size)`."""
+    rows = ops.arange(k, dtype="int32") + start
+    i, j = rows // n, rows % n
+    U = ops.cast(ops.equal(ops.expand_dims(i, 1), ops.arange(m, dtype="int32")[None]), dtype)
+    T = ops.cast(ops.equal(ops.expand_dims(j, 1), ops.arange(n, dtype="int32")[None]), dtype)
+    return ops.broadcast_to(U[:, None], (k, B, m)), ops.broadcast_to(T[:, None], (k, B, n))
+
+
+def pair_kernel(
+    backend,
+    strategy: str,
+    mode: str,
+    jvp,
+    in_structure,
+    in_leaves: list[Leaf],
+    out_leaves: list[Leaf],
+    B: int,
+    k: int,
+    what: str,
+    whole: bool = False,
+):
+    """`kernel(call, xs, start)` over the pairs `start .. start + k` (`one_hot_pairs`).
+
+    `what`: "hessian" gives the HVPs, `(k, B, in_size)` (with `whole`, the finished Hessian
+    `(B, out_size, in_size, in_size)`, symmetrised); "diagonal" gives `e_j^T H_i e_j`, `(k, B)`.
+    """
+    m = sum(leaf.size for leaf in out_leaves)
+    n = sum(leaf.size for leaf in in_leaves)
+    dtype = result_dtype(in_leaves + out_leaves)
+
+    def kernel(call, xs, start):
+        f = kernels.model_function(call, in_structure)
+        U, T = one_hot_pairs(start, k, m, n, B, dtype)
+        us = kernels.split(U, (k, B), out_leaves)
+        ts = kernels.split(T, (k, B), in_leaves)
+        outs = push_pairs(backend, strategy, mode, jvp, f, xs, us, ts, k, B)
+        block = kernels.flat(outs, (k, B), in_leaves, dtype)  # (k, B, n)
+        if what == "diagonal":
+            return ops.sum(block * T, axis=-1)
+        if not whole:
+            return block
+        H = ops.reshape(ops.transpose(block[: m * n], (1, 0, 2)), (B, m, n, n))
+        return (H + ops.transpose(H, (0, 1, 3, 2))) / 2
+
+    return kernel
+
+
+def hvp_kernel(backend, in_structure, mode: str, jvp):
+    """`kernel(call, xs, us, vs) -> sum_i u_i H_i v`: one HVP of the batched model."""
+
+    def kernel(call, xs, us, vs):
+        f = kernels.model_function(call, in_structure)
+
+        def gradient(zs):
+            return backend.vjp_differentiable(f, zs, us)
+
+        if mode == "forward":
+            return (jvp or backend.jvp)(gradient, xs, vs)
+        return backend.vjp(gradient, xs, vs)
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------------- the runner
+
+
+class HessianRunner:
+    """The Hessian of one model, input signature and options: the plan made once, then only runs."""
+
+    def __init__(self, state: ModelState, inputs: Inputs, entry: Entry, options: Options):
+        self.state, self.entry, self.options = state, entry, options
+        self.structure, self.leaves, self.batch = inputs.structure, inputs.leaves, inputs.batch
+        self.m, self.n = entry.out_size, sum(leaf.size for leaf in inputs.leaves)
+        self.mode, method = outer_mode(state, "hessian", inputs, entry, options.mode)
+        self.strategy = strategy_for(state)
+        rows = self.m * self.n
+        self.chunk = pair_chunk(
+            inputs, entry, rows, self.strategy, options.memory_budget, options.chunk_size
+        )
+        self.whole = self.chunk >= rows
+        jvp = jvp_form(state, method)
+        args = (
+            state.backend,
+            self.strategy,
+            self.mode,
+            jvp,
+            inputs.structure,
+            inputs.leaves,
+            entry.out_leaves,
+            inputs.batch,
+            self.chunk,
+            "hessian",
+            self.whole,
+        )
+        self.kernel = state.kernel(
+            ("hessian", inputs.signature, self.mode, method, self.strategy, self.chunk),
+            lambda: pair_kernel(*args),
+        )
+        self.starts = list(range(0, rows, self.chunk))
+        if not state.backend.EAGER:
+            self.starts = [ops.convert_to_tensor(s, dtype="int32") for s in self.starts]
+        self.offsets = range(0, rows, self.chunk)
+
+    def describe(self) -> str:
+        rows = self.m * self.n
+        return (
+            f"{self.mode}-over-reverse, {rows} (output, input) pairs in "
+            f"{math.ceil(rows / self.chunk)} pass(es) of {self.chunk}, {self.strategy}"
+        )
+
+    def __call__(self, tensors: list):
+        B, m, n = self.batch, self.m, self.n
+        if self.whole:
+            H = self.kernel(tensors, self.starts[0])
+            reshape = ops.reshape
+        else:
+            H = None
+            for start, offset in zip(self.starts, self.offsets):
+                block = np.asarray(keras.ops.convert_to_numpy(self.kernel(tensors, start)))
+                if H is None:
+                    H = np.empty((B, m * n, n), block.dtype)
+                count = min(self.chunk, m * n - offset)
+                H[:, offset : offset + count] = block[:count].transpose(1, 0, 2)
+            H = H.reshape(B, m, n, n)
+            H = (H + H.transpose(0, 1, 3, 2)) / 2
+            reshape = _to_backend
+        return pack_hessian(
+            H, self.entry, self.structure, self.leaves, self.options.flatten, reshape
+        )
+
+
+def pack_hessian(H, entry: Entry, in_structure, in_leaves: list[Leaf], flatten: bool, reshape):
+    """The flat `(B, out_size, in_size, in_size)` Hessian -> the model's output structure of its
+    input structure of its input structure (a plain tensor for one input and one output)."""
+    B = H.shape[0]
+    rows, o = [], 0
+    for out in entry.out_leaves:
+        outer, a = [], 0
+        for left in in_leaves:
+            inner, c = [], 0
+            for right in in_leaves:
+                block = H[:, o : o + out.size, a : a + left.size, c : c + right.size]
+                shape = (
+                    (B, out.size, left.size, right.size)
+                    if flatten
+                    else (B,) + out.shape + left.shape + right.shape
+                )
+                inner.append(reshape(block, shape))
+                c += right.size
+            outer.append(pack(in_structure, inner))
+            a += left.size
+        rows.append(pack(in_structure, outer))
+        o += out.size
+    return pack(entry.y_structure, rows)
+
+
+def _to_backend(array: np.ndarray, shape: tuple):
+    array = np.ascontiguousarray(np.reshape(array, shape))
+    return keras.ops.convert_to_tensor(array, dtype=dtype_name(array.dtype))
