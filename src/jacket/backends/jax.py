@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -104,3 +106,15 @@ def jet2(f, xs, ts):
 
     (ys, dys), (_, d2ys) = jax.jvp(first, (xs,), (ts,))
     return list(ys), list(dys), list(d2ys)
+
+
+def has_float64() -> bool:
+    """Whether float64 can be computed: with `JAX_ENABLE_X64=1`, or in `float64_scope`."""
+    return bool(jax.config.read("jax_enable_x64")) or hasattr(jax, "enable_x64")
+
+
+def float64_scope():
+    """A scope where float64 is float64 (`jax.enable_x64`), where JAX_ENABLE_X64 is not set."""
+    if jax.config.read("jax_enable_x64") or not hasattr(jax, "enable_x64"):
+        return contextlib.nullcontext()
+    return jax.enable_x64(True)
