@@ -37,6 +37,8 @@ Second order (appended at the end of each module):
   derivatives of `f` along `ts` (a JVP of a JVP; by reverse passes alone on PyTorch, and on
   TensorFlow where its forward accumulators cannot trace a layer): the forward Laplacian's rule
   for layers without one of their own.
+- `square_sum(g)`: `sum(g**2, axis=0)`, the cheapest way here (the forward Laplacian's
+  `sum_j dh_j^2`).
 - `SECOND_ORDER_MODE`: "forward" (forward-over-reverse) or "reverse" (reverse-over-reverse), the
   faster form of a Hessian-vector product here.
 - `has_float64()`, `float64_scope()`: whether float64 can be computed, and a context in which it

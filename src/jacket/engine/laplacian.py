@@ -40,11 +40,13 @@ from ..trees import pack
 from . import kernels, probes
 from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
+    MAX_UNROLLED_OUTPUTS,
+    hessian_kernel,
     jvp_form,
+    one_hot,
     outer_mode,
     pair_chunk,
-    pair_kernel,
-    push_pairs,
+    push_hvps,
     strategy_for,
 )
 from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype
@@ -269,7 +271,8 @@ def _wait(result) -> None:
 
 
 def _numpy(tensor) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(ops.cast(tensor, "float64")))
+    # to NumPy first: a cast to float64 by the backend warns on JAX without 64-bit types
+    return np.asarray(keras.ops.convert_to_numpy(tensor)).astype(np.float64)
 
 
 def _agree(a: np.ndarray, b: np.ndarray) -> bool:
@@ -313,10 +316,10 @@ class _HessianTrace:
     def __init__(self, state: ModelState, inputs: Inputs, entry: Entry):
         self.B, self.m = inputs.batch, entry.out_size
         self.n = sum(leaf.size for leaf in inputs.leaves)
-        rows = self.m * self.n
         mode, method = outer_mode(state, "laplacian", inputs, entry, "auto")
         strategy = strategy_for(state)
-        self.chunk = pair_chunk(inputs, entry, rows, strategy, default_memory_budget())
+        self.chunk = pair_chunk(inputs, entry, self.n, strategy, default_memory_budget())
+        self.whole = self.chunk >= self.n and self.m <= MAX_UNROLLED_OUTPUTS
         args = (
             state.backend,
             strategy,
@@ -328,24 +331,23 @@ class _HessianTrace:
             inputs.batch,
             self.chunk,
             "diagonal",
+            self.whole,
         )
         self.kernel = state.kernel(
-            ("hessian_diagonal", inputs.signature, mode, method, strategy, self.chunk),
-            lambda: pair_kernel(*args),
+            ("hessian_diagonal", inputs.signature, mode, method, strategy, self.chunk, self.whole),
+            lambda: hessian_kernel(*args),
         )
-        self.starts = _starts(state, rows, self.chunk)
+        self.passes = [(i, s) for i in range(self.m) for s in range(0, self.n, self.chunk)]
+        self.arguments = [_scalars(state, i, s) for i, s in self.passes]
         self.dtype = result_dtype(inputs.leaves + entry.out_leaves)
 
     def __call__(self, tensors: list):
-        B, m, n, k = self.B, self.m, self.n, self.chunk
-        if len(self.starts) == 1:  # (m * n, B) -> (B, m)
-            diagonal = self.kernel(tensors, self.starts[0])
-            return ops.transpose(ops.sum(ops.reshape(diagonal, (m, n, B)), axis=1))
-        total = np.zeros((B, m))
-        for p, start in enumerate(self.starts):
-            diagonal = _numpy(self.kernel(tensors, start))  # (k, B)
-            rows = np.arange(p * k, min(p * k + k, m * n))
-            np.add.at(total.T, rows // n, diagonal[: len(rows)])
+        if self.whole:
+            return self.kernel(tensors)  # (B, m)
+        total = np.zeros((self.B, self.m))
+        for (i, start), arguments in zip(self.passes, self.arguments):
+            diagonal = _numpy(self.kernel(tensors, *arguments))  # (k, B)
+            total[:, i] += diagonal[: min(self.chunk, self.n - start)].sum(axis=0)
         return ops.convert_to_tensor(total.astype(numpy_dtype(self.dtype)), dtype=self.dtype)
 
 
@@ -377,6 +379,12 @@ class _Diagonal:
             part = self.kernel(tensors, start)
             total = part if total is None else ops.add(total, part)
         return total
+
+
+def _scalars(state: ModelState, *values: int) -> tuple:
+    if state.backend.EAGER:
+        return values
+    return tuple(ops.convert_to_tensor(v, dtype="int32") for v in values)
 
 
 def _starts(state: ModelState, rows: int, chunk: int) -> list:
@@ -478,10 +486,9 @@ def _probe_kernel(backend, strategy, mode, jvp, in_structure, in_leaves, out_lea
         f = kernels.model_function(call, in_structure)
         ts = kernels.split(V, (k, B), in_leaves)
         if order == 2:
-            U = ops.cast(ops.equal(ops.arange(m, dtype="int32"), i), dtype)
-            U = ops.broadcast_to(U[None, None], (k, B, m))
-            us = kernels.split(U, (k, B), out_leaves)
-            outs = push_pairs(backend, strategy, mode, jvp, f, xs, us, ts, k, B)
+            U = ops.broadcast_to(one_hot(i, m, dtype)[None], (B, m))
+            us = kernels.split(U, (B,), out_leaves)
+            outs = push_hvps(backend, strategy, mode, jvp, f, xs, us, ts, k, B)
         else:
             outs = push_seeds(backend, strategy, mode, jvp, f, xs, ts, k, B)
         block = kernels.flat(outs, (k, B), in_leaves, dtype)
