@@ -105,8 +105,8 @@ def coordinate_chunk(inputs: Inputs, entry: Entry, memory_budget: int) -> int:
 
 
 def laplacian_kernel(backend, in_structure, in_leaves: list[Leaf], out_leaves: list[Leaf], B, k):
-    """`kernel(call, xs, start) -> (B, out_size)`: the share of the Laplacian of input coordinates
-    `start .. start + k` (NOTE: [The forward Laplacian])."""
+    """`kernel(call, xs, start)`: the share of the Laplacian of input coordinates `start .. start
+    + k`, one `(B, *out_shape)` tensor per output leaf (NOTE: [The forward Laplacian])."""
     n = sum(leaf.size for leaf in in_leaves)
     dtype = result_dtype(in_leaves + out_leaves)
 
@@ -129,12 +129,13 @@ def laplacian_kernel(backend, in_structure, in_leaves: list[Leaf], out_leaves: l
         laps = []
         for jet, leaf in zip(keras.tree.flatten(outs), out_leaves):
             if jet.lap is None:
-                laps.append(ops.zeros((B, leaf.size), dtype))
+                lap = ops.zeros((B,) + leaf.shape, dtype)
             else:
                 lap = ops.broadcast_to(jet.lap, (B,) + tuple(jet.lap.shape[1:]))
-                laps.append(ops.cast(ops.reshape(lap, (B, leaf.size)), dtype))
-        flat = laps[0] if len(laps) == 1 else ops.concatenate(laps, axis=1)
-        return ops.stop_gradient(flat)  # PyTorch: the weights' graph is not part of the result
+                lap = ops.cast(ops.reshape(lap, (B,) + leaf.shape), dtype)
+            # PyTorch: the graph to the weights is no part of the result
+            laps.append(ops.stop_gradient(lap))
+        return laps
 
     return kernel
 

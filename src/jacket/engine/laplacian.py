@@ -38,9 +38,11 @@ from ..checks import check_model, choice, positive_int
 from ..errors import JacketTypeError, JacketValueError, JacketWarning
 from ..trees import pack
 from . import kernels, probes
+from .executor import fast_key
 from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
     MAX_UNROLLED_OUTPUTS,
+    fast_tensors,
     hessian_kernel,
     jvp_form,
     one_hot,
@@ -99,7 +101,14 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
     choice("laplacian", "method", method, LAPLACIAN_METHODS)
     samples = _samples("laplacian", method == "hutchinson", n_samples)
     seed = _seed("laplacian", seed)
-    state, inputs, entry = _prepared("laplacian", model, x)
+    check_model("laplacian", model)
+    state = state_of(model, False)
+    fast = fast_key(x) if method != "hutchinson" else None
+    if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
+        runner = state.wrappers.get(("second_order", "laplacian", fast, method))
+        if runner is not None:
+            return runner(runner.fast_tensors("laplacian", x))
+    inputs, entry = _prepared(state, "laplacian", model, x)
     if method == "hutchinson":
         value, stderr = _hutchinson(state, inputs, entry, samples, seed, order=2)
         return Estimate(_unflat(value, entry), _unflat(stderr, entry))
@@ -111,8 +120,11 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
             candidates["forward"] = _ForwardLaplacian(state, inputs, entry)
         if method in ("auto", "hessian"):
             candidates["hessian"] = _HessianTrace(state, inputs, entry)
-        runner = state.wrappers[key] = Measured("laplacian", candidates, prefer="hessian")
-    return _unflat(runner(inputs.tensors), entry)
+        measured = Measured("laplacian", candidates, prefer="hessian")
+        runner = state.wrappers[key] = _Runner(state, inputs, entry, measured)
+    if fast is not None:
+        state.wrappers[("second_order", "laplacian", fast, method)] = runner
+    return runner(inputs.tensors)
 
 
 def divergence(model, x, *, method: str = "exact", n_samples: int | None = None, seed: int = 0):
@@ -140,7 +152,14 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
     choice("divergence", "method", method, DIVERGENCE_METHODS)
     samples = _samples("divergence", method == "hutchinson", n_samples)
     seed = _seed("divergence", seed)
-    state, inputs, entry = _prepared("divergence", model, x)
+    check_model("divergence", model)
+    state = state_of(model, False)
+    fast = fast_key(x) if method == "exact" else None
+    if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
+        runner = state.wrappers.get(("second_order", "divergence", fast))
+        if runner is not None:
+            return runner(runner.fast_tensors("divergence", x))
+    inputs, entry = _prepared(state, "divergence", model, x)
     _check_square(inputs, entry)
     if method == "hutchinson":
         value, stderr = _hutchinson(state, inputs, entry, samples, seed, order=1)
@@ -157,7 +176,10 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
                     state, inputs, entry, mode, strategy, method_name
                 )
         runner = state.wrappers[key] = Measured("divergence", candidates)
-    return runner(inputs.tensors)[:, 0]
+        runner.fast_tensors = _Runner(state, inputs, entry, runner).fast_tensors
+    if fast is not None:
+        state.wrappers[("second_order", "divergence", fast)] = runner
+    return runner(inputs.tensors)
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -189,13 +211,11 @@ def _seed(fn_name: str, seed) -> int:
     return int(seed)
 
 
-def _prepared(fn_name: str, model, x) -> tuple[ModelState, Inputs, Entry]:
-    check_model(fn_name, model)
-    state = state_of(model, False)
+def _prepared(state: ModelState, fn_name: str, model, x) -> tuple[Inputs, Entry]:
     inputs = prepare_inputs(fn_name, model, x)
     entry = state.entry(fn_name, inputs)
     probes.check_independent(state, fn_name, inputs, entry)
-    return state, inputs, entry
+    return inputs, entry
 
 
 def _check_square(inputs: Inputs, entry: Entry) -> None:
@@ -245,7 +265,10 @@ class Measured:
                     raise
                 failures[name] = error
         self.chosen = min(self.seconds, key=self.seconds.get)
-        arrays = {name: _numpy(r) for name, r in results.items()}
+        arrays = {
+            name: np.concatenate([_numpy(t).ravel() for t in keras.tree.flatten(r)])
+            for name, r in results.items()
+        }
         reference = arrays[self.chosen]
         for name, array in arrays.items():
             if not _agree(array, reference):
@@ -261,6 +284,21 @@ class Measured:
                 self.chosen = fallback
                 break
         return results[self.chosen]
+
+
+class _Runner:
+    """One input signature's run: the measured candidates, and the result packed into the model's
+    output structure (a plain tensor for one output)."""
+
+    def __init__(self, state: ModelState, inputs: Inputs, entry: Entry, run):
+        self.state, self.run, self.y_structure = state, run, entry.y_structure
+        self.leaf, self.batch = inputs.leaves[0], inputs.batch
+
+    def fast_tensors(self, fn_name: str, x: np.ndarray) -> list:
+        return fast_tensors(self.state, self.leaf, self.batch, fn_name, x)
+
+    def __call__(self, tensors: list):
+        return pack(self.y_structure, list(self.run(tensors)))
 
 
 def _wait(result) -> None:
@@ -305,8 +343,8 @@ class _ForwardLaplacian:
     def __call__(self, tensors: list):
         total = None
         for start in self.starts:
-            part = self.kernel(tensors, start)
-            total = part if total is None else ops.add(total, part)
+            part = list(self.kernel(tensors, start))
+            total = part if total is None else [ops.add(t, p) for t, p in zip(total, part)]
         return total
 
 
@@ -340,19 +378,21 @@ class _HessianTrace:
         self.passes = [(i, s) for i in range(self.m) for s in range(0, self.n, self.chunk)]
         self.arguments = [_scalars(state, i, s) for i, s in self.passes]
         self.dtype = result_dtype(inputs.leaves + entry.out_leaves)
+        self.out_leaves = entry.out_leaves
 
     def __call__(self, tensors: list):
         if self.whole:
-            return self.kernel(tensors)  # (B, m)
+            return list(self.kernel(tensors))  # (B, *out_shape) per output leaf
         total = np.zeros((self.B, self.m))
         for (i, start), arguments in zip(self.passes, self.arguments):
             diagonal = _numpy(self.kernel(tensors, *arguments))  # (k, B)
             total[:, i] += diagonal[: min(self.chunk, self.n - start)].sum(axis=0)
-        return ops.convert_to_tensor(total.astype(numpy_dtype(self.dtype)), dtype=self.dtype)
+        total = ops.convert_to_tensor(total.astype(numpy_dtype(self.dtype)), dtype=self.dtype)
+        return kernels.split(total, (self.B,), self.out_leaves)
 
 
 class _Diagonal:
-    """`e_j^T J e_j` for every input coordinate, summed: the divergence, `(B, 1)`."""
+    """`e_j^T J e_j` for every input coordinate, summed: the divergence, `(B,)`."""
 
     def __init__(self, state, inputs: Inputs, entry: Entry, mode, strategy, method):
         self.n = sum(leaf.size for leaf in inputs.leaves)
@@ -412,7 +452,7 @@ def push_seeds(backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: in
 
 
 def _diagonal_kernel(backend, mode, strategy, jvp, in_structure, in_leaves: list[Leaf], B, k):
-    """`kernel(call, xs, start) -> (B, 1)`: `sum_j e_j^T J e_j` over coordinates `start ..
+    """`kernel(call, xs, start) -> (B,)`: `sum_j e_j^T J e_j` over coordinates `start ..
     start + k` (the output leaves have the input leaves' shapes)."""
     n = sum(leaf.size for leaf in in_leaves)
     dtype = result_dtype(in_leaves)
@@ -426,7 +466,7 @@ def _diagonal_kernel(backend, mode, strategy, jvp, in_structure, in_leaves: list
             backend, strategy, mode, jvp, f, xs, kernels.split(T, (k, B), in_leaves), k, B
         )
         block = kernels.flat(outs, (k, B), in_leaves, dtype)
-        return ops.sum(block * T, axis=(0, 2))[:, None]
+        return ops.sum(block * T, axis=(0, 2))
 
     return kernel
 
