@@ -39,8 +39,9 @@ Second order (appended at the end of each module):
   for layers without one of their own.
 - `square_sum(g)`: `sum(g**2, axis=0)`, the cheapest way here (the forward Laplacian's
   `sum_j dh_j^2`).
-- `SECOND_ORDER_MODE`: "forward" (forward-over-reverse) or "reverse" (reverse-over-reverse), the
-  faster form of a Hessian-vector product here.
+- `SECOND_ORDER_MODES`: the forms of a Hessian-vector product worth measuring here, the first
+  the one to use unmeasured: "forward" (forward-over-reverse) and "reverse"
+  (reverse-over-reverse).
 - `has_float64()`, `float64_scope()`: whether float64 can be computed, and a context in which it
   is (JAX without `JAX_ENABLE_X64=1`: `jax.enable_x64`): `jacket.check`'s float64 reference.
 - `SECOND_ORDER_STRATEGY`: how the pairs of one Hessian pass are batched ("replicate", "vmap",

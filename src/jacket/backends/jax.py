@@ -87,7 +87,7 @@ def loop(fn, stacked):
 
 # ---- second order
 
-SECOND_ORDER_MODE = "forward"
+SECOND_ORDER_MODES = ("forward", "reverse")
 SECOND_ORDER_STRATEGY = "vmap"
 
 

@@ -154,7 +154,7 @@ _UNROLL = 16
 
 # ---- second order
 
-SECOND_ORDER_MODE = "forward"
+SECOND_ORDER_MODES = ("reverse",)
 SECOND_ORDER_STRATEGY = "vmap"
 
 

@@ -182,7 +182,7 @@ def vmap(fn, stacked):
 
 # ---- second order
 
-SECOND_ORDER_MODE = "reverse"
+SECOND_ORDER_MODES = ("reverse",)
 SECOND_ORDER_STRATEGY = "replicate"
 
 

@@ -27,29 +27,30 @@ is reproducible and the three backends agree.
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from typing import NamedTuple
 
 import keras
 import numpy as np
 
 from ..checks import check_model, choice, positive_int
-from ..errors import JacketTypeError, JacketValueError, JacketWarning
+from ..errors import JacketTypeError, JacketValueError
 from ..trees import pack
 from . import kernels, probes
 from .executor import fast_key
 from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
-    MAX_UNROLLED_OUTPUTS,
-    fast_tensors,
+    Measured,
+    Prepared,
     hessian_kernel,
     jvp_form,
     one_hot,
     outer_mode,
+    outer_modes,
     pair_chunk,
+    plan_passes,
     push_hvps,
     strategy_for,
+    to_numpy,
 )
 from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype
 from .memory import default_memory_budget
@@ -119,9 +120,12 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
         if method in ("auto", "forward"):
             candidates["forward"] = _ForwardLaplacian(state, inputs, entry)
         if method in ("auto", "hessian"):
-            candidates["hessian"] = _HessianTrace(state, inputs, entry)
-        measured = Measured("laplacian", candidates, prefer="hessian")
-        runner = state.wrappers[key] = _Runner(state, inputs, entry, measured)
+            for mode, jvp_method in outer_modes(state, "laplacian", inputs, entry, "auto"):
+                name = f"hessian {mode}-over-reverse"
+                candidates[name] = _HessianTrace(state, inputs, entry, mode, jvp_method)
+        prefer = next((name for name in candidates if name.startswith("hessian")), None)
+        measured = Measured("laplacian", candidates, prefer=prefer)
+        runner = state.wrappers[key] = Prepared(state, inputs, measured, entry.y_structure)
     if fast is not None:
         state.wrappers[("second_order", "laplacian", fast, method)] = runner
     return runner(inputs.tensors)
@@ -175,8 +179,7 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
                 candidates[f"{mode} {strategy}"] = _Diagonal(
                     state, inputs, entry, mode, strategy, method_name
                 )
-        runner = state.wrappers[key] = Measured("divergence", candidates)
-        runner.fast_tensors = _Runner(state, inputs, entry, runner).fast_tensors
+        runner = state.wrappers[key] = Prepared(state, inputs, Measured("divergence", candidates))
     if fast is not None:
         state.wrappers[("second_order", "divergence", fast)] = runner
     return runner(inputs.tensors)
@@ -239,86 +242,6 @@ def _unflat(flat, entry: Entry):
 # ------------------------------------------------------------------------------------ the runs
 
 
-class Measured:
-    """Candidates computing the same thing: on the first call each is compiled, run, timed on a
-    second run, and compared with the first; the fastest is kept (NOTE: [Which Laplacian])."""
-
-    def __init__(self, fn_name: str, candidates: dict, prefer: str | None = None):
-        self.fn_name, self.candidates, self.prefer = fn_name, candidates, prefer
-        self.chosen = next(iter(candidates)) if len(candidates) == 1 else None
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, tensors: list):
-        if self.chosen is not None:
-            return self.candidates[self.chosen](tensors)
-        results, failures = {}, {}
-        for name, candidate in self.candidates.items():
-            try:
-                result = candidate(tensors)  # compiles
-                _wait(result)
-                start = time.perf_counter()
-                results[name] = candidate(tensors)
-                _wait(results[name])
-                self.seconds[name] = time.perf_counter() - start
-            except Exception as error:  # noqa: BLE001 - a candidate this model cannot run
-                if not results and len(failures) == len(self.candidates) - 1:
-                    raise
-                failures[name] = error
-        self.chosen = min(self.seconds, key=self.seconds.get)
-        arrays = {
-            name: np.concatenate([_numpy(t).ravel() for t in keras.tree.flatten(r)])
-            for name, r in results.items()
-        }
-        reference = arrays[self.chosen]
-        for name, array in arrays.items():
-            if not _agree(array, reference):
-                fallback = self.prefer if self.prefer in arrays else name
-                warnings.warn(
-                    f"{self.fn_name}: its methods disagree on this model ({name} against "
-                    f"{self.chosen}: max difference {np.abs(array - reference).max():.3g}), so "
-                    f"'{fallback}' is kept. Pass `method=` to choose, and compare with "
-                    "`jacket.check(..., order=2)`.",
-                    JacketWarning,
-                    stacklevel=3,
-                )
-                self.chosen = fallback
-                break
-        return results[self.chosen]
-
-
-class _Runner:
-    """One input signature's run: the measured candidates, and the result packed into the model's
-    output structure (a plain tensor for one output)."""
-
-    def __init__(self, state: ModelState, inputs: Inputs, entry: Entry, run):
-        self.state, self.run, self.y_structure = state, run, entry.y_structure
-        self.leaf, self.batch = inputs.leaves[0], inputs.batch
-
-    def fast_tensors(self, fn_name: str, x: np.ndarray) -> list:
-        return fast_tensors(self.state, self.leaf, self.batch, fn_name, x)
-
-    def __call__(self, tensors: list):
-        return pack(self.y_structure, list(self.run(tensors)))
-
-
-def _wait(result) -> None:
-    for leaf in keras.tree.flatten(result):
-        block = getattr(leaf, "block_until_ready", None)
-        if block is not None:
-            block()
-
-
-def _numpy(tensor) -> np.ndarray:
-    # to NumPy first: a cast to float64 by the backend warns on JAX without 64-bit types
-    return np.asarray(keras.ops.convert_to_numpy(tensor)).astype(np.float64)
-
-
-def _agree(a: np.ndarray, b: np.ndarray) -> bool:
-    # the two sides round differently; a missing term moves a side by about its own size
-    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-30)
-    return bool(np.abs(a - b).max(initial=0.0) <= 1e-3 * scale)
-
-
 class _ForwardLaplacian:
     """The forward Laplacian in chunks of input coordinates (NOTE: [The forward Laplacian])."""
 
@@ -351,13 +274,11 @@ class _ForwardLaplacian:
 class _HessianTrace:
     """`sum_j e_j^T H_i e_j` by HVPs (NOTE: [Which Laplacian])."""
 
-    def __init__(self, state: ModelState, inputs: Inputs, entry: Entry):
+    def __init__(self, state: ModelState, inputs: Inputs, entry: Entry, mode, method):
         self.B, self.m = inputs.batch, entry.out_size
         self.n = sum(leaf.size for leaf in inputs.leaves)
-        mode, method = outer_mode(state, "laplacian", inputs, entry, "auto")
         strategy = strategy_for(state)
-        self.chunk = pair_chunk(inputs, entry, self.n, strategy, default_memory_budget())
-        self.whole = self.chunk >= self.n and self.m <= MAX_UNROLLED_OUTPUTS
+        self.chunk, self.whole = plan_passes(inputs, entry, strategy, default_memory_budget(), None)
         args = (
             state.backend,
             strategy,
@@ -385,7 +306,7 @@ class _HessianTrace:
             return list(self.kernel(tensors))  # (B, *out_shape) per output leaf
         total = np.zeros((self.B, self.m))
         for (i, start), arguments in zip(self.passes, self.arguments):
-            diagonal = _numpy(self.kernel(tensors, *arguments))  # (k, B)
+            diagonal = to_numpy(self.kernel(tensors, *arguments))  # (k, B)
             total[:, i] += diagonal[: min(self.chunk, self.n - start)].sum(axis=0)
         total = ops.convert_to_tensor(total.astype(numpy_dtype(self.dtype)), dtype=self.dtype)
         return kernels.split(total, (self.B,), self.out_leaves)
@@ -505,7 +426,7 @@ def _hutchinson(state: ModelState, inputs: Inputs, entry: Entry, samples: int, s
         V = ops.convert_to_tensor(V.astype(numpy_dtype(dtype)), dtype=dtype)
         for i in range(m):
             index = i if state.backend.EAGER else ops.convert_to_tensor(i, dtype="int32")
-            q = _numpy(kernel(inputs.tensors, index, V))  # (chunk, B)
+            q = to_numpy(kernel(inputs.tensors, index, V))  # (chunk, B)
             values[start : start + count, :, i] = q[:count]
     mean = values.mean(axis=0)
     stderr = values.std(axis=0, ddof=1) / math.sqrt(samples)
