@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from ..checks import check_model, format_bytes
-from ..errors import JacketMemoryError, JacketValueError, JacketWarning
+from ..errors import CouplingError, JacketMemoryError, JacketValueError, JacketWarning
 from ..trees import pack
 from . import kernels, probes
 from .executor import fast_key
@@ -115,7 +115,7 @@ def hessian(
             return runner(runner.fast_tensors("hessian", x))
     inputs = prepare_inputs("hessian", model, x)
     entry = state.entry("hessian", inputs)
-    probes.check_independent(state, "hessian", inputs, entry)
+    check_apart(state, "hessian", inputs, entry)
     key = ("second_order", "hessian", inputs.signature, options)
     runner = state.wrappers.get(key)
     if runner is None:
@@ -168,7 +168,7 @@ def hvp(model, x, v, *, u=None):
         ]
     else:
         cotangents = like_leaves("hvp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
-    probes.check_independent(state, "hvp", inputs, entry)
+    check_apart(state, "hvp", inputs, entry)
     mode, method = outer_mode(state, "hvp", inputs, entry, "auto")
     kernel = state.kernel(
         ("hvp", inputs.signature, mode, method),
@@ -178,6 +178,20 @@ def hvp(model, x, v, *, u=None):
 
 
 # ------------------------------------------------------------------------------------ the plan
+
+
+def check_apart(state: ModelState, fn_name: str, inputs: Inputs, entry: Entry) -> None:
+    """The coupling probe (NOTE: [The coupling probe]), with the way around it for second order."""
+    try:
+        probes.check_independent(state, fn_name, inputs, entry)
+    except CouplingError:
+        raise CouplingError(
+            f"{fn_name}: the model's output for one sample depends on other samples in the batch "
+            f"(batch size {inputs.batch}), so per-sample second derivatives by the batch-sum "
+            "trick would be wrong. Received: a model that mixes samples (a layer that reduces over "
+            "the batch). Pass one sample at a time (`x[b:b + 1]`), where nothing is mixed, or a "
+            "model that keeps samples apart."
+        ) from None
 
 
 def outer_modes(
@@ -210,9 +224,13 @@ def jvp_form(state: ModelState, method: str | None):
     return None if method is None else state.backend.JVPS[method]
 
 
-def strategy_for(state: ModelState) -> str:
-    """The backend's measured way of batching the pairs of one pass (`SECOND_ORDER_STRATEGY`)."""
-    return state.backend.SECOND_ORDER_STRATEGY
+def strategy_for(state: ModelState, fn_name: str, inputs: Inputs) -> str:
+    """The backend's measured way of batching the pairs of one pass (`SECOND_ORDER_STRATEGY`),
+    "vmap" where tiling the batch would change the model's output (`probes.tiling_is_safe`)."""
+    strategy = state.backend.SECOND_ORDER_STRATEGY
+    if strategy == "replicate" and not probes.tiling_is_safe(state, fn_name, inputs):
+        return "vmap"
+    return strategy
 
 
 def pair_chunk(
@@ -552,7 +570,7 @@ class HessianRunner:
         self.structure, self.leaves, self.batch = inputs.structure, inputs.leaves, inputs.batch
         self.m, self.n = entry.out_size, sum(leaf.size for leaf in inputs.leaves)
         self.mode = mode
-        self.strategy = strategy_for(state)
+        self.strategy = strategy_for(state, "hessian", inputs)
         self.chunk, self.whole = plan_passes(
             inputs, entry, self.strategy, options.memory_budget, options.chunk_size
         )
@@ -610,8 +628,8 @@ class Prepared:
     path's input (`fast_tensors`: one float NumPy array of a signature seen before, checked for
     NaN and inf and cast)."""
 
-    def __init__(self, state: ModelState, inputs: Inputs, run, pack_as=None):
-        self.backend, self.run, self.pack_as = state.backend, run, pack_as
+    def __init__(self, state: ModelState, inputs: Inputs, run, pack_as=(), packed: bool = False):
+        self.backend, self.run, self.pack_as, self.packed = state.backend, run, pack_as, packed
         self.label, self.batch = inputs.leaves[0].label, inputs.batch
         self.dtype, self.dtype_name = numpy_dtype(inputs.leaves[0].dtype), inputs.leaves[0].dtype
 
@@ -623,7 +641,7 @@ class Prepared:
 
     def __call__(self, tensors: list):
         result = self.run(tensors)
-        return result if self.pack_as is None else pack(self.pack_as, list(result))
+        return pack(self.pack_as, list(result)) if self.packed else result
 
 
 def _scalars(state: ModelState, *values: int) -> tuple:

@@ -15,10 +15,10 @@ NOTE: [Which Laplacian]
 NOTE: [Which divergence]
 `div f(x) = tr(J)` for a model whose output has its input's shape. "exact": the diagonal entries
 `e_j^T J e_j` by `in_size` JVPs (forward) or VJPs (reverse), batched like a Jacobian's seeds
-(NOTE: [How the plan decides]); the first call for an input signature times each mode with the
-backend's first two strategies and keeps the fastest. "hutchinson": `mean_s v_s^T J v_s` over
-Rademacher vectors, `n_samples` JVPs (or VJPs), with its standard error: unbiased, of variance
-`sum_{j != k} (J_jk^2 + J_jk J_kj) / n_samples` (zero for a diagonal Jacobian).
+(NOTE: [How the plan decides]); the first call for an input signature times both modes with the
+backend's first strategy for the kind of model and keeps the faster. "hutchinson": `mean_s v_s^T
+J v_s` over Rademacher vectors, `n_samples` JVPs (or VJPs), with its standard error: unbiased, of
+variance `sum_{j != k} (J_jk^2 + J_jk J_kj) / n_samples` (zero for a diagonal Jacobian).
 
 The random vectors are drawn with NumPy from `seed` (the same draws on every backend), so a result
 is reproducible and the three backends agree.
@@ -41,6 +41,7 @@ from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
     Measured,
     Prepared,
+    check_apart,
     hessian_kernel,
     jvp_form,
     one_hot,
@@ -117,7 +118,16 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
     runner = state.wrappers.get(key)
     if runner is None:
         candidates = {}
-        if method in ("auto", "forward"):
+        tiling_ok = probes.tiling_is_safe(state, "laplacian", inputs)
+        if method == "forward" and not tiling_ok:
+            raise JacketValueError(
+                "laplacian: method='forward' runs the layers it has no rule for on the batch "
+                "repeated once per input value, which changes what a model that mixes samples "
+                f"computes. Received: a model whose output changes when its batch of "
+                f"{inputs.batch} is repeated. Pass method='hessian' (or 'auto'), or a batch of "
+                "several samples."
+            )
+        if method in ("auto", "forward") and tiling_ok:
             candidates["forward"] = _ForwardLaplacian(state, inputs, entry)
         if method in ("auto", "hessian"):
             for mode, jvp_method in outer_modes(state, "laplacian", inputs, entry, "auto"):
@@ -125,7 +135,7 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
                 candidates[name] = _HessianTrace(state, inputs, entry, mode, jvp_method)
         prefer = next((name for name in candidates if name.startswith("hessian")), None)
         measured = Measured("laplacian", candidates, prefer=prefer)
-        runner = state.wrappers[key] = Prepared(state, inputs, measured, entry.y_structure)
+        runner = state.wrappers[key] = Prepared(state, inputs, measured, entry.y_structure, True)
     if fast is not None:
         state.wrappers[("second_order", "laplacian", fast, method)] = runner
     return runner(inputs.tensors)
@@ -175,10 +185,10 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
         method_name = probes.forward_method(state, "divergence", inputs, entry)
         modes = ["forward", "reverse"] if method_name is not None else ["reverse"]
         for mode in modes:
-            for strategy in prior(state.backend, entry.kind)[:2]:
-                candidates[f"{mode} {strategy}"] = _Diagonal(
-                    state, inputs, entry, mode, strategy, method_name
-                )
+            strategy = _first_strategy(state, inputs, entry)
+            candidates[f"{mode} {strategy}"] = _Diagonal(
+                state, inputs, entry, mode, strategy, method_name
+            )
         runner = state.wrappers[key] = Prepared(state, inputs, Measured("divergence", candidates))
     if fast is not None:
         state.wrappers[("second_order", "divergence", fast)] = runner
@@ -217,7 +227,7 @@ def _seed(fn_name: str, seed) -> int:
 def _prepared(state: ModelState, fn_name: str, model, x) -> tuple[Inputs, Entry]:
     inputs = prepare_inputs(fn_name, model, x)
     entry = state.entry(fn_name, inputs)
-    probes.check_independent(state, fn_name, inputs, entry)
+    check_apart(state, fn_name, inputs, entry)
     return inputs, entry
 
 
@@ -277,7 +287,7 @@ class _HessianTrace:
     def __init__(self, state: ModelState, inputs: Inputs, entry: Entry, mode, method):
         self.B, self.m = inputs.batch, entry.out_size
         self.n = sum(leaf.size for leaf in inputs.leaves)
-        strategy = strategy_for(state)
+        strategy = strategy_for(state, "laplacian", inputs)
         self.chunk, self.whole = plan_passes(inputs, entry, strategy, default_memory_budget(), None)
         args = (
             state.backend,
@@ -342,6 +352,15 @@ class _Diagonal:
         return total
 
 
+def _first_strategy(state: ModelState, inputs: Inputs, entry: Entry) -> str:
+    """The backend's first strategy for this kind of model (NOTE: [How the plan decides]), not
+    "replicate" where tiling the batch would change the model's output."""
+    for strategy in prior(state.backend, entry.kind):
+        if strategy != "replicate" or probes.tiling_is_safe(state, "divergence", inputs):
+            return strategy
+    return "vmap"
+
+
 def _scalars(state: ModelState, *values: int) -> tuple:
     if state.backend.EAGER:
         return values
@@ -403,12 +422,12 @@ def _hutchinson(state: ModelState, inputs: Inputs, entry: Entry, samples: int, s
     dtype = result_dtype(inputs.leaves + entry.out_leaves)
     if order == 2:
         mode, method = outer_mode(state, "laplacian", inputs, entry, "auto")
-        strategy = strategy_for(state)
+        strategy = strategy_for(state, "laplacian", inputs)
         chunk = pair_chunk(inputs, entry, samples, strategy, default_memory_budget())
     else:
         method = probes.forward_method(state, "divergence", inputs, entry)
         mode = "forward" if method is not None else "reverse"
-        strategy = prior(state.backend, entry.kind)[0]
+        strategy = _first_strategy(state, inputs, entry)
         chunk = min(samples, pair_chunk(inputs, entry, samples, strategy, default_memory_budget()))
     args = (state.backend, strategy, mode, jvp_form(state, method), inputs.structure)
     kernel = state.kernel(
