@@ -36,7 +36,11 @@ test: $(VENV)/.test.stamp
 test-tensorflow test-jax test-torch: test-%: $(VENV)/.test.stamp
 	KERAS_BACKEND=$* $(PYTEST)
 
-bench: $(VENV)/.test.stamp
+$(VENV)/.bench.stamp: pyproject.toml | $(VENV)/.test.stamp
+	$(PIP) install --quiet -e ".[tensorflow,jax,torch,test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench.stamp
 	$(PY) benchmarks/run.py $(ARGS)
 
 # The documentation site (mkdocs-material; the API reference from the docstrings) into site/.

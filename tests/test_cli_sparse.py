@@ -342,15 +342,15 @@ def test_verify_is_the_library_check(files):
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket.sparse import _detect, _jacobian
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
-        monkeypatch.setattr(_jacobian, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )

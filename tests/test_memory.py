@@ -43,7 +43,7 @@ def fresh_budget():
 def test_default_budget_is_a_fraction_of_free_memory(
     device, host, expected, monkeypatch, fresh_budget
 ):
-    from jacket.backends import _memory
+    from jacket.backends import memory as _memory
 
     monkeypatch.setattr(_memory, "device_free_memory", lambda name: device)
     monkeypatch.setattr(_memory_module, "available_memory", lambda: host)
@@ -65,7 +65,7 @@ def test_available_memory_reads_the_host(fresh_budget):
 
 def test_default_budget_sets_the_chunk(monkeypatch, fresh_budget, rng):
     monkeypatch.setattr(_memory_module, "available_memory", lambda: 4 * 200_000)  # 64 MiB floor
-    from jacket.backends import _memory
+    from jacket.backends import memory as _memory
 
     monkeypatch.setattr(_memory, "device_free_memory", lambda name: None)
     model = keras.Sequential([layers.Input((4000,)), layers.Dense(300)])
@@ -162,4 +162,6 @@ def test_other_errors_are_not_retried(monkeypatch, rng):
     tried = _inject(monkeypatch, RuntimeError("a bug, not memory"), above=0)
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         jacket.jacobian(seed_mlp("float64"), rng.normal(size=(2, 5)), chunk_size=2)
-    assert tried == [2]
+    # never with fewer seeds; the planner tries one other strategy before it blames the model
+    # (NOTE: [Measured plans]) and then raises the first error, unchanged
+    assert set(tried) == {2} and len(tried) <= 2

@@ -237,7 +237,7 @@ def test_hessian_of_several_inputs_and_outputs(rng):
     reference = second_differences(flat_model, z)
     for o, (out, size) in enumerate((("parts", 5), ("score", 1))):
         rows = slice(0, 5) if o == 0 else slice(5, 6)
-        for a, (left, ls) in enumerate((("image", slice(0, 16)), ("meta", slice(16, 19)))):
+        for left, ls in (("image", slice(0, 16)), ("meta", slice(16, 19))):
             for right, rs in (("image", slice(0, 16)), ("meta", slice(16, 19))):
                 block = to_numpy(H[out][left][right]).reshape(2, size, ls.stop - ls.start, -1)
                 assert_close(block, reference[:, rows, ls, rs], rtol=1e-5, atol=1e-7)

@@ -29,6 +29,7 @@ _EXPORTS = {
     "check": ".engine",
     "CheckReport": ".engine",
     "PlanReport": ".engine",
+    "tune": ".engine",
     "JacketError": ".errors",
     "JacketValueError": ".errors",
     "JacketTypeError": ".errors",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .engine import hvp as hvp
     from .engine import jvp as jvp
     from .engine import laplacian as laplacian
+    from .engine import tune as tune
     from .engine import vjp as vjp
     from .errors import CouplingError as CouplingError
     from .errors import JacketError as JacketError

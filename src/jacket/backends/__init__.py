@@ -22,8 +22,9 @@ Every backend module defines:
 - `vmap(fn, stacked)`: `fn` mapped over axis 0 of a list of tensors, results stacked on axis 0.
 - `loop(fn, stacked)`: the same, one element after the other (unrolled, `lax.map`, a Python loop).
 - `PRIOR`: by kind of model (`jacket.engine.model.model_kind`, "other" for the rest), the strategies
-  ("replicate", "vmap", "loop") in the order the planner tries them: the first is what a first call
-  runs, the others are measured on the next calls (`jacket.engine.tuning`).
+  ("replicate", "vmap", "loop") the planner tries, in order: the first is what a first call runs,
+  the others are measured on the next calls (`jacket.engine.tuning`); one left out runs only when
+  forced.
 - `device_description()`: the device kernels run on, as the plan cache keys plans by it.
 - `block_until_ready(tree)`: wait until results are computed (JAX dispatches asynchronously, and
   accelerators run behind the host), so that timings measure the work.

@@ -6,7 +6,7 @@ import contextlib
 
 import tensorflow as tf
 
-from ._memory import cpu_description
+from .memory import cpu_description
 
 NAME = "tensorflow"
 EAGER = False  # kernels are traced and compiled once per signature

@@ -16,7 +16,7 @@ import warnings
 import keras
 import torch
 
-from ._memory import cpu_description
+from .memory import cpu_description
 
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled

@@ -2,7 +2,7 @@
 
 Every command is registered here, in the order `jacket --help` lists them; each lives in the module
 of its group (`jacobian`: jacobian, check, plot; `analysis`: sensitivity, norms; `attacks`: attack
-fgsm|jsma|deepfool; `sparse`: sparsity; `tools`: demo, info, bench), with the Dask variants in
+fgsm|jsma|deepfool; `sparse`: sparsity; `tools`: demo, info, bench, tune), with the Dask variants in
 `distributed` and what they all share (options, errors, output) in `shared`.
 
 Nothing here imports Keras at module level: `--backend` sets `KERAS_BACKEND` before the first import,
@@ -51,6 +51,7 @@ app.command()(jacobian.plot)
 app.command()(tools.demo)
 app.command()(tools.info)
 app.command()(tools.bench)
+app.command()(tools.tune)
 app.command()(analysis.sensitivity)
 app.command()(analysis.norms)
 app.add_typer(attack_app, name="attack")

@@ -1,4 +1,5 @@
-"""`jacket demo`, `jacket info` and `jacket bench`: the bundled example, the versions, the benchmarks."""
+"""`jacket demo`, `jacket info`, `jacket bench` and `jacket tune`: the bundled example, the versions,
+the benchmarks, and plans measured ahead of time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,19 @@ from typing import Annotated
 
 import typer
 
-from .shared import BackendOption, JsonOption, emit, fail, one_line_errors, set_backend
+from .shared import (
+    BackendOption,
+    JsonOption,
+    Mode,
+    ModelArgument,
+    UnsafeOption,
+    emit,
+    fail,
+    one_line_errors,
+    parse_memory_budget,
+    set_backend,
+    usage,
+)
 
 
 def demo(
@@ -123,3 +136,68 @@ def bench(
     if cases:
         command += ["--cases", *cases]
     raise typer.Exit(subprocess.run(command, stderr=sys.stderr).returncode)
+
+
+def tune(
+    model: ModelArgument,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            help="Shape of one sample, e.g. 32,32,3 (default: the model's declared input shape).",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        str, typer.Option(help="Batch sizes to measure, comma-separated, e.g. 1,8,32.")
+    ] = "1",
+    mode: Annotated[Mode, typer.Option(help="reverse (VJPs), forward (JVPs) or auto.")] = Mode.auto,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Working memory per pass, e.g. 500MB.")
+    ] = None,
+    backend: BackendOption = None,
+    as_json: JsonOption = False,
+    unsafe: UnsafeOption = False,
+) -> None:
+    """Measure the plans of MODEL now and keep them in the plan cache (jacket.tune)."""
+    set_backend(backend)
+    shape = _numbers("--input-shape", input_shape) if input_shape is not None else None
+    sizes = _numbers("--batch-size", batch_size)
+    with one_line_errors("tune"):
+        from .. import io
+        from ..engine import cache, tune
+
+        loaded = io.load_model(model, unsafe=unsafe)
+        reports = tune(
+            loaded, sizes, input_shape=shape, mode=mode.value,
+            memory_budget=parse_memory_budget(memory_budget),
+        )  # fmt: skip
+        folder = cache.directory()
+    plans = [
+        {
+            "batch": batch,
+            "plan": report.plan.describe(),
+            "source": report.source,
+            "measured_ms": {k: round(v, 4) for k, v in report.timings.items()},
+            "dropped": report.failures,
+        }
+        for batch, report in zip(sizes, reports)
+    ]
+    summary = {"command": "tune", "model": str(model), "plans": plans}
+    summary["cache"] = str(folder) if folder is not None else None
+    rows = [("model", str(model))]
+    for item in plans:
+        rows += [(f"batch {item['batch']}", f"{item['plan']} ({item['source']})")]
+        rows += [("", f"{ms:.3g} ms  {name}") for name, ms in item["measured_ms"].items()]
+        rows += [("", f"dropped  {name}: {why}") for name, why in item["dropped"].items()]
+    rows += [("plan cache", summary["cache"] or "off (JACKET_CACHE_DIR=off)")]
+    emit(summary, "jacket tune", rows, as_json=as_json, quiet=False)
+
+
+def _numbers(option: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        usage(f"{option} must be positive integers separated by commas. Received: {text!r}.")
+    return values

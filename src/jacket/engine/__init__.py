@@ -12,13 +12,15 @@ from .hessian import hvp as hvp
 from .jacobian import JacobianFn as JacobianFn
 from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
+from .jacobian import tune as tune
 from .laplacian import Estimate as Estimate
 from .laplacian import divergence as divergence
 from .laplacian import laplacian as laplacian
 from .options import Options as Options
+from .products import forward_mode_is_exact as forward_mode_is_exact
 from .products import jvp as jvp
 from .products import vjp as vjp
-from .tuning import PlanReport as PlanReport
+from .trials import PlanReport as PlanReport
 
 __all__ = [
     "CheckReport",
@@ -28,11 +30,13 @@ __all__ = [
     "PlanReport",
     "check",
     "divergence",
+    "forward_mode_is_exact",
     "hessian",
     "hvp",
     "jacobian",
     "jacobian_fn",
     "jvp",
     "laplacian",
+    "tune",
     "vjp",
 ]

@@ -6,7 +6,8 @@ NOTE: [The plan cache]
 - Key: a SHA-256 of the model's architecture (its layers' classes and configurations, the source of
   any class that is not Keras's own, the variables' shapes and dtypes; never the weights: see
   `jacket.engine.model.architecture`), the input signature, the options that change the plan
-  (mode, chunk_size, per_sample, training, memory_budget, flatten), the backend, the device (its
+  (mode, chunk_size, per_sample, training, memory_budget or "default", flatten), the backend, the
+  device (its
   name and the CPU cores this process may use) and the versions of jacket, Keras and the
   framework. A model jacket cannot describe (a plain function) is never cached.
 - Entry: one JSON file per key holding the key's material itself, the chosen plan, the measured
@@ -93,7 +94,9 @@ def key(state, inputs: Inputs, options: Options) -> Key | None:
             "chunk_size": options.chunk_size,
             "per_sample": options.per_sample,
             "training": options.training,
-            "memory_budget": options.memory_budget,
+            # the default budget follows the memory free in each process: keyed as "default"
+            # (a cached plan's chunk is then today's for its mode and strategy)
+            "memory_budget": "default" if options.default_budget else options.memory_budget,
             "flatten": options.flatten,
         },
         "backend": state.backend.NAME,
@@ -137,8 +140,8 @@ def load(k: Key | None) -> Stored | None:
     path = _path(k)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # a miss (a file where a folder should be is reported when writing)
     except OSError as error:
         _warn(path, f"it cannot be read ({error})")
         return None
@@ -168,7 +171,7 @@ def load(k: Key | None) -> Stored | None:
 
 def store(k: Key, state, inputs: Inputs, chosen: Plan, source: str, trials: list) -> None:
     """Write the measured plan of `k` (atomically; a failure to write is a warning, never an
-    error). `trials` are the candidates measured (`jacket.engine.tuning.Trial`)."""
+    error). `trials` are the candidates measured (`jacket.engine.trials.Trial`)."""
     if directory() is None:
         return
     path = _path(k)
@@ -226,6 +229,13 @@ def restore_verdicts(state, inputs: Inputs, stored: Stored) -> None:
 
 def same_plan(plan: Plan, fields: dict) -> bool:
     return _plan_fields(plan) == {k: fields.get(k) for k in _plan_fields(plan)}
+
+
+def same_choice(plan: Plan, fields: dict) -> bool:
+    """The same mode and strategy (the chunk may follow another memory budget)."""
+    return all(
+        getattr(plan, k) == fields.get(k) for k in ("mode", "strategy", "rows", "per_sample")
+    )
 
 
 def _plan_fields(plan: Plan) -> dict:

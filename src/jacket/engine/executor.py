@@ -95,15 +95,14 @@ class Executor:
                 ]
             return rows
         in_size = sum(leaf.size for leaf in self.leaves)
-        assembler = kernels.Assembler(self.plan, self.batch, self.entry.out_size, in_size)
+        kind = kernels.DiagonalAssembler if self.diagonal else kernels.Assembler
+        assembler = kind(self.plan, self.batch, self.entry.out_size, in_size)
         for i, (start, offset) in enumerate(zip(self.starts, self.offsets)):
             finite, block = self.kernel(tensors, start)
             if i == 0:
                 self._check_finite(fn_name, tensors, finite, checked)
             assembler.add(offset, np.asarray(keras.ops.convert_to_numpy(block)))
         J = assembler.finish()
-        if self.diagonal:  # (B, m, B, n) -> (B, m, n)
-            J = J[np.arange(self.batch), :, np.arange(self.batch), :]
         return kernels.split_blocks(
             J,
             self.plan.per_sample or self.diagonal,

@@ -38,6 +38,7 @@ import keras
 import numpy as np
 
 from .inputs import Inputs, Leaf, numpy_dtype, result_dtype
+from .jet_rules import CLOSED_FORMS, ELEMENTWISE, LINEAR, RULES, Jet
 from .model import make_call
 from .state import Entry, ModelState
 
@@ -45,20 +46,6 @@ ops = keras.ops
 
 # the chunk's working memory per input coordinate: this many copies of the activations
 _COPIES = 3
-
-
-class Jet:
-    """A tensor of the forward pass and its derivatives with respect to `d` input coordinates.
-
-    `value` is `(B, *s)`; `grad` is `(d, B or 1, *s)` (`d value / d x_j`, with a batch axis of 1
-    while it is the same for every sample); `lap` is `(B or 1, *s)` (`sum_j d^2 value / d x_j^2`),
-    or None where it is zero.
-    """
-
-    __slots__ = ("value", "grad", "lap")
-
-    def __init__(self, value, grad, lap):
-        self.value, self.grad, self.lap = value, grad, lap
 
 
 class ScopedCall:
@@ -111,7 +98,7 @@ def laplacian_kernel(backend, in_structure, in_leaves: list[Leaf], out_leaves: l
     dtype = result_dtype(in_leaves + out_leaves)
 
     def kernel(call, xs, start):
-        walker = _Walker(backend, k, B)
+        walker = Walker(backend, k, B)
         coordinates = ops.arange(k, dtype="int32") + start
         jets, offset = [], 0
         for x, leaf in zip(xs, in_leaves):
@@ -156,7 +143,7 @@ def _walkable(model) -> bool:
     )
 
 
-class _Walker:
+class Walker:
     """Carries `Jet`s through a model: rules for Keras's common layers, the fallback elsewhere."""
 
     def __init__(self, backend, d: int, B: int):
@@ -189,7 +176,7 @@ class _Walker:
             (inputs,) = args
             outs = self.model(op, keras.tree.flatten(inputs))
             return outs[0] if len(outs) == 1 else outs
-        rule = _RULES.get(type(op))
+        rule = RULES.get(type(op))
         if rule is not None and _same_dtypes(op, jets):
             out = rule(self, op, args, kwargs)
             if out is not NotImplemented:
@@ -232,7 +219,7 @@ class _Walker:
         """`fn` applied elementwise: `phi'` and `phi''` in closed form where known, else from the
         backend's `jet2` along a tangent of ones."""
         z = jet.value
-        closed = _CLOSED_FORMS.get(fn)
+        closed = CLOSED_FORMS.get(fn)
         if closed is not None:
             y, d1, d2 = closed(z)
         else:
@@ -249,9 +236,9 @@ class _Walker:
         return Jet(y, grad, lap)
 
     def activation(self, fn, jet: Jet) -> Jet:
-        if fn is None or fn is _LINEAR:
+        if fn is None or fn is LINEAR:
             return jet
-        if fn in _ELEMENTWISE:
+        if fn in ELEMENTWISE:
             return self.elementwise(fn, jet)
         return self.fallback(fn, (jet,), {})
 
@@ -328,298 +315,3 @@ def _same_dtypes(op, jets: list) -> bool:
     if getattr(policy, "quantization_mode", None):
         return False
     return policy.compute_dtype == policy.variable_dtype == dtypes.pop()
-
-
-# ------------------------------------------------------------------------------------ the rules
-
-
-def _single(args, kwargs):
-    """The one `Jet` a single-input layer was called with, or None."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], Jet):
-        return None
-    return args[0]
-
-
-def _dense(walker: _Walker, layer, args, kwargs):
-    jet = _single(args, {k: v for k, v in kwargs.items() if k != "training"})
-    if jet is None or getattr(layer, "lora_enabled", False):
-        return NotImplemented
-    kernel = layer.kernel
-    out = walker.linear(lambda ts: ops.matmul(ts[0], kernel), [jet], layer.bias)
-    return walker.activation(layer.activation, out)
-
-
-def _conv(walker: _Walker, layer, args, kwargs):
-    jet = _single(args, kwargs)
-    if jet is None or getattr(layer, "padding", None) == "causal" or layer.groups != 1:
-        return NotImplemented
-    kernel = layer.kernel
-    bias = None
-    if layer.use_bias:
-        if layer.data_format == "channels_last":
-            shape = (1,) * (layer.rank + 1) + (layer.filters,)
-        else:
-            shape = (1, layer.filters) + (1,) * layer.rank
-        bias = ops.reshape(layer.bias, shape)
-    out = walker.linear(lambda ts: layer.convolution_op(ts[0], kernel), [jet], bias)
-    return walker.activation(layer.activation, out)
-
-
-def _linear_layer(walker: _Walker, layer, args, kwargs):
-    """A layer linear in its inputs, with no bias: the layer itself on values, gradients and
-    Laplacians (reshapes, padding, average pooling, dropout in inference, merges by sum)."""
-    jets = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Jet)]
-
-    def fn(tensors):
-        it = iter(tensors)
-        a, k = keras.tree.map_structure(
-            lambda leaf: next(it) if isinstance(leaf, Jet) else leaf, (args, kwargs)
-        )
-        return layer(*a, **k)
-
-    return walker.linear(fn, jets)
-
-
-def _activation_layer(walker: _Walker, layer, args, kwargs):
-    jet = _single(args, kwargs)
-    if jet is None:
-        return NotImplemented
-    return walker.activation(layer.activation, jet)
-
-
-def _elementwise_layer(walker: _Walker, layer, args, kwargs):
-    jet = _single(args, kwargs)
-    if jet is None:
-        return NotImplemented
-    return walker.elementwise(layer, jet)
-
-
-def _batch_normalization(walker: _Walker, layer, args, kwargs):
-    jet = _single(args, {k: v for k, v in kwargs.items() if k != "training"})
-    if jet is None or kwargs.get("training"):
-        return NotImplemented
-    rank = len(jet.value.shape)
-    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    shape = [1] * rank
-    for axis in axes:
-        shape[axis % rank] = int(jet.value.shape[axis])
-    scale = ops.rsqrt(ops.add(layer.moving_variance, layer.epsilon))
-    if layer.scale:
-        scale = ops.multiply(scale, layer.gamma)
-    scale = ops.reshape(ops.cast(scale, jet.value.dtype), shape)
-    value = layer(jet.value)
-    grad = ops.multiply(scale[None], jet.grad)
-    lap = None if jet.lap is None else ops.multiply(scale, jet.lap)
-    return Jet(value, grad, lap)
-
-
-def _multiply_layer(walker: _Walker, layer, args, kwargs):
-    if kwargs or len(args) != 1 or not all(isinstance(a, Jet) for a in args[0]):
-        return NotImplemented
-    jets = list(args[0])
-    out = jets[0]
-    for jet in jets[1:]:
-        out = walker.product(out, jet)
-    return out
-
-
-def _scaled(walker: _Walker, jet: Jet, c, divide: bool = False) -> Jet:
-    def scale(t):
-        return ops.divide(t, c) if divide else ops.multiply(t, c)
-
-    return Jet(scale(jet.value), scale(jet.grad), None if jet.lap is None else scale(jet.lap))
-
-
-def _add_op(walker: _Walker, op, args, kwargs, sign: float = 1.0):
-    if kwargs or len(args) != 2:
-        return NotImplemented
-    a, b = args
-    if isinstance(a, Jet) and isinstance(b, Jet):
-        if sign > 0:
-            return walker.linear(lambda ts: ops.add(ts[0], ts[1]), [a, b])
-        return walker.linear(lambda ts: ops.subtract(ts[0], ts[1]), [a, b])
-    if isinstance(a, Jet):  # jet +- constant
-        value = ops.add(a.value, b) if sign > 0 else ops.subtract(a.value, b)
-        return Jet(value, a.grad, a.lap)
-    negated = b if sign > 0 else _scaled(walker, b, -1.0)
-    return Jet(ops.add(a, negated.value), negated.grad, negated.lap)
-
-
-def _subtract_op(walker: _Walker, op, args, kwargs):
-    return _add_op(walker, op, args, kwargs, sign=-1.0)
-
-
-def _multiply_op(walker: _Walker, op, args, kwargs):
-    if kwargs or len(args) != 2:
-        return NotImplemented
-    a, b = args
-    if isinstance(a, Jet) and isinstance(b, Jet):
-        return walker.product(a, b)
-    jet, c = (a, b) if isinstance(a, Jet) else (b, a)
-    return _scaled(walker, jet, c)
-
-
-def _divide_op(walker: _Walker, op, args, kwargs):
-    if kwargs or len(args) != 2 or not isinstance(args[0], Jet) or isinstance(args[1], Jet):
-        return NotImplemented
-    return _scaled(walker, args[0], args[1], divide=True)
-
-
-def _negative_op(walker: _Walker, op, args, kwargs):
-    jet = _single(args, kwargs)
-    return NotImplemented if jet is None else _scaled(walker, jet, -1.0)
-
-
-def _elementwise_op(walker: _Walker, op, args, kwargs):
-    jet = _single(args, {})
-    if jet is None:
-        return NotImplemented
-    return walker.elementwise(lambda z: op(z, **kwargs), jet)
-
-
-def _tanh(z):
-    y = ops.tanh(z)
-    d1 = 1 - ops.square(y)
-    return y, d1, -2 * y * d1
-
-
-def _sigmoid(z):
-    y = ops.sigmoid(z)
-    d1 = y * (1 - y)
-    return y, d1, d1 * (1 - 2 * y)
-
-
-def _relu(z):
-    y = ops.relu(z)
-    return y, ops.cast(ops.greater(z, 0), z.dtype), None
-
-
-def _build_rules():
-    layers, activations = keras.layers, keras.activations
-    rules = {
-        layers.Dense: _dense,
-        layers.Conv1D: _conv,
-        layers.Conv2D: _conv,
-        layers.Conv3D: _conv,
-        layers.Activation: _activation_layer,
-        layers.BatchNormalization: _batch_normalization,
-        layers.Multiply: _multiply_layer,
-    }
-    for name in (
-        "ReLU",
-        "LeakyReLU",
-        "ELU",
-        "PReLU",
-    ):
-        rules[getattr(layers, name)] = _elementwise_layer
-    for name in (
-        "Flatten",
-        "Reshape",
-        "Permute",
-        "RepeatVector",
-        "ZeroPadding1D",
-        "ZeroPadding2D",
-        "ZeroPadding3D",
-        "Cropping1D",
-        "Cropping2D",
-        "Cropping3D",
-        "UpSampling1D",
-        "UpSampling2D",
-        "UpSampling3D",
-        "AveragePooling1D",
-        "AveragePooling2D",
-        "AveragePooling3D",
-        "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D",
-        "GlobalAveragePooling3D",
-        "Dropout",
-        "SpatialDropout1D",
-        "SpatialDropout2D",
-        "SpatialDropout3D",
-        "GaussianNoise",
-        "GaussianDropout",
-        "AlphaDropout",
-        "Identity",
-        "ActivityRegularization",
-        "Add",
-        "Subtract",
-        "Average",
-        "Concatenate",
-    ):
-        layer = getattr(layers, name, None)
-        if layer is not None:
-            rules[layer] = _linear_layer
-    from keras.src.ops import nn as nn_ops
-    from keras.src.ops import numpy as np_ops
-
-    rules[np_ops.Add] = _add_op
-    rules[np_ops.Subtract] = _subtract_op
-    rules[np_ops.Multiply] = _multiply_op
-    rules[np_ops.Divide] = _divide_op
-    rules[np_ops.TrueDivide] = _divide_op
-    rules[np_ops.Negative] = _negative_op
-    for module, names in (
-        (
-            np_ops,
-            (
-                "Sin",
-                "Cos",
-                "Tan",
-                "Tanh",
-                "Sinh",
-                "Cosh",
-                "Arctan",
-                "Arcsinh",
-                "Exp",
-                "Expm1",
-                "Log",
-                "Log1p",
-                "Sqrt",
-                "Square",
-                "Abs",
-            ),
-        ),
-        (nn_ops, ("Relu", "Sigmoid", "Softplus", "Silu", "Gelu", "Elu", "Selu", "Softsign")),
-    ):
-        for name in names:
-            cls = getattr(module, name, None)
-            if cls is not None:
-                rules[cls] = _elementwise_op
-    elementwise = set()
-    for name in (
-        "celu",
-        "elu",
-        "exponential",
-        "gelu",
-        "hard_shrink",
-        "hard_sigmoid",
-        "hard_silu",
-        "hard_swish",
-        "hard_tanh",
-        "leaky_relu",
-        "linear",
-        "log_sigmoid",
-        "mish",
-        "relu",
-        "relu6",
-        "selu",
-        "sigmoid",
-        "silu",
-        "swish",
-        "soft_shrink",
-        "softplus",
-        "softsign",
-        "sparse_plus",
-        "sparse_sigmoid",
-        "squareplus",
-        "tanh",
-        "tanh_shrink",
-    ):
-        fn = getattr(activations, name, None)
-        if fn is not None:
-            elementwise.add(fn)
-    closed = {activations.tanh: _tanh, activations.sigmoid: _sigmoid, activations.relu: _relu}
-    return rules, frozenset(elementwise), closed, activations.linear
-
-
-_RULES, _ELEMENTWISE, _CLOSED_FORMS, _LINEAR = _build_rules()

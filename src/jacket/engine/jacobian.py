@@ -10,16 +10,17 @@ calls here and sparse ones to `jacket.sparse`.
 
 from __future__ import annotations
 
-from ..checks import check_model
+from ..checks import check_model, positive_int
 from .executor import fast_key
-from .inputs import prepare_inputs
+from .inputs import example_inputs, prepare_inputs
 from .memory import check_result_fits
 from .options import Options
 from .probes import check_independent
 from .state import state_of
-from .tuning import PlanReport, Tuning
+from .trials import PlanReport
+from .tuning import Tuning
 
-__all__ = ["jacobian", "jacobian_fn", "JacobianFn"]
+__all__ = ["jacobian", "jacobian_fn", "JacobianFn", "tune"]
 
 
 def jacobian(
@@ -101,6 +102,38 @@ class JacobianFn:
         return f"JacobianFn({type(self.model).__name__}, {self.options})"
 
 
+def tune(
+    model,
+    batch_sizes=(1,),
+    *,
+    input_shape=None,
+    seed: int = 0,
+    **options,
+) -> list[PlanReport]:
+    """Measure the plans of `model` ahead of time, one per batch size, and keep them in the plan
+    cache (NOTE: [Measured plans], NOTE: [The plan cache]): what `jacket tune` runs.
+
+    Args:
+      model: A Keras model or layer.
+      batch_sizes: The batch sizes to measure (each is its own input signature).
+      input_shape: The per-sample input shape (a list or dict of them for several inputs); by
+        default the model's declared one.
+      seed: Seed of the standard-normal inputs the plans are measured on.
+      **options: As in `jacket.jacobian_fn` (`mode`, `chunk_size`, `memory_budget`, ...).
+
+    Returns:
+      One `PlanReport` per batch size: the plan kept, where it came from, what each candidate took.
+    """
+    check_model("tune", model)
+    fn = jacobian_fn(model, **options)
+    reports = []
+    for batch in batch_sizes:
+        batch = positive_int("tune", "batch_sizes", batch)
+        x = example_inputs("tune", model, input_shape, batch, seed)
+        reports.append(fn.tune(x))
+    return reports
+
+
 def tuning_for(state, fn_name: str, inputs, entry, options: Options) -> Tuning:
     """The planner's record for this input signature and options, made once."""
     key = (inputs.signature, options)
@@ -124,7 +157,7 @@ def run(fn_name: str, model, x, options: Options):
     entry = state.entry(fn_name, inputs)
     if options.per_sample is True:
         check_independent(state, fn_name, inputs, entry)
-    check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is True)
+    check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
     tuning = tuning_for(state, fn_name, inputs, entry, options)
     result = tuning(fn_name, inputs.tensors)
     if key is not None:

@@ -213,6 +213,33 @@ class Assembler:
         return self.result.reshape(B, n, B, m).transpose(2, 3, 0, 1)
 
 
+class DiagonalAssembler:
+    """The per-sample blocks `J[b, :, b, :]` of a full Jacobian, kept from each pass's block as it
+    comes, so that `per_sample="diagonal"` never holds the full `(batch, out, batch, in)` Jacobian:
+    `(batch, out_size, in_size)`."""
+
+    def __init__(self, plan: Plan, batch: int, out_size: int, in_size: int):
+        assert not plan.per_sample
+        self.plan, self.batch, self.out_size, self.in_size = plan, batch, out_size, in_size
+        self.result = None
+
+    def add(self, start: int, block) -> None:
+        plan = self.plan
+        n = min(plan.chunk, plan.rows - start)
+        seeds = np.arange(start, start + n)
+        if self.result is None:
+            self.result = np.empty((self.batch, self.out_size, self.in_size), block.dtype)
+        if plan.mode == "reverse":  # seed (c, i): row i of sample c's outputs; block (k, B, in)
+            c, i = np.divmod(seeds, self.out_size)
+            self.result[c, i, :] = block[np.arange(n), c, :]
+        else:  # seed (c, j): column j of sample c's inputs; block (k, B, out)
+            c, j = np.divmod(seeds, self.in_size)
+            self.result[c, :, j] = block[np.arange(n), c, :]
+
+    def finish(self):
+        return self.result
+
+
 def split_blocks(
     J, per_sample: bool, batch: int, in_leaves, out_leaves, flatten: bool, reshape=ops.reshape
 ):

@@ -39,21 +39,17 @@ from . import kernels, probes
 from .executor import fast_key
 from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
-    Measured,
-    Prepared,
     check_apart,
-    hessian_kernel,
     jvp_form,
-    one_hot,
     outer_mode,
     outer_modes,
     pair_chunk,
     plan_passes,
-    push_hvps,
     strategy_for,
-    to_numpy,
 )
+from .hessian_kernels import hessian_kernel, one_hot, push_hvps
 from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype
+from .measured import Measured, Prepared, to_numpy
 from .memory import default_memory_budget
 from .plan import prior
 from .state import Entry, ModelState, state_of

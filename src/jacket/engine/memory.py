@@ -35,7 +35,7 @@ def default_memory_budget() -> int:
     """`memory_budget` when none is given (see NOTE [Memory]); measured once per process."""
     import keras
 
-    from ..backends._memory import device_free_memory
+    from ..backends.memory import device_free_memory
 
     free = device_free_memory(keras.backend.backend()) or available_memory()
     if free is None:

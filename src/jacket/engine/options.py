@@ -26,6 +26,8 @@ class Options:
     training: bool = False
     memory_budget: int = 1 << 30
     strategy: str = "auto"
+    # the budget was jacket's default (a share of the memory free when first needed), not given
+    default_budget: bool = False
 
     @classmethod
     def checked(
@@ -103,7 +105,16 @@ class Options:
                 f"strategy='replicate' with per_sample={per_sample!r}, "
                 f"training={bool(training)}. Use strategy='vmap', 'loop' or 'auto'."
             )
-        return cls(mode, chunk_size, bool(flatten), per_sample, bool(training), budget, strategy)
+        return cls(
+            mode,
+            chunk_size,
+            bool(flatten),
+            per_sample,
+            bool(training),
+            budget,
+            strategy,
+            memory_budget is None,
+        )
 
 
 _PLAIN = (str, int, bool, type(None))

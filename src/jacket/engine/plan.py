@@ -104,14 +104,13 @@ def modes(problem: Problem) -> list[str]:
 
 
 def strategies(problem: Problem) -> list[str]:
-    """The strategies that may run, in the prior's order (a forced one alone)."""
-    allowed = [s for s in problem.prior if s in STRATEGIES]
-    allowed += [s for s in STRATEGIES if s not in allowed]
-    if not replicable(problem):
-        allowed.remove("replicate")
+    """The strategies that may run: the backend's prior ones in its order (a forced one alone)."""
     if problem.strategy in STRATEGIES:
         return [problem.strategy]
-    return allowed
+    allowed = [s for s in problem.prior if s in STRATEGIES]
+    if not replicable(problem) and "replicate" in allowed:
+        allowed.remove("replicate")
+    return allowed or ["vmap"]
 
 
 def replicable(problem: Problem) -> bool:

@@ -13,7 +13,7 @@ from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype, to_
 from .memory import default_memory_budget
 from .state import Entry, ModelState, state_of
 
-__all__ = ["jvp", "vjp"]
+__all__ = ["forward_mode_is_exact", "jvp", "vjp"]
 
 
 def jvp(model, x, v, *, per_sample: bool = True, training: bool = False):
@@ -75,6 +75,15 @@ def vjp(model, x, u, *, per_sample: bool = True, training: bool = False):
         probes.check_independent(state, "vjp", inputs, entry)
     grads = state.vjp(inputs)(inputs.tensors, cotangents)
     return inputs.pack(list(grads))
+
+
+def forward_mode_is_exact(model, x, *, training: bool = False) -> bool:
+    """Whether one of the backend's forward modes passed its check against reverse mode on this
+    model and these input shapes (NOTE: [Checked forward mode]; kept per model and shapes)."""
+    state = state_of(model, training)
+    inputs = prepare_inputs("jvp", model, x)
+    entry = state.entry("jvp", inputs)
+    return probes.forward_method(state, "jvp", inputs, entry) is not None
 
 
 def jvp_by_reverse(

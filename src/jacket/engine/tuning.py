@@ -11,6 +11,15 @@ signature, options, backend and device:
   (a candidate that fails or gives another Jacobian is dropped, and `describe()` says why), and
   timed warm; the faster is kept. A candidate costs its compile and a few runs, spread over the
   calls, and the result of every call is computed by a plan that has passed.
+- Some candidates are far slower than others (ConvNeXtTiny on TensorFlow, batch 2: one plain
+  backward pass through its 7x7 depthwise convolutions took 1.9 s, the vectorised Jacobian of ten
+  rows 0.2 s; an unrolled loop of ten pullbacks 21.7 s), and trying them costs their compile and a
+  run. So a reverse-mode "replicate" or "loop" candidate is first bounded from below by the time of
+  one VJP of the batch (a pass over a tiled batch costs at least one over the batch; `k` pullbacks
+  after one forward pass at least `t + (k - 1) t / 3`, as a backward pass costs at least half the
+  forward one), and dropped without compiling when that bound is `DROP_FACTOR` times the current
+  plan's time; a candidate of several passes runs one pass first, and is dropped when that pass
+  times their number is.
 - When all have been tried the plan is settled: written to the plan cache on disk
   (`jacket.engine.cache`), so that the next process starts with it, with nothing to try.
 - `strategy="autotune"` tries every candidate on the first call; a forced strategy (or
@@ -23,66 +32,29 @@ under the same load.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from dataclasses import dataclass, field
 
 import keras
-import ml_dtypes
 import numpy as np
 
 from ..errors import JacketError, JacketMemoryError, JacketValueError
 from . import cache, plan, probes
 from .executor import Executor
 from .inputs import Inputs, numpy_dtype, result_dtype
-from .memory import available_memory, is_out_of_memory
+from .memory import is_out_of_memory
 from .options import Options
 from .plan import Plan, Problem, prior
 from .state import Entry, ModelState
+from .trials import (
+    PlanReport,
+    Trial,
+    difference,
+    fits_twice,
+    lacks_batching_rule,
+    result_bytes,
+    timed,
+)
 
-TIME_S = 0.05  # warm runs of one timing last together at least this long (at most `MAX_RUNS`)
-MAX_RUNS = 5
-
-
-@dataclass
-class Trial:
-    """What was measured of one candidate."""
-
-    plan: Plan
-    seconds: float | None = None  # warm seconds per Jacobian, the best run
-    failure: str | None = None  # why it cannot be used
-
-
-@dataclass(frozen=True)
-class PlanReport:
-    """The plan a prepared Jacobian follows for one input signature, and where it came from.
-
-    Attributes:
-      mode, per_sample, strategy, chunk, rows, n_chunks: as in the plan (see `describe`).
-      source: "prior" (the backend's first candidate, not yet measured against the others),
-        "measuring" (candidates are being tried on the calls), "calibrated" (measured in this
-        process), "autotune", "cache" (measured in an earlier process, read from the plan
-        cache), or "forced" (`strategy=` given).
-      timings: warm milliseconds per Jacobian of each measured candidate, by its description.
-      failures: why a candidate was dropped, by its description.
-    """
-
-    plan: Plan
-    source: str
-    timings: dict = field(default_factory=dict)
-    failures: dict = field(default_factory=dict)
-
-    def __getattr__(self, name):
-        return getattr(self.plan, name)
-
-    def describe(self) -> str:
-        text = f"{self.plan.describe()} (plan from: {self.source}"
-        if self.timings:
-            shown = ", ".join(f"{k}: {v:.3g} ms" for k, v in self.timings.items())
-            text += f"; measured {shown}"
-        if self.failures:
-            text += "; dropped " + ", ".join(f"{k}: {v}" for k, v in self.failures.items())
-        return text + ")"
+DROP_FACTOR = 1.5  # a candidate whose lower bound is this much slower is not compiled
 
 
 def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -> Problem:
@@ -118,6 +90,10 @@ class Tuning:
         self.trials = {p: Trial(p) for p in plan.candidates(self.problem)}
         self.order = list(self.trials)
         self.executor: Executor | None = None
+        self.chosen: Plan | None = None  # the plan to run (None: the next candidate)
+        self.running: Plan | None = None  # the plan being compiled and run for the first time
+        self.cached_ms: dict = {}  # timings read back from the plan cache, for the report
+        self.vjp_seconds: float | None = None  # one VJP of the batch, for `_lower_bound`
         self.forced = options.strategy in plan.STRATEGIES
         self.source = "forced" if self.forced else "prior"
         self.settled = self.forced or len(self.order) == 1
@@ -134,21 +110,22 @@ class Tuning:
 
     @property
     def plan(self) -> Plan:
-        return self.executor.plan if self.executor is not None else self._next_untried()
+        return self.executor.plan if self.executor is not None else self._pick()
 
     def report(self) -> PlanReport:
         source = self.source
         if source == "prior" and any(t.seconds is not None for t in self.trials.values()):
             source = "measuring"
-        timings = {
-            t.plan.describe(): t.seconds * 1e3
+        timings = dict(self.cached_ms)
+        timings.update(
+            (t.plan.describe(), t.seconds * 1e3)
             for t in self.trials.values()
             if t.seconds is not None
-        }
+        )
         failures = {t.plan.describe(): t.failure for t in self.trials.values() if t.failure}
         if self.note:
             source = f"{source}, {self.note}"
-        return PlanReport(self.plan, source, timings, failures)
+        return PlanReport(self.plan, source, timings, failures, self.settled)
 
     # ------------------------------------------------------------------------------------ calls
 
@@ -175,18 +152,24 @@ class Tuning:
         return self(fn_name, tensors, checked=True)
 
     def _first(self, fn_name: str, tensors: list, checked: bool):
-        """The first call: the first candidate that can run, compiled and run.
+        """Compile and run the plan to use (the first candidate on a first call).
 
         A candidate that cannot run on this model is dropped and the next one tried; when the
         next one fails too, the first error is the model's own and is raised.
         """
         first_error = None
         while True:
-            candidate = self._next_untried()
+            candidate = self._pick()
+            self.running = candidate
             try:
                 executor = self._executor(fn_name, candidate, tensors)
                 result = executor(fn_name, tensors, checked)
             except Exception as error:
+                if is_out_of_memory(error) or lacks_batching_rule(error):
+                    raise  # the plan is changed by `_recover`
+                if isinstance(error, _Unusable):
+                    self._drop(candidate, error)
+                    continue
                 if self.forced and not isinstance(error, JacketError):
                     error.add_note(
                         f"jacket: raised while running strategy={candidate.strategy!r} "
@@ -195,47 +178,68 @@ class Tuning:
                     )
                 if self.forced or not self._droppable(error):
                     raise
-                if not isinstance(error, _Unusable):
-                    if first_error is not None:
-                        raise first_error from None
-                    first_error = error
+                if first_error is not None:
+                    raise first_error from None
+                first_error = error
                 self._drop(candidate, error)
                 continue
-            self.executor = executor
-            if not self._untried():
+            self.executor, self.chosen, self.running = executor, candidate, None
+            if not self.settled and not self._untried():
                 self._settle()
             return result
 
     def _try_next(self, fn_name: str, tensors: list, checked: bool):
         """Time the current plan, try one more candidate on the same input, keep the faster."""
         current = self.executor
-        result, seconds = _timed(lambda: current(fn_name, tensors, checked), self.state.backend)
+        result, seconds = timed(lambda: current(fn_name, tensors, checked), self.state.backend)
         trial = self.trials[current.plan]
         trial.seconds = seconds if trial.seconds is None else min(trial.seconds, seconds)
         untried = self._untried()
         if untried:
             candidate = untried[0]
             try:
+                bound = self._lower_bound(fn_name, candidate, tensors)
+                current_s = self.trials[current.plan].seconds
+                if bound is not None and bound > DROP_FACTOR * current_s:
+                    raise _Unusable(
+                        f"at least {bound * 1e3:.3g} ms (from one VJP's time) against "
+                        f"{current_s * 1e3:.3g} ms"
+                    )
                 executor = self._executor(fn_name, candidate, tensors)
-                other = executor(fn_name, tensors, checked)  # compiles
-                difference = _difference(result, other)
-                if difference is not None:
-                    self._drop(candidate, f"another Jacobian ({difference})")
+                if executor.plan.n_chunks > 1:  # one pass first: compiles, and bounds the rest
+                    executor.kernel(tensors, executor.starts[0])
+                    _, pass_s = timed(
+                        lambda: executor.kernel(tensors, executor.starts[0]), self.state.backend
+                    )
+                    estimate = pass_s * executor.plan.n_chunks
+                    if estimate > DROP_FACTOR * current_s:
+                        executor.release()
+                        raise _Unusable(
+                            f"{estimate * 1e3:.3g} ms ({executor.plan.n_chunks} passes of "
+                            f"{pass_s * 1e3:.3g} ms) against {current_s * 1e3:.3g} ms"
+                        )
+                other = executor(fn_name, tensors, checked)  # compiles (or runs every pass)
+                gap = difference(result, other)
+                if gap is not None:
+                    self._drop(candidate, f"another Jacobian ({gap})")
                     executor.release()
                 else:
-                    _, candidate_s = _timed(
+                    _, candidate_s = timed(
                         lambda: executor(fn_name, tensors, checked), self.state.backend
                     )
                     self.trials[candidate].seconds = candidate_s
                     if candidate_s < self.trials[current.plan].seconds:
                         current.release()
-                        self.executor = executor
+                        self.executor, self.chosen = executor, candidate
                     else:
                         executor.release()
             except Exception as error:
-                if not self._droppable(error):
+                if is_out_of_memory(error) and candidate.chunk > 1:
+                    self._cap(candidate.chunk // 2)  # tried again, with fewer seeds per pass
+                elif not self._droppable(error):
                     raise
-                self._drop(candidate, error)
+                else:
+                    self._drop(candidate, error)
         if not self._untried():
             self._settle()
         return result
@@ -251,11 +255,38 @@ class Tuning:
             and (self.executor is None or p != self.executor.plan)
         ]
 
-    def _next_untried(self) -> Plan:
-        untried = self._untried()
-        if not untried:  # pragma: no cover - the last candidate's failure is raised instead
+    def _pick(self) -> Plan:
+        """The plan to compile next: the chosen one, else the first untried (the first that has
+        not failed, once settled)."""
+        if self.chosen is not None:
+            return self.chosen
+        if self.settled:
+            pool = [p for p in self.order if self.trials[p].failure is None]
+        else:
+            pool = self._untried()
+        if not pool:  # pragma: no cover - the last candidate's failure is raised instead
             raise AssertionError("no candidate plan left")
-        return untried[0]
+        return pool[0]
+
+    def _lower_bound(self, fn_name: str, candidate: Plan, tensors: list) -> float | None:
+        """Seconds a reverse-mode "loop" or "replicate" candidate takes at least, from the time of
+        one VJP of the batch (NOTE: [Measured plans]); None for the others."""
+        if candidate.mode != "reverse" or candidate.strategy == "vmap":
+            return None
+        if self.vjp_seconds is None:
+            inputs = dataclasses.replace(self.described, tensors=tensors)
+            kernel = self.state.vjp(inputs)
+            ones = [
+                keras.ops.ones((inputs.batch,) + leaf.shape, dtype=leaf.dtype)
+                for leaf in self.entry.out_leaves
+            ]
+            kernel(tensors, ones)  # compiles
+            _, self.vjp_seconds = timed(lambda: kernel(tensors, ones), self.state.backend)
+        t, n = self.vjp_seconds, candidate.n_chunks
+        if candidate.strategy == "replicate":
+            return n * t  # a pass over `k * batch` costs at least one over `batch`
+        # a pass of k pullbacks costs F + k P where F + P = t and P >= t / 3 (F <= 2 P)
+        return n * t + (candidate.rows - n) * t / 3
 
     def _executor(self, fn_name: str, candidate: Plan, tensors: list) -> Executor:
         """The executor of `candidate`, after the probes it needs (forward-mode check, tiling)."""
@@ -264,6 +295,7 @@ class Tuning:
         if candidate.mode == "forward":
             method = probes.forward_method(self.state, fn_name, inputs, self.entry)
             if method is None:
+                self._without_forward()
                 raise _Unusable("no forward mode passed the check against reverse mode")
         if candidate.strategy == "replicate" and not probes.tiling_is_safe(
             self.state, fn_name, inputs
@@ -286,51 +318,90 @@ class Tuning:
             jvp_method=method,
         )
 
+    def _without_forward(self) -> None:
+        """No forward mode is exact on this model: forward plans run in reverse mode."""
+        self.problem = dataclasses.replace(self.problem, forward_ok=False)
+        for p in plan.candidates(self.problem):
+            if p not in self.trials:
+                self.trials[p] = Trial(p)
+                self.order.append(p)
+        if self.chosen is not None and self.chosen.mode == "forward":
+            self.chosen = None
+        for p in self.order:
+            if p.mode == "forward":
+                self.trials[p].failure = "no forward mode passed its check against reverse mode"
+
     def _droppable(self, error: BaseException) -> bool:
         """Errors that may rule out a candidate rather than the call (the library's own errors
         are about the call: bad inputs, non-finite values, coupled samples)."""
         return isinstance(error, _Unusable) or not isinstance(error, JacketError)
 
     def _drop(self, candidate: Plan, error) -> None:
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:160]}"
-        self.trials[candidate].failure = " ".join(text.split())
+        if isinstance(error, str | _Unusable):
+            text = str(error)
+        else:
+            text = f"{type(error).__name__}: {str(error)[:160]}"
+        trial = self.trials[candidate]
+        trial.failure = trial.failure or " ".join(text.split())
+        if self.chosen == candidate:
+            self.chosen = None
         if all(self.trials[p].failure for p in self.order):
             raise error if isinstance(error, BaseException) else JacketValueError(text)
 
     def _recover(self, fn_name: str, error: BaseException) -> None:
-        """After a failed run of the current plan: a smaller chunk when out of memory, another
+        """After a failed run of the plan in use: a smaller chunk when out of memory, another
         strategy when an op has no batching rule; anything else is raised."""
-        current = self.executor
-        if current is None:
+        failed = self.running or (self.executor.plan if self.executor is not None else None)
+        if failed is None:
             raise error
-        if _lacks_batching_rule(error) and current.plan.strategy == "vmap":
+        if lacks_batching_rule(error) and failed.strategy == "vmap":
             if self.forced:
                 raise JacketValueError(
                     f"{fn_name}: strategy='vmap' cannot run on this model: "
                     f"{type(error).__name__}: {str(error)[:200]}. Received: "
                     "strategy='vmap'. Use strategy='loop' or 'auto'."
                 ) from error
+            self._reset()
             for p in self.order:
                 if p.strategy == "vmap":
                     self.trials[p].failure = "an operation has no batching rule"
-            current.release()
-            self.executor = None  # the next call runs the next candidate
             return
         if not is_out_of_memory(error):
             raise error
-        if current.plan.chunk == 1:
+        if failed.chunk == 1:
             raise JacketMemoryError(
                 f"{fn_name}: out of memory even with one seed per pass "
-                f"({current.plan.describe()}; {type(error).__name__}: {str(error)[:200]}). Pass "
+                f"({failed.describe()}; {type(error).__name__}: {str(error)[:200]}). Pass "
                 "a smaller batch, or stream the batch in parts (`jacket.io.stream_jacobian`)."
             ) from error
-        smaller = plan.with_chunk(current.plan, max(1, current.plan.chunk // 2))
-        trial = self.trials.pop(current.plan)
-        self.order[self.order.index(current.plan)] = smaller
-        self.trials[smaller] = Trial(smaller, None, trial.failure)
-        current.release()
-        inputs = dataclasses.replace(self.described, tensors=[])
-        self.executor = self._executor(fn_name, smaller, inputs.tensors)
+        smaller = plan.with_chunk(failed, max(1, failed.chunk // 2))
+        self._reset()
+        self.order[self.order.index(failed)] = smaller
+        self.trials[smaller] = Trial(smaller, None, self.trials.pop(failed).failure)
+        self.chosen = smaller  # kept for later calls
+        self._cap(smaller.chunk)  # the memory estimate was wrong for the others too
+
+    def _cap(self, chunk: int) -> None:
+        """At most `chunk` seeds per pass for the candidates not run yet (after running out of
+        memory with more)."""
+        for i, p in enumerate(self.order):
+            trial = self.trials[p]
+            if p.chunk > chunk and trial.seconds is None and p not in (self.chosen, self.plan_run):
+                smaller = plan.with_chunk(p, chunk)
+                if smaller in self.trials:
+                    continue
+                self.order[i] = smaller
+                self.trials[smaller] = Trial(smaller, None, None)
+                del self.trials[p]
+
+    @property
+    def plan_run(self) -> Plan | None:
+        return self.executor.plan if self.executor is not None else None
+
+    def _reset(self) -> None:
+        if self.executor is not None:
+            self.executor.release()
+        self.executor = self.running = self.chosen = None
 
     # ------------------------------------------------------------------------------ settling
 
@@ -355,63 +426,16 @@ class Tuning:
         if stored is None:
             return
         chosen = next((p for p in self.order if cache.same_plan(p, stored.plan)), None)
+        if chosen is None and self.options.default_budget:  # the chunk follows today's memory
+            chosen = next((p for p in self.order if cache.same_choice(p, stored.plan)), None)
         if chosen is None:
-            return  # the candidates changed (another memory budget, say): measure again
+            return  # not one of today's candidates: measure again
         cache.restore_verdicts(self.state, inputs, stored)
-        self.order.remove(chosen)
-        self.order.insert(0, chosen)
-        for p, seconds in stored.timings(self.order).items():
-            self.trials[p].seconds = seconds
+        self.chosen = chosen
+        self.cached_ms = {p.describe(): s * 1e3 for p, s in stored.timings(self.order).items()}
         self.source = "cache"
         self.settled = True
 
 
 class _Unusable(Exception):
     """A candidate plan that cannot run on this model (said in the report)."""
-
-
-def _lacks_batching_rule(error: BaseException) -> bool:
-    """JAX's `NotImplementedError: Batching rule for 'rnn_bwd' not implemented`, or PyTorch's
-    `RuntimeError: Batching rule not implemented for aten::...`."""
-    return isinstance(error, (NotImplementedError, RuntimeError)) and "atching rule" in str(error)
-
-
-def _timed(run, backend) -> tuple:
-    """`(result, seconds)`: the best of warm runs lasting together at least `TIME_S`."""
-    best, spent, runs = math.inf, 0.0, 0
-    result = None
-    while runs < MAX_RUNS and (runs == 0 or spent < TIME_S):
-        start = time.perf_counter()
-        result = run()
-        backend.block_until_ready(result)
-        seconds = time.perf_counter() - start
-        best, spent, runs = min(best, seconds), spent + seconds, runs + 1
-    return result, best
-
-
-def _difference(a, b) -> str | None:
-    """None when two Jacobians agree to rounding, else how far apart they are."""
-    worst = 0.0
-    for x, y in zip(keras.tree.flatten(a), keras.tree.flatten(b)):
-        x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
-        y = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
-        if x.shape != y.shape:
-            return f"shape {y.shape} instead of {x.shape}"
-        scale = max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0), 1e-30)
-        worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
-    dtype = keras.backend.standardize_dtype(keras.tree.flatten(a)[0].dtype)
-    allowed = 100 * math.sqrt(float(ml_dtypes.finfo(numpy_dtype(dtype)).eps))
-    return None if worst <= allowed else f"max relative difference {worst:.2g}"
-
-
-def result_bytes(inputs: Inputs, entry: Entry, problem: Problem) -> int:
-    """Bytes of the Jacobian (per-sample, or the full cross-sample one)."""
-    elements = problem.batch * problem.out_size * problem.in_size
-    return elements * problem.itemsize * (1 if problem.per_sample else problem.batch)
-
-
-def fits_twice(size_bytes: int) -> bool:
-    """Whether two results of this size fit in the memory available (trying a candidate holds
-    its result beside the current plan's)."""
-    available = available_memory()
-    return available is None or 2 * size_bytes <= available
