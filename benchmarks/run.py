@@ -11,6 +11,11 @@ and the time as a multiple of the FLOP limit: the counted forward FLOPs of the b
 
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
+
+Then the memory_budget table (`--no-memory` leaves it out), sparse Jacobians (`benchmarks/sparse.py`,
+`--skip-sparse`) and second order: Laplacians, Hessians and divergences against each framework's
+one-liners (`benchmarks/second_order.py`, `--skip-second-order`; `--second-order-only` runs that
+table alone, `--second-order-cases` picks its cases).
 """
 
 from __future__ import annotations
@@ -106,9 +111,18 @@ def main(argv=None):
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
     parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
+    parser.add_argument(
+        "--skip-second-order", action="store_true", help="leave out benchmarks/second_order.py"
+    )
+    parser.add_argument(
+        "--second-order-only", action="store_true", help="run benchmarks/second_order.py alone"
+    )
+    parser.add_argument("--second-order-cases", nargs="*", default=None, help="its case names")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
+    if args.second_order_only:
+        return second_order(args, out)
     results = []
     for backend in args.backends:
         if importlib.util.find_spec(FRAMEWORK[backend]) is None:
@@ -147,6 +161,18 @@ def main(argv=None):
         command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
         command += ["--repeats", str(args.repeats), "--backends", *args.backends]
         subprocess.run(command, check=True)
+    if not args.skip_second_order:
+        second_order(args, out)
+    return 0
+
+
+def second_order(args, out: Path) -> int:
+    """The second-order table (`benchmarks/second_order.py`: one process per backend)."""
+    command = [sys.executable, str(HERE / "second_order.py"), "--out", str(out)]
+    command += ["--repeats", str(min(args.repeats, 10)), "--backends", *args.backends]
+    if args.second_order_cases:
+        command += ["--cases", *args.second_order_cases]
+    subprocess.run(command, check=True)
     return 0
 
 

@@ -424,7 +424,9 @@ def run_child(cases, repeats: int) -> dict:
 
 def print_table(results) -> None:
     print()
-    print("Second order (steady-state ms, medians of interleaved rounds; ratio = jacket auto / target)")
+    print(
+        "Second order (steady-state ms, medians of interleaved rounds; ratio = jacket auto / target)"
+    )
     print(
         f"{'backend':<11}{'case':<10}{'auto':>9}{'forward':>9}{'hessian':>9}{'first s':>8}  "
         f"{'target one-liner':<42}{'ms':>9}{'ratio':>8}{'goal':>6}  others (ms)"
