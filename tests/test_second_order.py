@@ -173,8 +173,22 @@ class BatchMean(keras.layers.Layer):
         return keras.ops.tanh(x) - keras.ops.mean(x, axis=0, keepdims=True) ** 2
 
 
+def layer_norm(dtype="float64"):
+    """LayerNormalization: on TensorFlow, `tf.nn.moments`' `stop_gradient` spoils second derivatives
+    (NOTE: [Moments with a second derivative])."""
+    return keras.Sequential(
+        [
+            layers.Input((3,), dtype=dtype),
+            layers.Dense(4, activation="tanh", dtype=dtype),
+            layers.LayerNormalization(dtype=dtype),
+            layers.Dense(2, dtype=dtype),
+        ]
+    )
+
+
 HESSIAN_MODELS = {
     "tanh_mlp": (tanh_mlp, (4,), 3),
+    "layer_norm": (layer_norm, (3,), 2),
     "conv1d_batch1": (conv1d, (5, 2), 1),
     "subclassed": (Subclassed, (5,), 2),
 }

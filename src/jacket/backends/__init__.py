@@ -47,6 +47,8 @@ Second order (appended at the end of each module):
   is (JAX without `JAX_ENABLE_X64=1`: `jax.enable_x64`): `jacket.check`'s float64 reference.
 - `SECOND_ORDER_STRATEGY`: how the pairs of one Hessian pass are batched ("replicate", "vmap",
   "loop"), measured per backend (`jacket.engine.hessian`).
+- `second_order_scope()`: a context in which Keras's layers have right second derivatives, where
+  second-order kernels are traced (TensorFlow: `tf.nn.moments` without its `stop_gradient`).
 
 Jacobians, chunking, coupling probes and everything above them are written once on these
 (`jacket.engine`).

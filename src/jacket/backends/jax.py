@@ -134,3 +134,8 @@ def square_sum(g):
     for j in range(1, g.shape[0]):
         total = total + jax.numpy.square(g[j])
     return total
+
+
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives: everywhere, here."""
+    return contextlib.nullcontext()

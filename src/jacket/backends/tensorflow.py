@@ -215,3 +215,35 @@ def float64_scope():
 def square_sum(g):
     """`sum(g**2, axis=0)`."""
     return tf.reduce_sum(tf.square(g), axis=0)
+
+
+# NOTE: [Moments with a second derivative]
+# `tf.nn.moments` takes the variance around `stop_gradient(mean)`: its first derivative is right
+# (the variance does not move with the mean at the mean) but its second derivatives are not, in
+# reverse and forward mode alike. Keras normalises with it (LayerNormalization, GroupNormalization,
+# `keras.ops.moments`), so every Hessian through those layers came out wrong on TensorFlow (the
+# Laplacian of a model with LayerNormalization off by 40% against central differences), nested
+# `GradientTape`s included. Second-order kernels are traced in `second_order_scope`, where
+# `tf.nn.moments` is the same statistics without the `stop_gradient`; the scope ends with the trace,
+# and nothing else sees it.
+
+
+def _moments(x, axes, shift=None, keepdims=False, name=None):
+    del shift, name
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives (NOTE: [Moments with a
+    second derivative])."""
+    original = tf.nn.moments
+    tf.nn.moments = _moments
+    try:
+        yield
+    finally:
+        tf.nn.moments = original

@@ -252,3 +252,8 @@ def float64_scope():
 def square_sum(g):
     """`sum(g**2, axis=0)`."""
     return torch.sum(g * g, dim=0)
+
+
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives: everywhere, here."""
+    return contextlib.nullcontext()

@@ -74,7 +74,8 @@ def scoped_kernel(state: ModelState, key: tuple, build):
 
         def counted(call, *args):
             state.traces += 1
-            return kernel(call, *args)
+            with state.backend.second_order_scope():  # NOTE: [Moments with a second derivative]
+                return kernel(call, *args)
 
         compiled = state.backend.compile(counted, state.model, state.training, ScopedCall)
         state.kernels[key] = compiled

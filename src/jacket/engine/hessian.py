@@ -169,7 +169,8 @@ def hvp(model, x, v, *, u=None):
         cotangents = like_leaves("hvp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
     check_apart(state, "hvp", inputs, entry)
     mode, method = outer_mode(state, "hvp", inputs, entry, "auto")
-    kernel = state.kernel(
+    kernel = second_order_kernel(
+        state,
         ("hvp", inputs.signature, mode, method),
         lambda: hvp_kernel(state.backend, inputs.structure, mode, jvp_form(state, method)),
     )
@@ -273,6 +274,22 @@ def plan_passes(
     return chunk, True
 
 
+def second_order_kernel(state: ModelState, key: tuple, build):
+    """`state.kernel`, traced (and, on PyTorch, run) in the backend's `second_order_scope`
+    (NOTE: [Moments with a second derivative] in `jacket.backends.tensorflow`)."""
+
+    def scoped():
+        kernel = build()
+
+        def run(call, *args):
+            with state.backend.second_order_scope():
+                return kernel(call, *args)
+
+        return run
+
+    return state.kernel(key, scoped)
+
+
 def check_hessian_fits(fn_name: str, inputs: Inputs, entry: Entry) -> None:
     """Refuse Hessians larger than the host memory available (NOTE: [Memory of a Hessian pass])."""
     in_size = sum(leaf.size for leaf in inputs.leaves)
@@ -328,7 +345,8 @@ class HessianRunner:
             options.flatten,
         )
         key = (inputs.signature, self.mode, method, self.strategy, self.chunk, self.whole)
-        self.kernel = state.kernel(
+        self.kernel = second_order_kernel(
+            state,
             ("hessian", *key, options.flatten if self.whole else None),
             lambda: hessian_kernel(*args),
         )

@@ -45,6 +45,7 @@ from .hessian import (
     outer_modes,
     pair_chunk,
     plan_passes,
+    second_order_kernel,
     strategy_for,
 )
 from .hessian_kernels import hessian_kernel, one_hot, push_hvps
@@ -298,7 +299,8 @@ class _HessianTrace:
             "diagonal",
             self.whole,
         )
-        self.kernel = state.kernel(
+        self.kernel = second_order_kernel(
+            state,
             ("hessian_diagonal", inputs.signature, mode, method, strategy, self.chunk, self.whole),
             lambda: hessian_kernel(*args),
         )
@@ -426,7 +428,8 @@ def _hutchinson(state: ModelState, inputs: Inputs, entry: Entry, samples: int, s
         strategy = _first_strategy(state, inputs, entry)
         chunk = min(samples, pair_chunk(inputs, entry, samples, strategy, default_memory_budget()))
     args = (state.backend, strategy, mode, jvp_form(state, method), inputs.structure)
-    kernel = state.kernel(
+    kernel = second_order_kernel(
+        state,
         ("hutchinson", order, inputs.signature, mode, method, strategy, chunk),
         lambda: _probe_kernel(*args, inputs.leaves, entry.out_leaves, B, chunk, order),
     )
