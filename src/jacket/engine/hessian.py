@@ -123,7 +123,9 @@ def hessian(
             f"{mode}-over-reverse": HessianRunner(state, inputs, entry, options, mode, method)
             for mode, method in outer_modes(state, "hessian", inputs, entry, options.mode)
         }
-        runner = state.wrappers[key] = Prepared(state, inputs, Measured("hessian", candidates))
+        runner = state.wrappers[key] = Prepared(
+            state, inputs, Measured("hessian", candidates, option="mode")
+        )
     if fast is not None:
         state.wrappers[("second_order", "hessian", fast, options)] = runner
     return runner(inputs.tensors)

@@ -186,7 +186,9 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
             candidates[f"{mode} {strategy}"] = _Diagonal(
                 state, inputs, entry, mode, strategy, method_name
             )
-        runner = state.wrappers[key] = Prepared(state, inputs, Measured("divergence", candidates))
+        runner = state.wrappers[key] = Prepared(
+            state, inputs, Measured("divergence", candidates, option=None)
+        )
     if fast is not None:
         state.wrappers[("second_order", "divergence", fast)] = runner
     return runner(inputs.tensors)

@@ -5,8 +5,10 @@ Where a backend has several ways to a second-order result (forward-over-reverse 
 reverse-over-reverse on JAX; the forward Laplacian and the Hessian's trace), the first call for an
 input signature compiles and runs each, times each on a second run, and keeps the fastest for this
 model and signature; later calls run it alone. The results are compared too: where two ways
-disagree beyond rounding (relative 1e-3 of the result's scale), the one named `prefer` (the
-Hessian's trace, for a Laplacian) is kept and a `JacketWarning` says so. Measured here, the better
+disagree beyond rounding (relative 1e-2 of the result's scale: a way that misses a term is off
+by about the term's own size, while float32 rounding alone reached 1e-3 on the Hessian of a
+confident classifier's log probability, whose `p (1 - p)` is computed from `p` close to 1), the
+one named `prefer` (the Hessian's trace, for a Laplacian) is kept and a `JacketWarning` says so. Measured here, the better
 way changes with the model: reverse-over-reverse over every output at once was 3x faster on the
 digits CNN's Hessian on JAX (1.6 against 4.9 ms), forward-over-reverse 1.4x faster on the trace of
 a 64-input MLP's (765 against 1099 ms).
@@ -30,8 +32,15 @@ class Measured:
     """Candidates computing the same thing (NOTE: [Measured on the first call]); the chosen one's
     name is `chosen`, the warm seconds of each `seconds`."""
 
-    def __init__(self, fn_name: str, candidates: dict, prefer: str | None = None):
+    def __init__(
+        self,
+        fn_name: str,
+        candidates: dict,
+        prefer: str | None = None,
+        option: str | None = "method",
+    ):
         self.fn_name, self.candidates, self.prefer = fn_name, candidates, prefer
+        self.option = option
         self.chosen = next(iter(candidates)) if len(candidates) == 1 else None
         self.seconds: dict[str, float] = {}
 
@@ -69,8 +78,13 @@ class Measured:
                 warnings.warn(
                     f"{self.fn_name}: its methods disagree on this model ({name} against "
                     f"{self.chosen}: max difference {np.abs(array - reference).max():.3g}), so "
-                    f"'{fallback}' is kept. Pass `method=` to choose, and compare with "
-                    "`jacket.check(..., order=2)`.",
+                    f"'{fallback}' is kept. "
+                    + (
+                        f"Pass `{self.option}=` to choose, and compare"
+                        if self.option
+                        else "Compare"
+                    )
+                    + " with `jacket.check(..., order=2)`.",
                     JacketWarning,
                     stacklevel=3,
                 )
@@ -94,7 +108,7 @@ def to_numpy(tensor) -> np.ndarray:
 def agree(a: np.ndarray, b: np.ndarray) -> bool:
     # the two sides round differently; a missing term moves a side by about its own size
     scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-30)
-    return bool(np.abs(a - b).max(initial=0.0) <= 1e-3 * scale)
+    return bool(np.abs(a - b).max(initial=0.0) <= 1e-2 * scale)
 
 
 class Prepared:
