@@ -498,8 +498,9 @@ def main(argv=None):
         result = run_child(args.cases, args.repeats)
         text = json.dumps(result, indent=1)
         if args.json:
-            Path(args.json).write_text(text)
-        print_table([result])
+            Path(args.json).write_text(text)  # the parent prints every backend's table
+        else:
+            print_table([result])
         return 0
     run_backends(args.backends, Path(args.out), args.repeats, args.cases)
     return 0
