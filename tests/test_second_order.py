@@ -528,3 +528,18 @@ def test_a_second_call_does_not_trace_again(rng):
         traces = model._jacket_state[False].traces
         fn(model, x + 1)
         assert model._jacket_state[False].traces == traces
+
+
+def test_methods_that_disagree_keep_the_preferred_one_with_a_warning():
+    from jacket.engine.measured import Measured
+
+    right, wrong = np.ones((2, 3)), np.ones((2, 3)) * 1.5
+    measured = Measured(
+        "laplacian", {"fast": lambda t: wrong, "hessian": lambda t: right}, prefer="hessian"
+    )
+    with pytest.warns(jacket.JacketWarning, match=r"laplacian: its methods disagree.*method="):
+        result = measured([])
+    assert measured.chosen == "hessian" and result is right
+    rounding = Measured("hessian", {"a": lambda t: right, "b": lambda t: right * (1 + 1e-3)})
+    rounding([])  # float32 rounding of an ill-conditioned result is no disagreement
+    assert rounding.chosen in ("a", "b") and set(rounding.seconds) == {"a", "b"}
