@@ -9,13 +9,17 @@ and seconds the default took to settle its plan (NOTE: [Measured plans] in `jack
 and the time as a multiple of the FLOP limit: the counted forward FLOPs of the batch times
 `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches in the same run.
 
-Then the sparse table (`benchmarks/sparse.py`, `--skip-sparse` leaves it out), integrated
-gradients beside Captum (`benchmarks/attribution.py`, `--skip-attribution` leaves it out) and
-`benchmarks/training.py`: by default the step time of a Jacobian penalty; `--training all` adds the
-PINN against DeepXDE, the WGAN-GP critic and the digits sweep (tens of minutes on a laptop's CPU).
-
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
+
+Then the memory_budget table (`--no-memory` leaves it out), sparse Jacobians (`benchmarks/sparse.py`,
+`--skip-sparse`), integrated gradients beside Captum (`benchmarks/attribution.py`,
+`--skip-attribution`), derivatives inside training (`benchmarks/training.py`: by default the step
+time of a Jacobian penalty; `--training all` adds the PINN against DeepXDE, the WGAN-GP critic and
+the digits sweep, tens of minutes on a laptop's CPU) and second order: Laplacians, Hessians and
+divergences against each framework's one-liners (`benchmarks/second_order.py`,
+`--skip-second-order`; `--second-order-only` runs that table alone, `--second-order-cases` picks
+its cases).
 """
 
 from __future__ import annotations
@@ -120,9 +124,18 @@ def main(argv=None):
         "PINN against DeepXDE, the WGAN-GP critic and the digits sweep, tens of minutes; none "
         "named: skip it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--skip-second-order", action="store_true", help="leave out benchmarks/second_order.py"
+    )
+    parser.add_argument(
+        "--second-order-only", action="store_true", help="run benchmarks/second_order.py alone"
+    )
+    parser.add_argument("--second-order-cases", nargs="*", default=None, help="its case names")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
+    if args.second_order_only:
+        return second_order(args, out)
     results = []
     for backend in args.backends:
         if importlib.util.find_spec(FRAMEWORK[backend]) is None:
@@ -170,6 +183,18 @@ def main(argv=None):
         command = [sys.executable, str(HERE / "training.py"), "--out", str(out)]
         command += ["--backends", *args.backends, "--parts", *parts]
         subprocess.run(command, check=True)
+    if not args.skip_second_order:
+        second_order(args, out)
+    return 0
+
+
+def second_order(args, out: Path) -> int:
+    """The second-order table (`benchmarks/second_order.py`: one process per backend)."""
+    command = [sys.executable, str(HERE / "second_order.py"), "--out", str(out)]
+    command += ["--repeats", str(min(args.repeats, 10)), "--backends", *args.backends]
+    if args.second_order_cases:
+        command += ["--cases", *args.second_order_cases]
+    subprocess.run(command, check=True)
     return 0
 
 

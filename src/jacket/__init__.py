@@ -21,6 +21,11 @@ _EXPORTS = {
     "JacobianFn": ".engine",
     "jvp": ".engine",
     "vjp": ".engine",
+    "hessian": ".engine",
+    "hvp": ".engine",
+    "laplacian": ".engine",
+    "divergence": ".engine",
+    "Estimate": ".engine",
     "check": ".engine",
     "CheckReport": ".engine",
     "PlanReport": ".engine",
@@ -56,10 +61,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import jacobian as jacobian
     from .api import jacobian_fn as jacobian_fn
     from .engine import CheckReport as CheckReport
+    from .engine import Estimate as Estimate
     from .engine import JacobianFn as JacobianFn
     from .engine import PlanReport as PlanReport
     from .engine import check as check
+    from .engine import divergence as divergence
+    from .engine import hessian as hessian
+    from .engine import hvp as hvp
     from .engine import jvp as jvp
+    from .engine import laplacian as laplacian
     from .engine import tune as tune
     from .engine import vjp as vjp
     from .errors import CouplingError as CouplingError

@@ -29,6 +29,27 @@ Every backend module defines:
 - `block_until_ready(tree)`: wait until results are computed (JAX dispatches asynchronously, and
   accelerators run behind the host), so that timings measure the work.
 
+Second order (appended at the end of each module):
+
+- `vjp_differentiable(f, xs, cts)`: `vjp` whose result can be differentiated again with respect to
+  `xs` (JAX's and TensorFlow's `vjp` already are; PyTorch keeps the backward graph and leaves `xs`
+  attached): the gradient that Hessian-vector products differentiate.
+- `jet2(f, xs, ts)`: `(ys, J t, f''[t, t])`, the value and the first and second directional
+  derivatives of `f` along `ts` (a JVP of a JVP; by reverse passes alone on PyTorch, and on
+  TensorFlow where its forward accumulators cannot trace a layer): the forward Laplacian's rule
+  for layers without one of their own.
+- `square_sum(g)`: `sum(g**2, axis=0)`, the cheapest way here (the forward Laplacian's
+  `sum_j dh_j^2`).
+- `SECOND_ORDER_MODES`: the forms of a Hessian-vector product worth measuring here, the first
+  the one to use unmeasured: "forward" (forward-over-reverse) and "reverse"
+  (reverse-over-reverse).
+- `has_float64()`, `float64_scope()`: whether float64 can be computed, and a context in which it
+  is (JAX without `JAX_ENABLE_X64=1`: `jax.enable_x64`): `jacket.check`'s float64 reference.
+- `SECOND_ORDER_STRATEGY`: how the pairs of one Hessian pass are batched ("replicate", "vmap",
+  "loop"), measured per backend (`jacket.engine.hessian`).
+- `second_order_scope()`: a context in which Keras's layers have right second derivatives, where
+  second-order kernels are traced (TensorFlow: `tf.nn.moments` without its `stop_gradient`).
+
 Jacobians, chunking, coupling probes and everything above them are written once on these
 (`jacket.engine`).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -116,3 +118,55 @@ def train_jvp(f, xs, ts):
 def train_map(fn, stacked):
     """`fn` over axis 0 of a list of tensors, results stacked (`jax.vmap`)."""
     return jax.vmap(lambda args: fn(list(args)))(list(stacked))
+
+
+# ---- second order
+
+SECOND_ORDER_MODES = ("forward", "reverse")
+SECOND_ORDER_STRATEGY = "vmap"
+
+
+def vjp_differentiable(f, xs, cts):
+    """`vjp`, whose result JAX differentiates again with respect to `xs` as it is."""
+    return vjp(f, xs, cts)
+
+
+def jet2(f, xs, ts):
+    """`(ys, J t, f''[t, t])`: the value, first and second directional derivatives of `f` at `xs`
+    along `ts` (a JVP of a JVP)."""
+    xs, ts = list(xs), list(ts)
+
+    def first(primals):
+        return jax.jvp(f, (primals,), (ts,))
+
+    (ys, dys), (_, d2ys) = jax.jvp(first, (xs,), (ts,))
+    return list(ys), list(dys), list(d2ys)
+
+
+def has_float64() -> bool:
+    """Whether float64 can be computed: with `JAX_ENABLE_X64=1`, or in `float64_scope`."""
+    return bool(jax.config.read("jax_enable_x64")) or hasattr(jax, "enable_x64")
+
+
+def float64_scope():
+    """A scope where float64 is float64 (`jax.enable_x64`), where JAX_ENABLE_X64 is not set."""
+    if jax.config.read("jax_enable_x64") or not hasattr(jax, "enable_x64"):
+        return contextlib.nullcontext()
+    return jax.enable_x64(True)
+
+
+def square_sum(g):
+    """`sum(g**2, axis=0)`: unrolled into adds that XLA fuses into one loop (its reduction over
+    the leading axis ran 25 to 75 times slower here: 24.9 ms against 0.32 ms for `(3, 4096, 64)`
+    on 2 CPU cores)."""
+    if g.shape[0] > 512:
+        return jax.numpy.sum(jax.numpy.square(g), axis=0)
+    total = jax.numpy.square(g[0])
+    for j in range(1, g.shape[0]):
+        total = total + jax.numpy.square(g[j])
+    return total
+
+
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives: everywhere, here."""
+    return contextlib.nullcontext()

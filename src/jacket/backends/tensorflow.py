@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from .memory import cpu_description
@@ -212,3 +214,100 @@ def train_map(fn, stacked):
     stacked = list(stacked)
     results = [fn([s[i] for s in stacked]) for i in range(int(stacked[0].shape[0]))]
     return [tf.stack([r[j] for r in results]) for j in range(len(results[0]))]
+
+
+# ---- second order
+
+SECOND_ORDER_MODES = ("reverse",)
+SECOND_ORDER_STRATEGY = "vmap"
+
+
+def vjp_differentiable(f, xs, cts):
+    """`vjp`, whose result an enclosing tape or forward accumulator differentiates again."""
+    return vjp(f, xs, cts)
+
+
+def jet2(f, xs, ts):
+    """`(ys, J t, f''[t, t])`: the value, first and second directional derivatives of `f` at `xs`
+    along `ts`, by two nested `ForwardAccumulator`s; where they cannot trace a layer (an LSTM's
+    while_loop), by reverse passes only (`_jet2_by_reverse`)."""
+    xs, ts = list(xs), list(ts)
+    try:
+        with tf.autodiff.ForwardAccumulator(xs, ts) as outer:
+            with tf.autodiff.ForwardAccumulator(xs, ts) as inner:
+                ys = f(xs)
+            dys = [inner.jvp(y, unconnected_gradients=_ZERO) for y in ys]
+        d2ys = [outer.jvp(d, unconnected_gradients=_ZERO) for d in dys]
+        return list(ys), dys, d2ys
+    except (TypeError, ValueError, NotImplementedError, LookupError):
+        return _jet2_by_reverse(f, xs, ts)
+
+
+def _jet2_by_reverse(f, xs, ts):
+    """`jet2` by tapes alone: with `u` a zero cotangent, `r = <J^T u, t> = u^T J t`; `J t` is
+    `dr/du`, and `f''[t, t]` is `d/du <dr/dx, t>`."""
+    with tf.GradientTape(persistent=True) as by_u:
+        with tf.GradientTape() as by_x:
+            for x in xs:
+                by_x.watch(x)
+            with tf.GradientTape() as inner:
+                for x in xs:
+                    inner.watch(x)
+                ys = f(xs)
+            us = [tf.zeros_like(y) for y in ys]
+            for u in us:
+                by_u.watch(u)
+            grads = inner.gradient(ys, xs, output_gradients=us, unconnected_gradients=_ZERO)
+            r = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, ts)])
+        curvature = by_x.gradient(r, xs, unconnected_gradients=_ZERO)
+        z = tf.add_n([tf.reduce_sum(h * t) for h, t in zip(curvature, ts)])
+    first = by_u.gradient(r, us, unconnected_gradients=_ZERO)
+    second = by_u.gradient(z, us, unconnected_gradients=_ZERO)
+    return list(ys), first, second
+
+
+def has_float64() -> bool:
+    """Whether float64 can be computed (always, here)."""
+    return True
+
+
+def float64_scope():
+    """A scope where float64 is float64: everywhere, here."""
+    return contextlib.nullcontext()
+
+
+def square_sum(g):
+    """`sum(g**2, axis=0)`."""
+    return tf.reduce_sum(tf.square(g), axis=0)
+
+
+# NOTE: [Moments with a second derivative]
+# `tf.nn.moments` takes the variance around `stop_gradient(mean)`: its first derivative is right
+# (the variance does not move with the mean at the mean) but its second derivatives are not, in
+# reverse and forward mode alike. Keras normalises with it (LayerNormalization, GroupNormalization,
+# `keras.ops.moments`), so every Hessian through those layers came out wrong on TensorFlow (the
+# Laplacian of a model with LayerNormalization off by 40% against central differences), nested
+# `GradientTape`s included. Second-order kernels are traced in `second_order_scope`, where
+# `tf.nn.moments` is the same statistics without the `stop_gradient`; the scope ends with the trace,
+# and nothing else sees it.
+
+
+def _moments(x, axes, shift=None, keepdims=False, name=None):
+    del shift, name
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives (NOTE: [Moments with a
+    second derivative])."""
+    original = tf.nn.moments
+    tf.nn.moments = _moments
+    try:
+        yield
+    finally:
+        tf.nn.moments = original

@@ -242,3 +242,82 @@ def train_jvp(f, xs, ts):
 def train_map(fn, stacked):
     """`fn` over axis 0 of a list of tensors, results stacked (a Python loop)."""
     return loop(fn, stacked)
+
+
+# ---- second order
+
+SECOND_ORDER_MODES = ("reverse",)
+SECOND_ORDER_STRATEGY = "replicate"
+
+
+def vjp_differentiable(f, xs, cts):
+    """`vjp` whose result autograd can differentiate again with respect to `xs`: the graph of the
+    backward pass is kept (`create_graph=True`), and `xs` stay attached to the caller's graph
+    (`vjp` detaches them)."""
+    with torch.enable_grad(), _math_attention():
+        xs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in xs]
+        ys = f(xs)
+        pairs = [(y, c) for y, c in zip(ys, cts) if y.requires_grad]
+        if not pairs:
+            return [torch.zeros_like(x) for x in xs]
+        grads = torch.autograd.grad(
+            [y for y, _ in pairs],
+            xs,
+            [c for _, c in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+
+
+def jet2(f, xs, ts):
+    """`(ys, J t, f''[t, t])` by reverse passes only (NOTE: [Why no torch.func here]): with `u` a
+    zero cotangent, `r = <J^T u, t> = u^T J t`; `J t` is `dr/du`, and `f''[t, t]` is
+    `d/du <dr/dx, t>` (a third backward pass through the graph of the second)."""
+    with torch.enable_grad(), _math_attention():
+        xs = _watched(xs)
+        ys = f(xs)
+        live = [i for i, y in enumerate(ys) if y.requires_grad]
+        first = [torch.zeros_like(y) for y in ys]
+        second = [torch.zeros_like(y) for y in ys]
+        if not live:
+            return [y.detach() for y in ys], first, second
+        us = [torch.zeros_like(ys[i], requires_grad=True) for i in live]
+        grads = torch.autograd.grad(
+            [ys[i] for i in live], xs, us, create_graph=True, allow_unused=True
+        )
+        r = sum((g * t).sum() for g, t in zip(grads, ts) if g is not None)
+        if not torch.is_tensor(r) or not r.requires_grad:
+            return [y.detach() for y in ys], first, second
+        curvature = torch.autograd.grad(r, xs, create_graph=True, allow_unused=True)
+        z = sum((h * t).sum() for h, t in zip(curvature, ts) if h is not None and h.requires_grad)
+        d_first = torch.autograd.grad(r, us, retain_graph=True, allow_unused=True)
+        d_second = [None] * len(us)
+        if torch.is_tensor(z) and z.requires_grad:
+            d_second = torch.autograd.grad(z, us, allow_unused=True)
+        for k, i in enumerate(live):
+            if d_first[k] is not None:
+                first[i] = d_first[k].detach()
+            if d_second[k] is not None:
+                second[i] = d_second[k].detach()
+        return [y.detach() for y in ys], first, second
+
+
+def has_float64() -> bool:
+    """Whether float64 can be computed (always, here)."""
+    return True
+
+
+def float64_scope():
+    """A scope where float64 is float64: everywhere, here."""
+    return contextlib.nullcontext()
+
+
+def square_sum(g):
+    """`sum(g**2, axis=0)`."""
+    return torch.sum(g * g, dim=0)
+
+
+def second_order_scope():
+    """A scope in which Keras's layers have right second derivatives: everywhere, here."""
+    return contextlib.nullcontext()

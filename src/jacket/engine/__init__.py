@@ -1,16 +1,22 @@
 """The engine: Jacobians, products and checks of Keras models, written once over the backends.
 
 `jacket.jacobian` and `jacket.jacobian_fn` (in `jacket.api`) route dense calls here; `jvp`, `vjp`
-and `check` are the engine's own. How one call flows through the modules: `jacket.engine.jacobian`.
+and `check` are the engine's own, and so are the second-order functions `hessian`, `hvp`, `laplacian`
+and `divergence`. How one call flows through the modules: `jacket.engine.jacobian`.
 """
 
 from .check import CheckReport as CheckReport
 from .check import check as check
 from .cut import graph_layers as graph_layers
+from .hessian import hessian as hessian
+from .hessian import hvp as hvp
 from .jacobian import JacobianFn as JacobianFn
 from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
 from .jacobian import tune as tune
+from .laplacian import Estimate as Estimate
+from .laplacian import divergence as divergence
+from .laplacian import laplacian as laplacian
 from .options import Options as Options
 from .point import Point as Point
 from .point import at as at
@@ -22,17 +28,22 @@ from .trials import PlanReport as PlanReport
 
 __all__ = [
     "CheckReport",
+    "Estimate",
     "JacobianFn",
     "Options",
     "PlanReport",
     "Point",
     "at",
     "check",
+    "divergence",
     "forward_mode_is_exact",
     "graph_layers",
+    "hessian",
+    "hvp",
     "jacobian",
     "jacobian_fn",
     "jvp",
+    "laplacian",
     "tune",
     "value_and_vjp",
     "vjp",

@@ -1,4 +1,5 @@
-"""`jacket.check`: jacket's Jacobian against central finite differences computed in float64."""
+"""`jacket.check`: jacket's Jacobian (or Hessian, `order=2`) against central finite differences computed
+in float64."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from .. import backends
 from ..checks import check_flag
 from ..errors import JacketValueError
 from .cut import Cut, cut_for
+from .hessian import hessian
 from .inputs import FLOAT_DTYPES, prepare_inputs
 from .jacobian import jacobian
 from .kernels import tile
@@ -35,8 +38,11 @@ class CheckReport:
       eps: the relative finite-difference step, `h = eps * max(1, |x|)`.
       reference: what the finite differences evaluated ("float64 copy of the model", or the model
         in its own dtype when no float64 copy can be made).
-      shape: `(batch, out_size, in_size)` of the compared Jacobian.
-      worst: `(sample, output, input)` flat index of the largest error.
+      shape: `(batch, out_size, in_size)` of the compared Jacobian; `(batch, out_size, in_size,
+        in_size)` of the compared Hessian for `order=2`.
+      worst: `(sample, output, input)` flat index of the largest error (`(sample, output, input,
+        input)` for `order=2`).
+      order: 1 for a Jacobian, 2 for a Hessian.
     """
 
     ok: bool
@@ -45,23 +51,28 @@ class CheckReport:
     rtol: float
     eps: float
     reference: str
-    shape: tuple[int, int, int]
-    worst: tuple[int, int, int]
+    shape: tuple[int, ...]
+    worst: tuple[int, ...]
+    order: int = 1
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        b, i, j = self.worst
+        what = "Jacobian" if self.order == 1 else "Hessian"
+        b, i, *inputs = self.worst
         hint = (
             ""
             if self.ok
             else " A mismatch at a kink (ReLU at 0, tied max-pooling inputs) is where no derivative "
-            "exists, not an error of J: move x off it to tell."
+            f"exists, not an error of the {what}: move x off it to tell."
         )
+        size = " x ".join(str(d) for d in self.shape[1:])
+        where = ", ".join(str(j) for j in inputs)
         return (
-            f"Jacobian check {verdict}: max abs error {self.max_abs_error:.3g}, max rel error "
+            f"{what} check {verdict}: max abs error {self.max_abs_error:.3g}, max rel error "
             f"{self.max_rel_error:.3g} (tolerance {self.rtol:.3g}) over {self.shape[0]} sample(s) of "
-            f"{self.shape[1]} x {self.shape[2]}; worst at sample {b}, output {i}, input {j}; "
-            f"reference: central differences (eps={self.eps:.3g}) on the {self.reference}.{hint}"
+            f"{size}; worst at sample {b}, output {i}, input {where}; reference: central "
+            f"differences (eps={self.eps:.3g}) {'' if self.order == 1 else 'of the gradient '}"
+            f"on the {self.reference}.{hint}"
         )
 
 
@@ -76,13 +87,18 @@ def check(
     mode: str = "auto",
     chunk_size: int | None = None,
     training: bool = False,
+    order: int = 1,
 ) -> CheckReport:
-    """Compare `jacket.jacobian(model, x)` with central finite differences computed in float64.
+    """Compare `jacket.jacobian(model, x)` (or `jacket.hessian`, `order=2`) with central finite
+    differences computed in float64.
 
     The differences are taken on a float64 copy of the model (same weights) where one can be made
-    (any model or layer Keras can serialise); otherwise on the model itself, in its own dtype, with
+    (any model or layer Keras can serialise; on JAX inside a scope with 64-bit types enabled, so
+    without `JAX_ENABLE_X64=1` too); otherwise on the model itself, in its own dtype, with
     outputs accumulated in float64. Each of the `2 * in_size` perturbations moves every sample at
-    once (samples are independent), so the cost is `2 * in_size` batched forward passes.
+    once (samples are independent), so the cost is `2 * in_size` batched forward passes; for
+    `order=2`, the differences are of the float64 copy's gradients (`jacket.jacobian` of the
+    copy), `2 * in_size` batched Jacobians.
 
     With `wrt` or `of`, the Jacobian of the model's cut between them (`jacket.jacobian`'s `wrt`,
     `of`) is compared with differences of the cut of the float64 copy: its `wrt` values moved
@@ -94,7 +110,9 @@ def check(
       eps: relative step; default `eps_machine ** (1/3)` of the dtype the differences run in.
       rtol: tolerance on `max_rel_error`; default by the model's dtype (1e-6 for float64, 1e-4 for
         float32, 3e-2 for float16, 1e-1 for bfloat16).
-      mode, chunk_size, training: passed to `jacket.jacobian`.
+      mode, chunk_size, training: passed to `jacket.jacobian` (`mode` and `chunk_size` to
+        `jacket.hessian` for `order=2`, which runs the model in inference).
+      order: 1 checks the Jacobian, 2 the Hessian.
 
     Returns:
       A `CheckReport`; `print(report)` gives a one-line summary.
@@ -108,48 +126,70 @@ def check(
         raise JacketValueError(
             f"check: `rtol` must be a non-negative number or None. Received: rtol={rtol!r}."
         )
-    J = jacobian(
-        model, x, wrt=wrt, of=of, mode=mode, chunk_size=chunk_size, flatten=True,
-        training=training,
-    )  # fmt: skip
+    if isinstance(order, bool) or order not in (1, 2):
+        raise JacketValueError(
+            f"check: `order` must be 1 (the Jacobian) or 2 (the Hessian). Received: order={order!r}."
+        )
+    if order == 2 and training:
+        raise JacketValueError(
+            "check: `order=2` checks `jacket.hessian`, which runs the model in inference. "
+            "Received: order=2 with training=True. Pass training=False."
+        )
+    if order == 2 and (wrt is not None or of is not None):
+        raise JacketValueError(
+            "check: `order=2` checks `jacket.hessian`, which takes the model's own inputs and "
+            f"outputs. Received: order=2 with wrt={wrt!r}, of={of!r}. Check the Jacobian of the "
+            "cut (order=1), or the Hessian of the whole model."
+        )
+    if order == 1:
+        J = jacobian(
+            model, x, wrt=wrt, of=of, mode=mode, chunk_size=chunk_size, flatten=True,
+            training=training,
+        )  # fmt: skip
+    else:
+        J = hessian(model, x, mode=mode, chunk_size=chunk_size, flatten=True)
     target, inputs = resolve("check", model, x, wrt, of, training, check_finite=True)
-    J = _flat_numpy(J, inputs)
+    J = _flat_numpy(J, inputs, order)
     dtype = inputs.leaves[0].dtype
-    if isinstance(target, Cut):
-        model_inputs = prepare_inputs("check", model, x, integers=True)
-        twin, twin_inputs = None, None
-        twin_model = _float64_twin(model, model_inputs)
-        if twin_model is not None:
-            with _keras_float64():
-                twin = cut_for("check", twin_model, *target.canonical())
-                x64 = model_inputs.pack([_to64(t) for t in model_inputs.tensors])
-                _, twin_inputs = resolve("check", twin_model, x64, *target.canonical(), training)
-        if twin is None:
-            twin_inputs = inputs
-        copy, own = "float64 copy of the model's cut", f"model's cut in {dtype}"
-    else:
-        twin, twin_inputs = _float64_twin(model, inputs), inputs
-        copy, own = "float64 copy of the model", f"model in {dtype}"
-    reference = copy if twin is not None else own
-    fd_dtype = "float64" if twin is not None else dtype
-    if eps is not None:
-        steps = [float(eps)]
-    elif twin is not None:
-        steps = [float(np.finfo(np.float64).eps) ** (1 / 3)]
-    else:
-        steps = [1e-3, 5e-3, 2e-2]
-    # NOTE: [Step choice] Without a float64 copy the differences run in the model's own dtype,
-    # where no single step is good: truncation grows with it, rounding shrinks with it. Of a few
-    # candidate steps, the one whose differences agree best with J over the whole matrix is kept.
-    best = None
-    for step in steps:
-        with _keras_float64() if twin is not None else contextlib.nullcontext():
-            J_fd = _central_differences(
-                twin if twin is not None else target, twin_inputs, step, training, fd_dtype
-            )
-        error = np.abs(J - J_fd)
-        if best is None or error.max() < best[1].max():
-            best = (J_fd, error, step)
+    with _float64_scope():
+        if isinstance(target, Cut):
+            model_inputs = prepare_inputs("check", model, x, integers=True)
+            twin, twin_inputs = None, None
+            twin_model = _float64_twin(model, model_inputs)
+            if twin_model is not None:
+                with _keras_float64():
+                    twin = cut_for("check", twin_model, *target.canonical())
+                    x64 = model_inputs.pack([_to64(t) for t in model_inputs.tensors])
+                    _, twin_inputs = resolve(
+                        "check", twin_model, x64, *target.canonical(), training
+                    )
+            if twin is None:
+                twin_inputs = inputs
+            copy, own = "float64 copy of the model's cut", f"model's cut in {dtype}"
+        else:
+            twin, twin_inputs = _float64_twin(model, inputs), inputs
+            copy, own = "float64 copy of the model", f"model in {dtype}"
+        reference = copy if twin is not None else own
+        fd_dtype = "float64" if twin is not None else dtype
+        if eps is not None:
+            steps = [float(eps)]
+        elif twin is not None:
+            steps = [float(np.finfo(np.float64).eps) ** (1 / 3)]
+        else:
+            steps = [1e-3, 5e-3, 2e-2]
+        # NOTE: [Step choice] Without a float64 copy the differences run in the model's own dtype,
+        # where no single step is good: truncation grows with it, rounding shrinks with it. Of a
+        # few candidate steps, the one whose differences agree best with J is kept.
+        differences = _central_differences if order == 1 else _gradient_differences
+        best = None
+        for step in steps:
+            with _keras_float64() if twin is not None else contextlib.nullcontext():
+                J_fd = differences(
+                    twin if twin is not None else target, twin_inputs, step, training, fd_dtype
+                )
+            error = np.abs(J - J_fd)
+            if best is None or error.max() < best[1].max():
+                best = (J_fd, error, step)
     J_fd, error, eps = best
     worst = np.unravel_index(int(np.argmax(error)), error.shape)
     max_abs = float(error.max())
@@ -165,17 +205,27 @@ def check(
         reference=reference,
         shape=tuple(int(d) for d in J.shape),
         worst=tuple(int(i) for i in worst),
+        order=order,
     )
 
 
-def _flat_numpy(J, inputs) -> np.ndarray:
-    """jacket's result (a tensor or a tree of flattened blocks) as one `(batch, out, in)` array."""
-    # The tree is outputs of inputs; flattening goes through both levels in the leaves' order.
+def _flat_numpy(J, inputs, order: int = 1) -> np.ndarray:
+    """jacket's result (a tensor or a tree of flattened blocks) as one `(batch, out, in)` array
+    (`(batch, out, in, in)` for a Hessian, `order=2`)."""
+    # The tree is outputs of inputs (of inputs); flattening goes through every level in order.
     n_in = len(inputs.leaves)
     flat = [J] if keras.ops.is_tensor(J) else keras.tree.flatten(J)
-    blocks = [np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(b, "float64"))) for b in flat]
-    rows = [np.concatenate(blocks[k : k + n_in], axis=2) for k in range(0, len(blocks), n_in)]
-    return np.concatenate(rows, axis=1)
+    # to NumPy first: a cast to float64 by the backend warns on JAX without 64-bit types
+    blocks = [np.asarray(keras.ops.convert_to_numpy(b)).astype(np.float64) for b in flat]
+    if order == 2:  # blocks[o][a][c]: join c along axis 3, then a along axis 2
+        blocks = [np.concatenate(blocks[k : k + n_in], axis=3) for k in range(0, len(blocks), n_in)]
+        axis = 2
+    else:
+        axis = 1
+    rows = [
+        np.concatenate(blocks[k : k + n_in], axis=axis + 1) for k in range(0, len(blocks), n_in)
+    ]
+    return np.concatenate(rows, axis=axis)
 
 
 def _to_float64(obj):
@@ -200,11 +250,8 @@ def _float64_twin(model, inputs):
     """A float64 copy of a Keras model or layer with the same weights, or None if none can be made."""
     if not isinstance(model, keras.Layer):
         return None
-    if keras.backend.backend() == "jax":
-        import jax
-
-        if not jax.config.read("jax_enable_x64"):
-            return None  # JAX computes float64 only with JAX_ENABLE_X64=1
+    if not backends.current().has_float64():
+        return None  # a JAX without 64-bit types even in a scope (see `_float64_scope`)
     try:
         with _keras_float64():
             twin = keras.saving.deserialize_keras_object(
@@ -227,6 +274,13 @@ def _to64(tensor):
     if keras.backend.standardize_dtype(tensor.dtype) in FLOAT_DTYPES:
         return keras.ops.cast(tensor, "float64")
     return tensor
+
+
+def _float64_scope():
+    """Where float64 is float64: on JAX without `JAX_ENABLE_X64=1`, a scope with 64-bit types
+    enabled (`jax.enable_x64`), so that the reference is float64 there too (without it JAX
+    truncates float64 to float32, and the differences lose half their digits)."""
+    return backends.current().float64_scope()
 
 
 @contextlib.contextmanager
@@ -259,10 +313,8 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
     """`(batch, out_size, in_size)`: `(f(x + h e_j) - f(x - h e_j)) / 2h` for every input column."""
     B = inputs.batch
     n_in = len(inputs.leaves)
-    xs = [
-        np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float64")))
-        for t in inputs.tensors[:n_in]
-    ]
+    # to NumPy first: a cast to float64 by the backend warns on JAX without 64-bit types
+    xs = [np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors[:n_in]]
     constants = [_to64(t) for t in inputs.tensors[n_in:]]  # a cut's: held as they are
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     sizes = [leaf.size for leaf in inputs.leaves]
@@ -287,9 +339,9 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
         ys = keras.tree.flatten(ys) if not keras.ops.is_tensor(ys) else [ys]
         return np.concatenate(
             [
-                np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(y, "float64"))).reshape(
-                    len(flat_batch), -1
-                )
+                np.asarray(keras.ops.convert_to_numpy(y))
+                .astype(np.float64)
+                .reshape(len(flat_batch), -1)
                 for y in ys
             ],
             axis=1,
@@ -310,4 +362,44 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
         if out is None:
             out = np.empty((B, diff.shape[2], N))
         out[:, :, cols] = diff.transpose(1, 2, 0)
+    return out
+
+
+def _gradient_differences(model, inputs, eps: float, training: bool, fd_dtype: str) -> np.ndarray:
+    """`(batch, out_size, in_size, in_size)`: `(g_i(x + h e_j) - g_i(x - h e_j)) / 2h` for every
+    output `i` and input column `j`, `g_i` the gradient of output `i` (a row of the Jacobian, by
+    `jacket.jacobian` of `model`): every sample moved at once, many columns per call."""
+    B = inputs.batch
+    xs = [np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors]
+    flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
+    N = flat.shape[1]
+    np_dtype = "float32" if fd_dtype == "bfloat16" else fd_dtype
+
+    def gradients(flat_batch):  # (n, N) float64 -> (n, M, N) float64
+        parts, offset = [], 0
+        for leaf in inputs.leaves:
+            part = flat_batch[:, offset : offset + leaf.size].reshape((-1,) + leaf.shape)
+            parts.append(keras.ops.convert_to_tensor(part.astype(np_dtype), dtype=fd_dtype))
+            offset += leaf.size
+        J = jacobian(model, inputs.pack(parts), flatten=True)
+        return _flat_numpy(J, inputs)
+
+    step = eps * np.maximum(1.0, np.abs(flat))  # (B, N)
+    out_size = None
+    columns = max(1, _FD_SAMPLES_PER_CALL // (2 * B * max(1, N // 64)))
+    out = None
+    for start in range(0, N, columns):
+        cols = np.arange(start, min(N, start + columns))
+        c = len(cols)
+        h = step[:, cols].T  # (c, B)
+        batch = np.broadcast_to(flat, (2, c, B, N)).copy()
+        batch[0, np.arange(c)[:, None], np.arange(B)[None], cols[:, None]] += h
+        batch[1, np.arange(c)[:, None], np.arange(B)[None], cols[:, None]] -= h
+        g = gradients(batch.reshape(-1, N))
+        out_size = g.shape[1]
+        g = g.reshape(2, c, B, out_size, N)
+        diff = (g[0] - g[1]) / (2 * h[..., None, None])  # (c, B, M, N)
+        if out is None:
+            out = np.empty((B, out_size, N, N))
+        out[..., cols] = diff.transpose(1, 2, 3, 0)
     return out
