@@ -108,8 +108,14 @@ def _math_attention():
 
 
 def jvp(f, xs, ts):
+    return _double_vjp(f, _watched, xs, ts, keep_graph=False)[1]
+
+
+def _double_vjp(f, watched, xs, ts, keep_graph: bool):
+    """`(ys, J t)` with `J t = d/du <u^T J, t>` (reverse passes only); `keep_graph`: the result's
+    graph is kept, so that an enclosing backward goes through it (`jacket.training`)."""
     with torch.enable_grad(), _math_attention():
-        xs = _watched(xs)
+        xs = watched(xs)
         ys = f(xs)
         out = []
         for y in ys:
@@ -123,10 +129,11 @@ def jvp(f, xs, ts):
                 out.append(torch.zeros_like(y))
                 continue
             (d,) = torch.autograd.grad(
-                [g for g, _ in pairs], u, [t for _, t in pairs], allow_unused=True
-            )
+                [g for g, _ in pairs], u, [t for _, t in pairs], create_graph=keep_graph,
+                allow_unused=True,
+            )  # fmt: skip
             out.append(torch.zeros_like(y) if d is None else d)
-        return out
+        return ys, out
 
 
 JVPS = {"double_vjp": jvp}
@@ -218,25 +225,7 @@ def train_linearize(f, xs):
 
 def train_jvp(f, xs, ts):
     """`(ys, df(xs) ts)` by the double VJP (`d/du <u^T J, v>`), its graph kept."""
-    with torch.enable_grad(), _math_attention():
-        xs = _train_watched(xs)
-        ys = f(xs)
-        out = []
-        for y in ys:
-            if not y.requires_grad:
-                out.append(torch.zeros_like(y))
-                continue
-            u = torch.zeros_like(y, requires_grad=True)
-            grads = torch.autograd.grad(y, xs, u, create_graph=True, allow_unused=True)
-            pairs = [(g, t) for g, t in zip(grads, ts) if g is not None and g.requires_grad]
-            d = None
-            if pairs:
-                (d,) = torch.autograd.grad(
-                    [g for g, _ in pairs], u, [t for _, t in pairs], create_graph=True,
-                    allow_unused=True,
-                )  # fmt: skip
-            out.append(torch.zeros_like(y) if d is None else d)
-        return ys, out
+    return _double_vjp(f, _train_watched, xs, ts, keep_graph=True)
 
 
 def train_map(fn, stacked):
