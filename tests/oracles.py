@@ -1,12 +1,31 @@
 """Independent oracles for the tests: float64 central differences, and each framework's own Jacobian.
 
-Nothing here calls jacket.
+Nothing here calls jacket. Both oracles evaluate the model with Keras's float64-to-float32 demotion
+lifted (`keras_float64`), so a float64 model is evaluated in float64 on every backend; the tests
+themselves run jacket as users do, without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
+
+
+@contextlib.contextmanager
+def keras_float64():
+    """Keras keeps float64 on JAX and PyTorch while inside (its `result_type` maps float64 to
+    float32 there, even for one float64 operand). The oracles' own switch, not jacket's."""
+    from keras.src.backend.common import dtypes
+
+    table = dtypes.BIT64_TO_BIT32_DTYPE
+    saved = table["float64"]
+    dict.__setitem__(table, "float64", "float64")
+    try:
+        yield
+    finally:
+        dict.__setitem__(table, "float64", saved)
 
 
 def to_numpy(t) -> np.ndarray:
@@ -14,8 +33,9 @@ def to_numpy(t) -> np.ndarray:
 
 
 def forward(model, x, training=False) -> np.ndarray:
-    """The model on a NumPy batch, as float64 NumPy."""
-    y = model(x, training=training) if isinstance(model, keras.Layer) else model(x)
+    """The model on a NumPy batch, as float64 NumPy (float64 kept inside: `keras_float64`)."""
+    with keras_float64():
+        y = model(x, training=training) if isinstance(model, keras.Layer) else model(x)
     return to_numpy(y)
 
 
@@ -59,7 +79,13 @@ def central_differences(model, x: np.ndarray, *, eps: float = 1e-6, per_sample: 
 
 
 def native_jacobian(model, x: np.ndarray) -> np.ndarray:
-    """Per-sample Jacobian by the active framework's own machinery (single input and output)."""
+    """Per-sample Jacobian by the active framework's own machinery (single input and output), with
+    float64 kept inside (`keras_float64`)."""
+    with keras_float64():
+        return _native_jacobian(model, x)
+
+
+def _native_jacobian(model, x: np.ndarray) -> np.ndarray:
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
