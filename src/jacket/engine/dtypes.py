@@ -101,3 +101,15 @@ def computes_in_float64(model) -> bool:
     except TypeError:  # pragma: no cover - an object that takes no weak reference
         pass
     return found
+
+
+def float64_promotion(model):
+    """`keep_float64()` for a Keras layer or model that computes in float64 on JAX or PyTorch; a
+    null context otherwise. For every evaluation whose values meet jacket's Jacobians."""
+    if (
+        keras.backend.backend() == "tensorflow"
+        or not isinstance(model, keras.Layer)
+        or not computes_in_float64(model)
+    ):
+        return contextlib.nullcontext()
+    return keep_float64()
