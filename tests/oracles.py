@@ -101,16 +101,22 @@ def _native_jacobian(model, x: np.ndarray) -> np.ndarray:
         def one(xi):
             return model(xi[None], training=False)[0]
 
-        return to_numpy(jax.vmap(jax.jacrev(one))(keras.ops.convert_to_tensor(x)))
+        # compiled: eager jacrev through a deep Keras graph takes tens of seconds
+        return to_numpy(jax.jit(jax.vmap(jax.jacrev(one)))(keras.ops.convert_to_tensor(x)))
     import torch
 
-    xt = torch.as_tensor(x)
-    full = torch.autograd.functional.jacobian(lambda t: model(t, training=False), xt)
-    full = full.detach().cpu().numpy()  # (B, *out, B, *in)
-    B = x.shape[0]
-    out_nd = full.ndim - x.ndim - 1
-    moved = np.moveaxis(full, 1 + out_nd, 1)  # (B, B, *out, *in)
-    return np.stack([moved[b, b] for b in range(B)])
+    # torch.func.vmap fails through Keras's layers: the batch is replicated instead, one copy of
+    # sample b per output k, and one backward of sum_k y[b, k, k] gives every row of every sample
+    # (rows of different copies do not mix: a model in inference keeps samples apart)
+    B, n_in = x.shape[0], int(np.prod(x.shape[1:]))
+    y0 = model(torch.as_tensor(x[:1]), training=False)
+    out_shape, n_out = tuple(y0.shape[1:]), int(np.prod(tuple(y0.shape[1:])))
+    xt = torch.as_tensor(np.repeat(x, n_out, axis=0)).requires_grad_(True)  # (B * n_out, *in)
+    y = model(xt, training=False).reshape(B, n_out, n_out)
+    picked = torch.diagonal(y, dim1=1, dim2=2).sum()
+    (grad,) = torch.autograd.grad(picked, xt)
+    J = grad.detach().cpu().numpy().reshape((B, n_out, n_in))
+    return J.reshape((B,) + out_shape + x.shape[1:])
 
 
 def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, scale: bool = True):
