@@ -766,4 +766,13 @@ def test_pattern_figure(conv_model):
     model = conv_model
     P = jacket.sparsity(model, (7, 6, 2))
     figure = sparsity_figure(P, in_shape=(7, 6, 2), out_shape=(7, 6, 2))
-    assert len(figure.axes) >= 2
+    spy, field = figure.axes[:2]
+    # the spy plot: one marker per nonzero, at (column, row)
+    cols, rows = spy.lines[0].get_data()
+    coo = P.tocoo()
+    assert sorted(zip(rows, cols)) == sorted(zip(coo.row, coo.col))
+    # the second panel: the inputs the centre output (3, 3, 1) depends on, channels averaged
+    centre = np.ravel_multi_index((3, 3, 1), (7, 6, 2))
+    row = P.toarray()[centre].reshape(7, 6, 2).astype(float).mean(axis=2)
+    np.testing.assert_array_equal(field.images[0].get_array(), row)
+    assert field.get_title() == "inputs of output (3, 3, 1)"
