@@ -63,6 +63,10 @@ def models(tmp_path_factory):
         {"score": keras.layers.Dense(2, name="score")(h), "aux": keras.layers.Dense(3)(h)},
     )
 
+    image = keras.Input((6, 5, 1))  # images in, images out, dropout between
+    h = keras.layers.Conv2D(2, 3, padding="same", activation="tanh")(image)
+    built["images"] = keras.Model(image, keras.layers.Dropout(0.5)(h))
+
     paths = {}
     for name, model in built.items():
         paths[name] = folder / f"{name}.keras"
@@ -148,6 +152,33 @@ def test_several_inputs_and_outputs_are_one_array_per_block(models, tmp_path):
             assert J[out][name].shape == expected[out][name].shape
             assert stored[f"{out}/{name}"].chunks[0] == 8
             np.testing.assert_allclose(J[out][name][:], expected[out][name], rtol=1e-5, atol=1e-6)
+
+
+def _check_training_rows(J, inference):
+    """Through the final Dropout(0.5): each row of each sample's Jacobian is the inference row
+    dropped (0) or kept and scaled by 2, and both happen."""
+    n = len(J)
+    trained, rows = J.reshape(n, 60, 30), inference.reshape(n, 60, 30)
+    kept = np.abs(trained - 2 * rows).max(axis=2) <= 1e-5 * np.abs(rows).max()
+    dropped = np.abs(trained).max(axis=2) == 0
+    assert (kept ^ dropped).all()
+    assert 0.3 < kept.mean() < 0.7
+
+
+def test_image_inputs_and_training_mode(models, tmp_path):
+    """Images from a zarr store in, image Jacobians out; `training=True` reaches every chunk."""
+    path, model = models["paths"]["images"], models["models"]["images"]
+    x = np.random.default_rng(3).standard_normal((20, 6, 5, 1)).astype("float32")
+    zarr.create_array(tmp_path / "x.zarr", data=x, chunks=(8, 6, 5, 1))
+    J = jd.jacobian_dataset(path, tmp_path / "x.zarr", tmp_path / "J.zarr", batch_size=8)
+    assert J.shape == (20, 6, 5, 2, 6, 5, 1) and J.chunks == (8, 6, 5, 2, 6, 5, 1)
+    inference = _to_numpy(jacket.jacobian(model, x))
+    np.testing.assert_allclose(J[:], inference, rtol=1e-5, atol=1e-6)
+    trained = jd.jacobian_dataset(
+        path, tmp_path / "x.zarr", tmp_path / "T.zarr", batch_size=8, training=True
+    )
+    _check_training_rows(trained[:], inference)
+    assert _manifest(tmp_path / "T.zarr")["identity"]["options"]["training"] is True
 
 
 def test_rerun_computes_only_missing_chunks_and_refuses_other_arguments(models, tmp_path):
@@ -398,6 +429,20 @@ def test_cluster_matches_in_process(models, tmp_path, cluster):
     np.testing.assert_array_equal(remote.values, local.values)
     norms = jd.jacobian_norms_dataset(path, x, batch_size=8, client=cluster)
     np.testing.assert_allclose(norms, np.linalg.norm(here[:].reshape(60, -1), axis=1), rtol=1e-5)
+
+
+@cluster_only
+def test_cluster_with_image_inputs_and_training_mode(models, tmp_path, cluster):
+    path, model = models["paths"]["images"], models["models"]["images"]
+    x = np.random.default_rng(4).standard_normal((20, 6, 5, 1)).astype("float32")
+    zarr.create_array(tmp_path / "x.zarr", data=x, chunks=(8, 6, 5, 1))
+    J = jd.jacobian_dataset(path, tmp_path / "x.zarr", tmp_path / "J.zarr", client=cluster,
+                            batch_size=8)  # fmt: skip
+    inference = _to_numpy(jacket.jacobian(model, x))
+    np.testing.assert_allclose(J[:], inference, rtol=1e-5, atol=1e-6)
+    trained = jd.jacobian_dataset(path, tmp_path / "x.zarr", tmp_path / "T.zarr", client=cluster,
+                                  batch_size=8, training=True)  # fmt: skip
+    _check_training_rows(trained[:], inference)
 
 
 @cluster_only
