@@ -10,6 +10,7 @@ Jacobians in test_jacobian.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import keras
@@ -355,13 +356,19 @@ RULE_MODELS = {
 }
 
 
+@functools.cache
+def rule_model(name):
+    """Each model built once for the two tests below (on JAX a build takes seconds)."""
+    return RULE_MODELS[name][0]()
+
+
 @pytest.mark.parametrize("name", list(RULE_MODELS))
 def test_every_rule_pattern_and_values(name, rng):
     """The pattern against the nonzeros of the framework's own Jacobian (batch_jacobian, jacrev,
     autograd) at three random points: equal (`exact`) or covering them; the sparse values against
     the same Jacobian."""
-    build, exact, compressed, rtol = RULE_MODELS[name]
-    model = build()
+    _, exact, compressed, rtol = RULE_MODELS[name]
+    model = rule_model(name)
     in_shape = tuple(model.inputs[0].shape[1:])
     pattern = jacket.sparsity(model, in_shape)
     x = rng.standard_normal((3,) + in_shape).astype("float32")
@@ -385,8 +392,8 @@ def test_every_rule_has_a_default_case():
 
     seen = {
         type(layer).__name__
-        for build, *_ in RULE_MODELS.values()
-        for layer in build()._flatten_layers(include_self=False, recursive=True)
+        for name in RULE_MODELS
+        for layer in rule_model(name)._flatten_layers(include_self=False, recursive=True)
     }
     ruled = set(_detect._SINGLE) | set(_detect._MERGE) | {"Concatenate"}
     assert ruled <= seen, sorted(ruled - seen)
