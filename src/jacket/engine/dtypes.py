@@ -19,8 +19,10 @@ float64 derivative of the model as written. What changes is confined to the call
   must agree on the output dtype.
 - Only the current thread (and task): the lift is a `ContextVar`, read by the table's lookup.
   To make that possible the table is replaced, on first use, by a `dict` subclass with the same
-  entries whose lookup of "float64" answers "float64" while the lift is on; otherwise it answers
-  exactly as the original table. Nothing else in Keras reads the table.
+  entries whose `get("float64")` (Keras's only read of it, in `_lattice_result_type`) answers
+  "float64" while the lift is on; otherwise it answers exactly as the original table. Should Keras
+  read it another way, the lift stops working and test_float64_is_kept_where_keras_demotes_it
+  says so.
 - What Keras does outside jacket is unchanged: the user's own `model(x)` still demotes.
 
 Ops that cast to float32 by their own code, not through the promotion table, stay float32: JAX's
@@ -40,17 +42,14 @@ _LIFTED: contextvars.ContextVar[bool] = contextvars.ContextVar("jacket_keep_floa
 
 
 class _PromotionTable(dict):
-    """Keras's `BIT64_TO_BIT32_DTYPE`, whose "float64" entry answers "float64" while lifted."""
+    """Keras's `BIT64_TO_BIT32_DTYPE`, whose lookup of "float64" by `get` (how Keras reads it)
+    answers "float64" while lifted. Its stored entries never change: code that saves and restores
+    an entry (`jacket.check`'s own switch) reads and writes them as before."""
 
     def get(self, key, default=None):
         if key == "float64" and _LIFTED.get():
             return "float64"
         return super().get(key, default)
-
-    def __getitem__(self, key):
-        if key == "float64" and _LIFTED.get():
-            return "float64"
-        return super().__getitem__(key)
 
 
 def _install() -> bool:
