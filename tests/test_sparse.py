@@ -343,15 +343,15 @@ def image_to_image():
 RULE_MODELS = {
     # name: (build, exact pattern, compressed, rtol): "2d" and "covered" read small inputs through
     # branches that see a whole channel (global pooling, normalisations): no coloring gains
-    # there, and their values come from the dense fallback; the others from compressed passes.
+    # there (the dense fallback), so only their patterns are checked; the others' values come
+    # from compressed passes and are checked too.
     # rtol: about 5x the largest relative error against the framework's own Jacobian measured here
-    # (float32 both; TensorFlow / JAX / PyTorch): 1d 0 / 6e-8 / 6e-8, 2d 7.5e-8 / 1.5e-7 / 1.5e-7,
-    # 3d 0 / 0 / 0, covered 0 / 3e-8 / 0, image 1.3e-7 / 2e-6 / 0 (its normalisations amplify
-    # float32 rounding).
+    # (float32 both; TensorFlow / JAX / PyTorch): 1d 0 / 6e-8 / 6e-8, 3d 0 / 0 / 0, image 1.3e-7 /
+    # 2e-6 / 0 (its normalisations amplify float32 rounding).
     "1d": (rules_1d, True, True, 1e-6),
-    "2d": (rules_2d, True, False, 1e-6),
+    "2d": (rules_2d, True, False, None),
     "3d": (rules_3d, True, True, 1e-6),
-    "covered": (rules_covered, False, False, 1e-6),
+    "covered": (rules_covered, False, False, None),
     "image": (image_to_image, True, True, 1e-5),
 }
 
@@ -365,8 +365,8 @@ def rule_model(name):
 @pytest.mark.parametrize("name", list(RULE_MODELS))
 def test_every_rule_pattern_and_values(name, rng):
     """The pattern against the nonzeros of the framework's own Jacobian (batch_jacobian, jacrev,
-    autograd) at three random points: equal (`exact`) or covering them; the sparse values against
-    the same Jacobian."""
+    autograd) at three random points: equal (`exact`) or covering them; the sparse values from
+    compressed passes against the same Jacobian."""
     _, exact, compressed, rtol = RULE_MODELS[name]
     model = rule_model(name)
     in_shape = tuple(model.inputs[0].shape[1:])
@@ -378,10 +378,10 @@ def test_every_rule_pattern_and_values(name, rng):
     assert not (truth & ~P).any(), f"pattern misses {(truth & ~P).sum()} nonzeros"
     if exact:
         assert (truth == P).all(), f"pattern has {(P & ~truth).sum()} entries that are zero"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error" if compressed else "ignore", SparsityWarning)
-        S = jacket.jacobian(model, x, sparse=True)
-    assert (S.fallback is None) == compressed, S.fallback
+    if not compressed:  # the values would come from the dense engine (test_jacobian.py)
+        return
+    S = jacket.jacobian(model, x, sparse=True)
+    assert S.fallback is None and S.n_colors < min(P.shape), (S.fallback, S.n_colors)
     error = np.abs(S.to_dense(flatten=True) - native).max() / np.abs(native).max()
     assert error < rtol, error
 
