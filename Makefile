@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-tensorflow test-jax test-torch bench lint clean
+.PHONY: demo test test-tensorflow test-jax test-torch bench docs lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,20 @@ test: $(VENV)/.test.stamp
 test-tensorflow test-jax test-torch: test-%: $(VENV)/.test.stamp
 	KERAS_BACKEND=$* $(PYTEST)
 
-bench: $(VENV)/.test.stamp
+$(VENV)/.bench.stamp: pyproject.toml | $(VENV)/.test.stamp
+	$(PIP) install --quiet -e ".[tensorflow,jax,torch,test,bench]"
+	touch $@
+
+bench: $(VENV)/.bench.stamp
 	$(PY) benchmarks/run.py $(ARGS)
+
+# The documentation site (mkdocs-material; the API reference from the docstrings) into site/.
+$(VENV)/.docs.stamp: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs.stamp
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.test.stamp
 	$(VENV)/bin/ruff check src tests

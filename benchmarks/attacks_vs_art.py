@@ -167,8 +167,8 @@ def main(argv=None) -> int:
 
     import keras
 
-    from jacket.engine.outputs import outputs
     from jacket.demo import digits_data, load_digits_model
+    from jacket.engine.outputs import outputs
 
     backend = keras.backend.backend()
     if not args.jacket_only and backend != "tensorflow":

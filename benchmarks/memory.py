@@ -45,8 +45,8 @@ def child(budget: str | None) -> dict:
     )
     x = np.random.default_rng(0).random((2, 48, 48, 1)).astype("float32")
     model(x)  # built and run once: the weights and the framework's start-up are in the baseline
-    from jacket.engine.plan import default_memory_budget
     from jacket.checks import format_bytes
+    from jacket.engine.memory import default_memory_budget
 
     jac = jacket.jacobian_fn(model, memory_budget=budget)
     plan = jac.plan(x)

@@ -8,6 +8,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ["KERAS_BACKEND"] == "jax":
     os.environ.setdefault("JAX_ENABLE_X64", "1")  # float64 models need it on JAX
+if (
+    "JACKET_CACHE_DIR" not in os.environ
+):  # measured plans go to a folder of this run, never the user's
+    import tempfile
+
+    os.environ["JACKET_CACHE_DIR"] = tempfile.mkdtemp(prefix="jacket-test-cache-")
 
 import matplotlib
 

@@ -248,6 +248,32 @@ def test_logdet_matches_slogdet(rng):
         analysis.logdet(mlp(5, 4, 3), x)
 
 
+def test_jacobian_norms_in_one_pass_match_numpy(rng):
+    model = mlp(5, 9, 5)
+    x = rng.normal(size=(11, 5))
+    J = dense_J(model, x)
+    r = analysis.jacobian_norms(
+        model, x, ("fro", 2, "nuc"), logdet=True, lipschitz=True, batch_size=4
+    )
+    assert r.samples == 11 and list(r.values) == ["fro", 2, "nuc"]
+    np.testing.assert_allclose(r.values["fro"], np.linalg.norm(J, "fro", axis=(1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(r.values[2], np.linalg.norm(J, 2, axis=(1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(r.values["nuc"], np.linalg.norm(J, "nuc", axis=(1, 2)), rtol=1e-10)
+    assert r.methods == {"fro": "exact", 2: "exact", "nuc": "exact"}
+    sign, logabs = np.linalg.slogdet(J)
+    np.testing.assert_array_equal(r.logdet.sign, sign)
+    np.testing.assert_allclose(r.logdet.logabsdet, logabs, rtol=1e-10)
+    assert r.lipschitz.index == int(r.values[2].argmax())
+    np.testing.assert_allclose(r.lipschitz.norms, r.values[2], rtol=1e-10)
+    streamed = analysis.jacobian_norms(model, (x[i : i + 3] for i in range(0, 11, 3)), "fro")
+    np.testing.assert_allclose(streamed.values["fro"], r.values["fro"], rtol=1e-12)
+    assert streamed.logdet is None and streamed.lipschitz is None
+    with pytest.raises(jacket.JacketValueError, match="each of `ords` must be one of"):
+        analysis.jacobian_norms(model, x, ("fro", 1))
+    with pytest.raises(jacket.JacketValueError, match="the Jacobian must be square"):
+        analysis.jacobian_norms(mlp(5, 4, 3), x, logdet=True)
+
+
 def test_norm_errors(rng):
     model, x = mlp(), rng.normal(size=(2, 6))
     with pytest.raises(jacket.JacketValueError, match="`ord` must be one of 'fro', 2, 'nuc'"):

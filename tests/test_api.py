@@ -51,7 +51,7 @@ def test_second_call_does_not_retrace(backend, rng):
     model = seed_mlp()
     jac = jacket.jacobian_fn(model)
     x = rng.random((4, 5)).astype("float32")
-    jac(x)
+    jac.tune(x)  # the planner measures its candidates (NOTE: [Measured plans]); then settled
     traces = jac.trace_count
     assert traces >= 1
     jac(x + 1.0)
@@ -59,6 +59,11 @@ def test_second_call_does_not_retrace(backend, rng):
     assert jac.trace_count == traces
     jac(rng.random((6, 5)).astype("float32"))  # a new signature traces once more
     assert jac.trace_count > traces
+    forced = jacket.jacobian_fn(model, strategy="loop")  # nothing to measure: traced once
+    forced(x)
+    traces = jac.trace_count
+    forced(x + 1.0)
+    assert jac.trace_count == traces
 
 
 def test_prepared_function_matches_one_shot(rng):
@@ -171,11 +176,12 @@ def test_autotune_keeps_its_choice_and_drops_the_losers(rng):
     J = jac(x)
     plan = jac.plan(x)
     assert plan.strategy in ("replicate", "vmap", "loop")
-    engine = model._jacket_engines[False]
-    kept = [key for key in engine._kernels if key[0] == "jacobian"]
-    assert len(kept) == 1 and kept[0][2] == plan  # the winner's kernel only
+    assert plan.source == "autotune"
+    state = model._jacket_state[False]
+    kept = [key for key in state.kernels if key[0] == "jacobian"]
+    assert len(kept) == 1 and kept[0][2] == plan.plan  # the winner's kernel only
     assert_close(jac(x), J, rtol=0, atol=0)
-    assert jac.plan(x) == plan
+    assert jac.plan(x).plan == plan.plan
 
 
 def test_bad_strategies_are_refused(rng):
@@ -213,22 +219,3 @@ def test_long_loop_passes_agree_in_both_modes(rng):
     for mode in ("reverse", "forward"):
         got = jacket.jacobian(model, x, mode=mode, strategy="loop", chunk_size=24)
         assert_close(got, expected, rtol=1e-7, atol=1e-9)
-
-
-def test_depthwise_models_take_their_own_measured_strategy(rng):
-    from jacket import backends
-    from jacket.engine.model import model_kind
-
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2), dtype="float64"),
-            keras.layers.DepthwiseConv2D(3, activation="tanh", dtype="float64"),
-            keras.layers.Flatten(dtype="float64"),
-            keras.layers.Dense(3, dtype="float64"),
-        ]
-    )
-    assert model_kind(model) == "depthwise"
-    x = rng.standard_normal((2, 6, 6, 2))
-    jac = jacket.jacobian_fn(model, mode="reverse")
-    assert jac.plan(x).strategy == backends.current().PER_SAMPLE_STRATEGY["depthwise"]
-    assert_close(jac(x), central_differences(model, x), rtol=1e-7, atol=1e-9)

@@ -21,18 +21,20 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from cli_helpers import PNG
+from cli_helpers import close as _close
+from cli_helpers import invoke as _invoke
+from cli_helpers import no_temporaries as _no_temporaries
+from cli_helpers import ok as _ok
+from cli_helpers import one_red_line as _one_red_line
 from oracles import central_differences, native_jacobian
 from PIL import Image
-from typer.testing import CliRunner
 
 import jacket
 from jacket import io
-from jacket.cli import app
 from jacket.plot import is_image_shape, jacobian_figure, split_jacobian_shape
 
 BACKEND = keras.backend.backend()
-RUNNER = CliRunner()
-PNG = b"\x89PNG\r\n\x1a\n"
 SCRIPT = Path(sys.executable).parent / "jacket"
 
 
@@ -118,45 +120,9 @@ def files(tmp_path_factory):
     return Files
 
 
-def _invoke(*args, env=None):
-    result = RUNNER.invoke(app, [str(a) for a in args], env=env)
-    # an exception the command did not turn into an exit code would show up here
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    return result
-
-
-def _ok(*args, env=None):
-    result = _invoke(*args, env=env)
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return result
-
-
-def _one_red_line(result, *fragments, code=1):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
 def _jac(model, x, **options):
     J = jacket.jacobian(model, x, **options)
     return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), J)
-
-
-def _close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
-
-
-def _no_temporaries(folder: Path):
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
 # ------------------------------------------------------------------------------------- jacobian
@@ -626,6 +592,20 @@ def test_progress_bar_on_a_terminal_and_quiet(files, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- io
+
+
+def test_load_and_read_labels(files, tmp_path):
+    run = io.load(files.path / "mlp.keras", files.path / "x.npy")
+    assert run.samples == len(files.data["x"]) and run.single("this test") == (3,)
+    np.testing.assert_array_equal(run.first(2), files.data["x"][:2].astype("float32"))
+    np.savez(tmp_path / "xy.npz", x=files.data["x"], y=np.arange(len(files.data["x"])))
+    np.testing.assert_array_equal(io.read_labels("y", tmp_path / "xy.npz"), np.arange(10))
+    np.savetxt(tmp_path / "y.csv", np.arange(3), delimiter=",")
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "y.csv"), np.arange(3.0))
+    with pytest.raises(jacket.JacketValueError, match="has no array 'z'"):
+        io.read_labels("z", tmp_path / "xy.npz")
+    with pytest.raises(jacket.JacketValueError, match="labels not found: 'z'"):
+        io.read_labels("z")
 
 
 def test_atomic_output_leaves_nothing_on_error(tmp_path):

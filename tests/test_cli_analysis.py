@@ -18,8 +18,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from cli_helpers import PNG
+from cli_helpers import close as _close
+from cli_helpers import invoke as _invoke
+from cli_helpers import no_temporaries as _no_temporaries
+from cli_helpers import ok as _ok
+from cli_helpers import one_red_line as _one_red_line
 from oracles import central_differences, forward
-from test_cli import PNG, _close, _invoke, _no_temporaries, _ok, _one_red_line
 
 from jacket import analysis, attacks, demo
 

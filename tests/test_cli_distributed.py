@@ -24,16 +24,17 @@ import keras
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
+from cli_helpers import TERMINAL
+from cli_helpers import close as _close
+from cli_helpers import invoke as _invoke
+from cli_helpers import ok as _ok
+from cli_helpers import one_red_line as _one_red_line
 
 import jacket
-from jacket import distributed as jd
-from jacket.cli import app
 from jacket.cli import distributed as _cli_distributed
+from jacket.distributed import store as dist_store
 
 BACKEND = keras.backend.backend()
-RUNNER = CliRunner()
-TERMINAL = {"TTY_COMPATIBLE": "1", "COLUMNS": "120"}
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -81,39 +82,8 @@ def files(tmp_path_factory):
     return Files
 
 
-def _invoke(*args, env=None):
-    result = RUNNER.invoke(app, [str(a) for a in args], env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    return result
-
-
-def _ok(*args, env=None):
-    result = _invoke(*args, env=env)
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return result
-
-
 def _summary(*args, env=None) -> dict:
     return json.loads(_ok(*args, "--json", env=env).stdout)
-
-
-def _one_red_line(result, *fragments, code=1) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def _close(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def _manifest(store: Path) -> dict:
@@ -153,14 +123,14 @@ def test_jacobian_in_process_matches_jacobian_and_resumes_after_an_interrupt(
     expected = _numpy(jacket.jacobian(files.model["mlp"], files.data["x"]))
 
     # Ctrl-C after the third chunk: one red line that says how to resume, exit code 130
-    finished = jd._Tracker.finished
+    finished = dist_store.Tracker.finished
 
     def interrupted(self, index):
         finished(self, index)
         if self.count() == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(jd._Tracker, "finished", interrupted)
+    monkeypatch.setattr(dist_store.Tracker, "finished", interrupted)
     _one_red_line(
         _invoke(*args), "interrupted", "rerun the same command", "3 of 5 chunks", code=130
     )

@@ -17,17 +17,18 @@ import keras
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from cli_helpers import PNG
+from cli_helpers import close as _close
+from cli_helpers import invoke as _invoke
+from cli_helpers import ok as _ok
+from cli_helpers import one_red_line as _one_red_line
 from keras import layers
 from oracles import central_differences
-from typer.testing import CliRunner
 
 import jacket
 from jacket import io, sparse
-from jacket.cli import app
 
 BACKEND = keras.backend.backend()
-RUNNER = CliRunner()
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -88,31 +89,6 @@ def files(tmp_path_factory):
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _invoke(*args):
-    result = RUNNER.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    return result
-
-
-def _ok(*args):
-    result = _invoke(*args)
-    assert result.exit_code == 0, result.stderr + result.stdout
-    return result
-
-
-def _one_red_line(result, *fragments, code=1):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
 def _dense(model, x) -> np.ndarray:
     """The in-process dense `jacket.jacobian`, `(batch, out_size, in_size)` float64."""
     J = jacket.jacobian(model, x, flatten=True)
@@ -120,12 +96,6 @@ def _dense(model, x) -> np.ndarray:
     if len(blocks) == 1:
         return blocks[0]
     return np.concatenate([np.concatenate(blocks[2 * o : 2 * o + 2], axis=2) for o in (0, 1)], 1)
-
-
-def _close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
 
 
 def _files_in(folder) -> set[str]:
@@ -359,18 +329,28 @@ def test_errors_are_one_red_line(files, tmp_path):
     assert _files_in(tmp_path) == {"J.npz", "arrays.npz", "P9.npz", "bare.npz"}
 
 
+def test_verify_is_the_library_check(files):
+    model = files.model["conv"]
+    P = jacket.sparsity(model, (8, 8, 1))
+    checked = sparse.verify(model, (8, 8, 1), P, points=3)
+    assert checked["method"] == "dense Jacobian" and 0 < checked["nonzero"] <= P.nnz
+    with pytest.raises(jacket.JacketValueError, match="`sparsity` must have shape"):
+        sparse.verify(model, (8, 8, 1), P[:10])
+    with pytest.raises(jacket.JacketValueError, match="`points` must be a positive integer"):
+        sparse.verify(model, (8, 8, 1), P, points=0)
+
+
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_pattern(files, tmp_path, dense_check, monkeypatch):
-    from jacket.cli import sparse as _cli_sparse
-    from jacket.sparse import _detect
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
-        monkeypatch.setattr(_cli_sparse, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )

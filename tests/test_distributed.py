@@ -24,6 +24,9 @@ import zarr
 import jacket
 from jacket import JacketTypeError, JacketValueError
 from jacket import distributed as jd
+from jacket.distributed import cluster as cluster_module
+from jacket.distributed import runners
+from jacket.distributed import store as dist_store
 
 BACKEND = keras.backend.backend()
 CLUSTER_BACKEND = "jax"
@@ -261,16 +264,29 @@ def test_merge_tree_gives_the_same_bits_in_any_order():
     values = [rng.standard_normal(3) * 10.0 ** rng.integers(-8, 8) for _ in range(23)]
     results = []
     for order in (range(23), rng.permutation(23), range(22, -1, -1)):
-        tree = jd._Tree(23, lambda a, b: a + b)
+        tree = runners.Tree(23, lambda a, b: a + b)
         for i in order:
             tree.add(int(i), values[i])
         results.append(tree.root)
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
     np.testing.assert_allclose(results[0], np.sum(values, axis=0), rtol=1e-12)
-    one = jd._Tree(1, lambda a, b: a + b)
+    one = runners.Tree(1, lambda a, b: a + b)
     one.add(0, values[0])
     assert one.root is values[0]
+
+
+def test_a_cluster_passed_as_client_says_where_and_stays_open(models, tmp_path):
+    x = np.random.default_rng(8).standard_normal((10, 5)).astype("float32")
+    path = models["paths"]["mlp"]
+    with jd.Cluster(scheduler="synchronous") as cluster:
+        J = jd.jacobian_dataset(path, x, tmp_path / "J.zarr", batch_size=4, client=cluster)
+        norms = jd.jacobian_norms_dataset(path, x, batch_size=4, client=cluster)
+        assert cluster.describe == "this process" and not cluster.remote
+        assert cluster.backend() == keras.backend.backend()
+    np.testing.assert_allclose(norms, np.sqrt((J[:].astype(np.float64) ** 2).sum(axis=(1, 2))))
+    with pytest.raises(JacketValueError, match="pass no `scheduler` or `workers` with it"):
+        jd.jacobian_norms_dataset(path, x, client=jd.Cluster(), scheduler="synchronous")
 
 
 def test_option_defaults_are_those_of_jacobian_fn():
@@ -330,7 +346,7 @@ def test_stores_killed_while_made_or_deleted_start_afresh(models, tmp_path, monk
     def killed(folder, *args, **kwargs):  # killed before deleting anything
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jd.shutil, "rmtree", killed)
+    monkeypatch.setattr(dist_store.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         jd.jacobian_dataset(path, x, out, batch_size=8, overwrite=True)
     monkeypatch.undo()
@@ -453,8 +469,10 @@ def test_big_jobs_leave_the_driver_for_a_local_cluster(models, tmp_path, cluster
         started.append(chunks)
         return cluster
 
-    monkeypatch.setattr(jd._Where, "_local_cluster", local_cluster)
-    monkeypatch.setattr(jd, "IN_PROCESS_MAX_BYTES", 1000)  # bytes: 2 chunks of 16 x 3 x 5 float32
+    monkeypatch.setattr(jd.Cluster, "_local_cluster", local_cluster)
+    monkeypatch.setattr(
+        cluster_module, "IN_PROCESS_MAX_BYTES", 1000
+    )  # bytes: 2 chunks of 16 x 3 x 5 float32
     x = np.random.default_rng(6).standard_normal((64, 5)).astype("float32")
     path = models["paths"]["mlp"]
     J = jd.jacobian_dataset(path, x, tmp_path / "small.zarr", batch_size=32)

@@ -15,7 +15,8 @@ import jacket
 from jacket import checks
 from jacket.engine import api as _api
 from jacket.engine import kernels as _kernels
-from jacket.engine import plan as _plan
+from jacket.engine import memory as _memory_module
+from jacket.engine import options as _options
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -23,8 +24,8 @@ GiB, MiB = 1 << 30, 1 << 20
 @pytest.fixture
 def fresh_budget():
     def clear():
-        _plan.default_memory_budget.cache_clear()
-        getattr(_api, "_CHECKED", {}).clear()  # checked options hold the budget they resolved
+        _memory_module.default_memory_budget.cache_clear()
+        _options._CHECKED.clear()  # checked options hold the budget they resolved
 
     clear()
     yield
@@ -44,13 +45,13 @@ def fresh_budget():
 def test_default_budget_is_a_fraction_of_free_memory(
     device, host, expected, monkeypatch, fresh_budget
 ):
-    from jacket.backends import _memory
+    from jacket.backends import memory as _memory
 
     monkeypatch.setattr(_memory, "device_free_memory", lambda name: device)
-    monkeypatch.setattr(_plan, "available_memory", lambda: host)
-    assert _plan.default_memory_budget() == expected
-    monkeypatch.setattr(_plan, "available_memory", lambda: 2 * host if host else 3 * GiB)
-    assert _plan.default_memory_budget() == expected  # measured once per process
+    monkeypatch.setattr(_memory_module, "available_memory", lambda: host)
+    assert _memory_module.default_memory_budget() == expected
+    monkeypatch.setattr(_memory_module, "available_memory", lambda: 2 * host if host else 3 * GiB)
+    assert _memory_module.default_memory_budget() == expected  # measured once per process
 
 
 def test_available_memory_reads_the_host(fresh_budget):
@@ -58,15 +59,15 @@ def test_available_memory_reads_the_host(fresh_budget):
         fields = dict(line.split(":", 1) for line in file)
     available = int(fields["MemAvailable"].split()[0]) * 1024
     total = int(fields["MemTotal"].split()[0]) * 1024
-    measured = _plan.available_memory()
+    measured = _memory_module.available_memory()
     assert 0 < measured <= total
     assert abs(measured - available) < 0.25 * total  # other processes move it a little
-    assert 64 * MiB <= _plan.default_memory_budget() <= 4 * GiB
+    assert 64 * MiB <= _memory_module.default_memory_budget() <= 4 * GiB
 
 
 def test_default_budget_sets_the_chunk(monkeypatch, fresh_budget, rng):
-    monkeypatch.setattr(_plan, "available_memory", lambda: 4 * 200_000)  # 64 MiB floor
-    from jacket.backends import _memory
+    monkeypatch.setattr(_memory_module, "available_memory", lambda: 4 * 200_000)  # 64 MiB floor
+    from jacket.backends import memory as _memory
 
     monkeypatch.setattr(_memory, "device_free_memory", lambda name: None)
     model = keras.Sequential([layers.Input((4000,)), layers.Dense(300)])
@@ -78,7 +79,7 @@ def test_default_budget_sets_the_chunk(monkeypatch, fresh_budget, rng):
 
 
 def test_a_result_too_large_is_refused_with_its_size(monkeypatch, rng):
-    monkeypatch.setattr(_api, "available_memory", lambda: 10 * MiB)
+    monkeypatch.setattr(_memory_module, "available_memory", lambda: 10 * MiB)
     model = keras.Sequential([layers.Input((1000,)), layers.Dense(10)])
     x = rng.normal(size=(320, 1000)).astype("float32")
     size = 320 * 10 * 1000 * 4  # (batch, out, in) float32: 12.2 MiB
@@ -163,7 +164,9 @@ def test_other_errors_are_not_retried(monkeypatch, rng):
     tried = _inject(monkeypatch, RuntimeError("a bug, not memory"), above=0)
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         jacket.jacobian(seed_mlp("float64"), rng.normal(size=(2, 5)), chunk_size=2)
-    assert tried == [2]
+    # never with fewer seeds; the planner tries one other strategy before it blames the model
+    # (NOTE: [Measured plans]) and then raises the first error, unchanged
+    assert set(tried) == {2} and len(tried) <= 2
 
 
 # ------------------------------------------------------------------------------- measured memory

@@ -88,7 +88,7 @@ def test_forward_mode_through_float32_upsampling_and_a_right_model_keeps_forward
     v = rng.normal(size=(2, 4)).astype("float32")
     J = to_numpy(jacket.jacobian(plain, xp, mode="reverse"))
     assert_close(jacket.jvp(plain, xp, v), np.einsum("bon,bn->bo", J, v), rtol=1e-5, atol=1e-7)
-    assert set(plain._jacket_engines[False]._forward.values()) <= {"native", "double_vjp"}
+    assert set(plain._jacket_state[False].forward.values()) <= {"native", "double_vjp"}
 
 
 # ----------------------------------------------------------------- training mode: one mask per call

@@ -16,7 +16,7 @@ from oracles import assert_close, central_differences, native_jacobian, to_numpy
 from scenarios import seed_mlp
 
 import jacket
-from jacket.engine import api as _api
+from jacket.engine import probes
 
 # ------------------------------------------------------------------------------ interacting samples
 
@@ -115,10 +115,10 @@ def test_diagonal_option_errors():
 def _count_probe_vjps(monkeypatch) -> list:
     """Patch the engine so that every VJP its probe runs is counted."""
     calls = []
-    probe = _api._Engine._probe
+    probe = probes._probe
 
-    def counted_probe(self, inputs, entry):
-        vjp = self.vjp
+    def counted_probe(state, inputs, entry):
+        vjp = state.vjp
 
         def counting(inputs_):
             kernel = vjp(inputs_)
@@ -129,13 +129,13 @@ def _count_probe_vjps(monkeypatch) -> list:
 
             return run
 
-        self.vjp = counting
+        state.vjp = counting
         try:
-            return probe(self, inputs, entry)
+            return probe(state, inputs, entry)
         finally:
-            del self.vjp
+            del state.vjp
 
-    monkeypatch.setattr(_api._Engine, "_probe", counted_probe)
+    monkeypatch.setattr(probes, "_probe", counted_probe)
     return calls
 
 
@@ -482,8 +482,9 @@ def test_archives_over_the_size_limit_are_refused_unless_raised(tmp_path, monkey
 
 def test_archives_with_too_many_members_are_refused(tmp_path, monkeypatch):
     from jacket import io
+    from jacket.io import models
 
-    monkeypatch.setattr(io, "MAX_ARCHIVE_MEMBERS", 3)
+    monkeypatch.setattr(models, "MAX_ARCHIVE_MEMBERS", 3)
     path = tmp_path / "x.npz"
     np.savez(path, *[np.zeros(2) for _ in range(4)])
     with pytest.raises(jacket.JacketValueError, match="it has 4 members, more than the 3"):

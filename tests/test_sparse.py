@@ -560,24 +560,24 @@ def test_a_single_layer_is_a_model(rng):
 def test_verify_accepts_a_right_pattern(monkeypatch):
     model = EXACT["conv2d_valid_strided"]()
     jacket.sparsity(model, (9, 8, 1), verify=True)  # against the dense Jacobian
-    from jacket.sparse import _jacobian
+    from jacket.sparse import _sparsity
 
-    monkeypatch.setattr(_jacobian, "VERIFY_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     fresh = EXACT["conv2d_valid_strided"]()
     jacket.sparsity(fresh, (9, 8, 1), verify=True)  # by random products
 
 
 @pytest.mark.parametrize("dense_check", [True, False])
 def test_verify_catches_a_wrong_rule(dense_check, monkeypatch):
-    from jacket.sparse import _detect, _jacobian
+    from jacket.sparse import _deps, _detect, _sparsity
 
     if not dense_check:
-        monkeypatch.setattr(_jacobian, "VERIFY_DENSE_ENTRIES", 0)
+        monkeypatch.setattr(_sparsity, "VERIFY_DENSE_ENTRIES", 0)
     # pretend a convolution reads only its own pixel: the pattern then misses the neighbours
     monkeypatch.setitem(
         _detect._SINGLE,
         "Conv2D",
-        lambda layer, dep, out_shape, ctx: _detect._separable(
+        lambda layer, dep, out_shape, ctx: _deps._separable(
             dep, None, np.ones((out_shape[-1], dep.channels), bool), out_shape
         ),
     )
@@ -692,11 +692,11 @@ def test_pattern_and_coloring_are_made_once(rng):
     fn = jacket.jacobian_fn(model, sparse=True)
     x = rng.standard_normal((3, 7, 6, 2)).astype("float32")
     fn(x)
-    prepared = fn._prepared(jacket.sparse._jacobian.prepare_inputs("t", model, x))
+    prepared = fn.passes(jacket.engine.inputs.prepare_inputs("t", model, x))
     traces = jacket.jacobian_fn(model).trace_count
     fn(x + 1.0)
     jacket.jacobian(model, x * 2.0, sparse=True)  # the one-shot form shares the cache
-    assert fn._prepared(jacket.sparse._jacobian.prepare_inputs("t", model, x)) is prepared
+    assert fn.passes(jacket.engine.inputs.prepare_inputs("t", model, x)) is prepared
     if BACKEND in ("tensorflow", "jax"):
         assert jacket.jacobian_fn(model).trace_count == traces  # nothing traced again
 
@@ -731,10 +731,10 @@ class BatchCentre(keras.layers.Layer):
 
 @pytest.mark.parametrize("small", [True, False])
 def test_samples_that_interact_are_refused(small, monkeypatch, rng):
-    from jacket.sparse import _jacobian
+    from jacket.sparse import _compressed
 
     if not small:  # the probe on the batch as given, not on the repeated batch
-        monkeypatch.setattr(_jacobian, "SMALL_PROBE", 0)
+        monkeypatch.setattr(_compressed, "SMALL_PROBE", 0)
     conv = sequential((6, 6, 1), layers.Conv2D(1, 3, padding="same"))
     model = sequential((6, 6, 1), conv, BatchCentre())
     P = jacket.sparsity(conv, (6, 6, 1))  # the per-sample pattern of `model` too

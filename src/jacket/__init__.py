@@ -23,6 +23,8 @@ _EXPORTS = {
     "vjp": ".engine",
     "check": ".engine",
     "CheckReport": ".engine",
+    "PlanReport": ".engine",
+    "tune": ".engine",
     "JacketError": ".errors",
     "JacketValueError": ".errors",
     "JacketTypeError": ".errors",
@@ -35,18 +37,30 @@ _EXPORTS = {
     "SparsityWarning": ".sparse",
 }
 # subpackages reachable as attributes (`jacket.analysis.sensitivity`), also loaded on first use
-_SUBPACKAGES = ("analysis", "attacks")
+# (each imports its framework only when first used; `import jacket` itself imports none)
+_SUBPACKAGES = (
+    "analysis",
+    "attacks",
+    "distributed",
+    "engine",
+    "io",
+    "operator",
+    "plot",
+    "sparse",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .api import jacobian as jacobian
     from .api import jacobian_fn as jacobian_fn
-    from .engine.api import JacobianFn as JacobianFn
-    from .engine.api import jvp as jvp
-    from .engine.api import vjp as vjp
-    from .engine.check import CheckReport as CheckReport
-    from .engine.check import check as check
+    from .engine import CheckReport as CheckReport
+    from .engine import JacobianFn as JacobianFn
+    from .engine import PlanReport as PlanReport
+    from .engine import check as check
+    from .engine import jvp as jvp
+    from .engine import tune as tune
+    from .engine import vjp as vjp
     from .errors import CouplingError as CouplingError
     from .errors import JacketError as JacketError
     from .errors import JacketMemoryError as JacketMemoryError

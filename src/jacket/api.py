@@ -144,5 +144,3 @@ def _check_not_diagonal(fn_name: str, per_sample) -> None:
             f"{fn_name}: sparse Jacobians are per sample. Received: per_sample='diagonal' with "
             "sparse=True (or a `sparsity` pattern). Drop one of them."
         )
-
-

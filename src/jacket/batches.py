@@ -1,22 +1,33 @@
-"""The one batch loop: a dataset (an array, or an iterable of arrays or `(x, y)` tuples) cut into
-batches of one fixed size, the last one padded, so that the engine sees one input signature."""
+"""The one batch loop: a dataset cut into batches of one fixed size, the last one padded with copies
+of its last sample, so that the engine sees one input signature (samples are independent, so the
+copies change nothing but are computed and dropped).
+
+`slices` is the loop over an array-like (or a list/tuple/dict of them, lazy ones such as memory maps
+and zarr arrays read one batch at a time); `take` is one of its batches; `batches` is the loop over
+a dataset given as an array or an iterable of batches, re-cut to the batch size. `jacket.io`'s
+streams, the analyses, the attacks and `jacket.distributed`'s chunks all run through them.
+
+Keras is imported on first use, not with this module.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import keras
 import numpy as np
 
 from .errors import JacketTypeError, JacketValueError
-from .trees import to_numpy
+from .trees import map_structure, to_numpy
 
 Progress = Callable[[int, "int | None"], None]
 
 
 def single_array(fn_name: str, name: str, x) -> np.ndarray:
     """`x` as a NumPy array with a batch axis (one model input only)."""
+    import keras
+
     if x is None or isinstance(x, (list, tuple, dict)):
         received = "None" if x is None else f"a {type(x).__name__}"
         raise JacketValueError(
@@ -48,8 +59,45 @@ class Batch:
     """A slice of a dataset, padded to a fixed size so every engine call has the same signature."""
 
     start: int  # index of its first sample in the dataset
-    x: np.ndarray  # `(batch_size, *in_shape)`, rows past `valid` repeat the last sample
+    x: Any  # `(batch_size, *in_shape)` (or a structure of such), rows past `valid` repeat the last
     valid: int
+
+    @property
+    def stop(self) -> int:
+        """One past the index of its last real sample in the dataset."""
+        return self.start + self.valid
+
+
+def pad(x, size: int):
+    """`x` (an array `(rows, ...)` or a structure of them) with `size` rows: the last row repeated."""
+
+    def one(array):
+        missing = size - array.shape[0]
+        if missing <= 0:
+            return array
+        return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
+
+    return map_structure(one, x)
+
+
+def take(x, start: int, stop: int, size: int | None = None, *, cast: Callable | None = None):
+    """Rows `start:stop` of `x` (an array-like or a structure of them; lazy ones are read now) as
+    contiguous NumPy arrays, `cast` applied, padded to `size` rows (None: not padded)."""
+    part = map_structure(lambda a: np.ascontiguousarray(a[start:stop]), x)
+    if cast is not None:
+        part = cast(part)
+    return Batch(start, part if size is None else pad(part, size), stop - start)
+
+
+def slices(
+    x, n: int, size: int, *, offset: int = 0, padded: bool = True, cast: Callable | None = None
+) -> Iterator[Batch]:
+    """The `n` samples of `x` in batches of `size` (see `take`), each read when it is reached, the
+    last one padded to `size` (unless `padded=False`); `Batch.start` counts from `offset`."""
+    for start in range(0, n, size):
+        batch = take(x, start, min(n, start + size), size if padded else None, cast=cast)
+        batch.start += offset
+        yield batch
 
 
 def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch], int | None]:
@@ -62,10 +110,12 @@ def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch]
     list item is the inputs of a model with several inputs, which the analyses do not support,
     and is refused with an error that says so. (A two-element list of arrays could be either.)
     """
+    import keras
+
     if isinstance(data, np.ndarray) or keras.ops.is_tensor(data):
         array = single_array(fn_name, "data", data)
         size = min(batch_size or array.shape[0], array.shape[0])
-        return _slices(array, size, 0), array.shape[0]
+        return slices(array, array.shape[0], size), array.shape[0]
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):
         raise JacketTypeError(
             f"{fn_name}: `data` must be an array `(n, *in_shape)` or an iterable of batches. "
@@ -89,7 +139,7 @@ def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch]
                 )
             array = single_array(fn_name, "data", item)
             if batch_size is None:
-                yield from _slices(array, array.shape[0], seen)
+                yield from slices(array, array.shape[0], array.shape[0], offset=seen)
                 seen += array.shape[0]
                 continue
             pending.append(array)
@@ -97,19 +147,10 @@ def batches(fn_name: str, data, batch_size: int | None) -> tuple[Iterator[Batch]
             if held >= batch_size:
                 joined = np.concatenate(pending)
                 full = (held // batch_size) * batch_size
-                yield from _slices(joined[:full], batch_size, seen)
+                yield from slices(joined, full, batch_size, offset=seen)
                 seen += full
                 pending, held = ([joined[full:]] if held > full else []), held - full
         if held:
-            yield from _slices(np.concatenate(pending), batch_size, seen)
+            yield from slices(np.concatenate(pending), held, batch_size, offset=seen)
 
     return stream(), None
-
-
-def _slices(array: np.ndarray, size: int, offset: int) -> Iterator[Batch]:
-    for start in range(0, array.shape[0], size):
-        part = array[start : start + size]
-        valid = part.shape[0]
-        if valid < size:
-            part = np.concatenate([part, np.repeat(part[-1:], size - valid, axis=0)])
-        yield Batch(offset + start, part, valid)

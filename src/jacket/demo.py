@@ -104,28 +104,28 @@ def run_demo(
     """
     import keras
 
-    import jacket
-
+    from .engine import check, jacobian_fn
     from .plot import jacobian_rows_figure
+    from .trees import to_numpy
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_digits_model()
     _, _, x_test, y_test = digits_data()
     x = x_test[:batch]
-    logits = keras.ops.convert_to_numpy(model(x_test, training=False))
+    logits = to_numpy(model(x_test, training=False))
     accuracy = float((logits.argmax(axis=1) == y_test).mean())
 
-    jac = jacket.jacobian_fn(model)
+    jac = jacobian_fn(model)
     start = time.perf_counter()
-    J = keras.ops.convert_to_numpy(jac(x))
+    J = to_numpy(jac(x))
     first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        keras.ops.convert_to_numpy(jac(x))
+        to_numpy(jac(x))
         times.append(time.perf_counter() - start)
-    report = jacket.check(model, x[:4])
+    report = check(model, x[:4])
 
     array_path = out_dir / "jacobians.npy"
     np.save(array_path, J)

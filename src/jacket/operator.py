@@ -11,7 +11,10 @@ import math
 import keras
 import numpy as np
 
+from .checks import check_flag, check_model
+from .engine import jacobian, jvp, vjp
 from .errors import JacketTypeError, JacketValueError
+from .trees import to_numpy
 
 __all__ = ["JacobianOperator"]
 
@@ -50,21 +53,14 @@ class JacobianOperator:
     """
 
     def __init__(self, model, x, *, training: bool = False):
-        if not callable(model):
-            raise JacketTypeError(
-                "JacobianOperator: `model` must be a Keras model or layer, or a callable mapping a "
-                f"batch to a batch. Received: model of type {type(model).__name__}."
-            )
+        check_model("JacobianOperator", model)
         if isinstance(x, (list, tuple, dict)):
             raise JacketValueError(
                 "JacobianOperator: `x` must be one array `(batch, *in_shape)`; models with several "
                 f"inputs are not supported. Received: a {type(x).__name__} of inputs. Use "
                 "`jacket.jvp` / `jacket.vjp` with structures instead."
             )
-        if not isinstance(training, (bool, np.bool_)):
-            raise JacketTypeError(
-                f"JacobianOperator: `training` must be True or False. Received: training={training!r}."
-            )
+        check_flag("JacobianOperator", "training", training)
         if not keras.ops.is_tensor(x):
             x = np.asarray(x)
         shape = tuple(int(d) for d in x.shape)
@@ -123,9 +119,7 @@ class JacobianOperator:
     def to_dense(self, *, flatten: bool = True):
         """The per-sample Jacobians: `(batch, out_size, in_size)`, or `(batch, *out_shape, *in_shape)`
         with `flatten=False` (a backend tensor, from `jacket.jacobian`)."""
-        import jacket
-
-        return jacket.jacobian(self.model, self.x, flatten=flatten, training=self.training)
+        return jacobian(self.model, self.x, flatten=flatten, training=self.training)
 
     def as_linear_operator(self, b: int = 0):
         """Sample `b`'s Jacobian as a `scipy.sparse.linalg.LinearOperator` of shape
@@ -158,12 +152,12 @@ class JacobianOperator:
 
         def matmat(V):
             V = np.asarray(V).reshape(n, -1)
-            out = _numpy(one @ V[None].astype(self.dtype))
+            out = to_numpy(one @ V[None].astype(self.dtype))
             return out.reshape(m, V.shape[1]).astype(self.dtype, copy=False)
 
         def rmatmat(U):
             U = np.asarray(U).reshape(m, -1)
-            out = _numpy(one.T @ U[None].astype(self.dtype))
+            out = to_numpy(one.T @ U[None].astype(self.dtype))
             return out.reshape(n, U.shape[1]).astype(self.dtype, copy=False)
 
         return LinearOperator(
@@ -179,11 +173,9 @@ class JacobianOperator:
 
     def _describe_output(self) -> tuple:
         if self._out is None:
-            import jacket
-
             # one forward product on a zero tangent: shapes and dtype of the output, and the
             # engine's compiled JVP for this signature, which later products reuse
-            y = jacket.jvp(
+            y = jvp(
                 self.model, self.x, keras.ops.zeros_like(self._tensor()), training=self.training
             )
             if not keras.ops.is_tensor(y):
@@ -202,8 +194,6 @@ class JacobianOperator:
         return self.x if keras.ops.is_tensor(self.x) else keras.ops.convert_to_tensor(self.x)
 
     def _product(self, v, *, transpose: bool):
-        import jacket
-
         name = "op.T @ u" if transpose else "op @ v"
         src_shape, src_size = (
             (self.out_shape, self.out_size) if transpose else (self.in_shape, self.in_size)
@@ -231,7 +221,7 @@ class JacobianOperator:
                 seeds = keras.ops.reshape(
                     keras.ops.transpose(cols, (2, 0, 1)), (c * B,) + src_shape
                 )
-                push = jacket.vjp if transpose else jacket.jvp
+                push = vjp if transpose else jvp
                 out = push(self.model, x_tiled, seeds, training=self.training)
                 out = keras.ops.reshape(out, (c, B, dst_size))
                 outs.append(keras.ops.transpose(out, (1, 2, 0)))
@@ -243,9 +233,7 @@ class JacobianOperator:
         )
 
     def _push(self, v, transpose: bool):
-        import jacket
-
-        push = jacket.vjp if transpose else jacket.jvp
+        push = vjp if transpose else jvp
         return push(self.model, self.x, v, training=self.training)
 
 
@@ -272,7 +260,3 @@ class _Transposed:
 
     def __repr__(self) -> str:
         return f"{self._op!r}.T"
-
-
-def _numpy(t) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(t))

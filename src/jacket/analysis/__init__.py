@@ -4,6 +4,7 @@
     >>> analysis.sensitivity(model, x_test).top(5)          # the most influential input features
     >>> analysis.jacobian_norm(model, x, 2).value            # spectral norm per sample
     >>> analysis.lipschitz(model, x_test).index              # where the model is most sensitive
+    >>> analysis.jacobian_norms(model, x_test, ("fro", 2)).values["fro"]   # per sample, one pass
 
 Built on the public engine (`jacket.jacobian`, `jvp`, `vjp`), so it runs on every Keras backend.
 Results are NumPy arrays in small dataclasses. The names load on first use: importing this package
@@ -23,8 +24,10 @@ _EXPORTS = {
     "jacobian_norm": "._norms",
     "spectral_norm": "._norms",
     "JacobianNorm": "._norms",
-    "lipschitz": "._norms",
-    "Lipschitz": "._norms",
+    "lipschitz": "._dataset",
+    "Lipschitz": "._dataset",
+    "jacobian_norms": "._dataset",
+    "JacobianNorms": "._dataset",
     "logdet": "._norms",
     "LogDet": "._norms",
 }
@@ -32,11 +35,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._dataset import JacobianNorms as JacobianNorms
+    from ._dataset import Lipschitz as Lipschitz
+    from ._dataset import jacobian_norms as jacobian_norms
+    from ._dataset import lipschitz as lipschitz
     from ._norms import JacobianNorm as JacobianNorm
-    from ._norms import Lipschitz as Lipschitz
     from ._norms import LogDet as LogDet
     from ._norms import jacobian_norm as jacobian_norm
-    from ._norms import lipschitz as lipschitz
     from ._norms import logdet as logdet
     from ._norms import spectral_norm as spectral_norm
     from ._sensitivity import Saliency as Saliency

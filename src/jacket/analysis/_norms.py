@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..batches import Progress, batches, single_array
+from ..batches import single_array
 from ..checks import check_model, positive_float, positive_int
 from ..engine.outputs import single_output
 from ..errors import JacketTypeError, JacketValueError
@@ -48,27 +48,6 @@ class JacobianNorm:
     v: np.ndarray | None = None
     iterations: int | None = None
     converged: np.ndarray | None = None
-
-
-@dataclass
-class Lipschitz:
-    """The largest local spectral norm over a dataset (see `jacket.analysis.lipschitz`).
-
-    Attributes:
-      value: `max_b ||J_b||_2`, a lower bound on the model's Lipschitz constant (L2 to L2).
-      index: Position of the maximizing sample in the dataset.
-      x: `in_shape` the maximizing input.
-      u: `out_shape`, v: `in_shape`: its top singular vectors (`v` is the input direction that
-        moves the output most).
-      norms: `(n,)` every sample's spectral norm.
-    """
-
-    value: float
-    index: int
-    x: np.ndarray
-    u: np.ndarray
-    v: np.ndarray
-    norms: np.ndarray
 
 
 class LogDet(NamedTuple):
@@ -171,75 +150,6 @@ def spectral_norm(
     """`jacobian_norm(model, x, 2, ...)`: each sample's largest singular value and its singular
     vectors `u` (output side) and `v` (input side)."""
     return jacobian_norm(model, x, 2, method=method, tol=tol, max_iter=max_iter, seed=seed)
-
-
-def lipschitz(
-    model,
-    data,
-    *,
-    batch_size: int | None = 64,
-    method: str | None = None,
-    tol: float = 1e-6,
-    max_iter: int | None = None,
-    progress: Progress | None = None,
-) -> Lipschitz:
-    """The largest local spectral norm `max_b ||J(x_b)||_2` over a dataset, and where it is attained.
-
-    A lower bound on the model's L2 Lipschitz constant, and the inputs where the model is most
-    sensitive. Streams `data` in batches; each batch's spectral norms as in `spectral_norm`.
-
-    Args:
-      model: A Keras model or layer with one input and one output.
-      data: An array `(n, *in_shape)`, or an iterable of arrays (or `(x, y)` pairs).
-      batch_size, progress: As in `jacket.analysis.sensitivity`.
-      method, tol, max_iter: As in `spectral_norm`.
-
-    Returns:
-      A `Lipschitz` with `value`, `index`, `x` (the maximizing input), its singular vectors `u`,
-      `v`, and `norms` (every sample's spectral norm).
-    """
-    from ..operator import JacobianOperator
-
-    fn = "lipschitz"
-    check_model(fn, model)
-    batch_size = positive_int(fn, "batch_size", batch_size, allow_none=True)
-    tol = positive_float(fn, "tol", tol)
-    max_iter = positive_int(fn, "max_iter", max_iter, allow_none=True)
-    if method is not None and method not in ("exact", "lanczos"):
-        raise JacketValueError(
-            f"{fn}: `method` must be 'exact', 'lanczos' or None. Received: method={method!r}."
-        )
-    stream, total = batches(fn, data, batch_size)
-    norms: list[np.ndarray] = []
-    best = None
-    rng = np.random.default_rng(0)
-    known = None  # the output's shape and dtype, learned on the first batch
-    for part in stream:
-        op = JacobianOperator(model, part.x)
-        op._caller = fn
-        op._out = known
-        result = _spectral(op, method, tol, max_iter, rng)
-        known = op._out
-        values = result.value[: part.valid]
-        norms.append(values)
-        b = int(values.argmax())
-        if best is None or values[b] > best.value:
-            best = Lipschitz(
-                value=float(values[b]),
-                index=part.start + b,
-                x=part.x[b].copy(),
-                u=result.u[b],
-                v=result.v[b],
-                norms=np.empty(0),
-            )
-        if progress is not None:
-            progress(part.start + part.valid, total)
-    if best is None:
-        raise JacketValueError(
-            f"{fn}: `data` has no samples. Received: an empty iterable. Pass at least one sample."
-        )
-    best.norms = np.concatenate(norms)
-    return best
 
 
 def logdet(model, x) -> LogDet:

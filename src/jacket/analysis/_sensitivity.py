@@ -9,12 +9,17 @@ import numpy as np
 
 from ..batches import Progress, batches, single_array
 from ..checks import check_model, choice, positive_int
+from ..engine import jacobian, vjp
 from ..engine.outputs import output_index, output_structure, outputs
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import to_numpy
-from .reductions import (
-    REDUCTIONS,  # one definition, shared with jacket.distributed
+from .reductions import (  # one definition, shared with jacket.distributed
+    REDUCTIONS,
     Sensitivity,
+    combine,
+    finish,
+    partial,
+    ranking,
 )
 
 
@@ -77,8 +82,6 @@ def sensitivity(
       (8, 8, 1)
       >>> s.top(3)            # [((row, column, channel), value), ...], most sensitive first
     """
-    import jacket
-
     fn = "sensitivity"
     check_model(fn, model)
     choice(fn, "reduce", reduce, REDUCTIONS)
@@ -90,47 +93,32 @@ def sensitivity(
             f"{fn}: `output` must be a flat output index (int) or None. Received: output={output!r}."
         )
     stream, total = batches(fn, data, batch_size)
-    sum_abs = sum_sq = max_abs = seed = None
-    count = 0
+    summed = seed = None
     for part in stream:
         x = part.x
         if output is None:
-            blocks = keras.tree.flatten(jacket.jacobian(model, x, flatten=True))  # (b, m_k, n)
-            J = np.concatenate([to_numpy(block) for block in blocks], axis=1)[: part.valid]
+            blocks = keras.tree.flatten(jacobian(model, x, flatten=True))  # (b, m_k, n)
+            blocks = [to_numpy(block)[: part.valid] for block in blocks]
         else:
             if seed is None or keras.tree.flatten(seed)[0].shape[0] != x.shape[0]:
                 seed = _one_hot_outputs(fn, model, x, output)
-            row = to_numpy(jacket.vjp(model, x, seed))
-            J = row.reshape(x.shape[0], 1, -1)[: part.valid]
-        J = np.abs(J.astype(np.float64))
-        if sum_abs is None:
-            sum_abs, sum_sq = J.sum(axis=(0, 1)), (J**2).sum(axis=(0, 1))
-            max_abs = J.max(axis=(0, 1))
-            in_shape = x.shape[1:]
-        else:
-            sum_abs += J.sum(axis=(0, 1))
-            sum_sq += (J**2).sum(axis=(0, 1))
-            np.maximum(max_abs, J.max(axis=(0, 1)), out=max_abs)
-        count += part.valid * J.shape[1]
-        samples = part.start + part.valid
+            row = to_numpy(vjp(model, x, seed))
+            blocks = [row.reshape(x.shape[0], 1, -1)[: part.valid]]
+        summed = partial(blocks) if summed is None else combine(summed, partial(blocks))
+        in_shape = x.shape[1:]
         if progress is not None:
-            progress(samples, total)
-    if sum_abs is None:
+            progress(part.stop, total)
+    if summed is None:
         raise JacketValueError(
             f"{fn}: `data` has no samples. Received: an empty iterable. Pass at least one sample."
         )
-    values = {
-        "mean_abs": sum_abs / count,
-        "rms": np.sqrt(sum_sq / count),
-        "max_abs": max_abs,
-    }[reduce]
-    ranking = np.argsort(-values, kind="stable")
+    values = finish(summed, reduce)
     return Sensitivity(
         values=values.reshape(in_shape),
-        ranking=ranking,
+        ranking=ranking(values),
         reduce=reduce,
         output=None if output is None else int(output),
-        samples=samples,
+        samples=summed.samples,
     )
 
 
@@ -169,8 +157,6 @@ def saliency(model, x, target=None) -> Saliency:
       >>> s.gradient.shape, s.map.shape
       ((8, 8, 8, 1), (8, 8, 8))
     """
-    import jacket
-
     fn = "saliency"
     check_model(fn, model)
     x = single_array(fn, "x", x)
@@ -182,5 +168,5 @@ def saliency(model, x, target=None) -> Saliency:
         index = output_index(fn, "target", target, size, batch)
     u = np.zeros((batch, size), y.dtype)
     u[np.arange(batch), index] = 1.0
-    gradient = to_numpy(jacket.vjp(model, x, u.reshape(y.shape)))
+    gradient = to_numpy(vjp(model, x, u.reshape(y.shape)))
     return Saliency(gradient=gradient, target=index)

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..batches import Progress, batches, single_array
 from ..checks import check_model, positive_float, positive_int
+from ..engine import jacobian
 from ..trees import to_numpy
 from ._result import AttackResult, classes, clip_bounds, output_gradients, perturbation
 
@@ -83,8 +84,6 @@ def deepfool(
 
 def _attack(model, x, overshoot, max_iter, clip, candidates):
     """One batch: `(x_adv, labels, predictions, steps)`."""
-    import jacket
-
     batch, shape = len(x), x.shape
     rows = np.arange(batch)[:, None]
     x0 = x.reshape(batch, -1).astype(np.float64)
@@ -105,7 +104,7 @@ def _attack(model, x, overshoot, max_iter, clip, candidates):
         if not active.any():
             break
         if every:
-            J = to_numpy(jacket.jacobian(model, point, flatten=True)).astype(np.float64)
+            J = to_numpy(jacobian(model, point, flatten=True)).astype(np.float64)
             grads = J[rows, order]  # (batch, K, in_size)
         else:
             grads = np.moveaxis(output_gradients(model, point, seeds), 2, 1).astype(np.float64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..batches import Progress, batches, single_array
+from ..batches import Progress, batches, pad, single_array
 from ..checks import check_model, positive_float, positive_int
 from ._result import (
     AttackResult,
@@ -13,7 +13,6 @@ from ._result import (
     classes,
     clip_bounds,
     loss_gradient,
-    padded,
     perturbation,
 )
 
@@ -72,12 +71,12 @@ def fgsm(
         z, predicted = classes(model, part.x)
         check_classes(fn, "y", y, z.shape[1])
         check_classes(fn, "target", target, z.shape[1])
-        label = predicted if y is None else padded(y[rows], len(part.x))
+        label = predicted if y is None else pad(y[rows], len(part.x))
         if target is None:
             gradient = loss_gradient(model, part.x, z, label, logits)
             moved = part.x.astype(np.float64) + eps * np.sign(gradient)
         else:
-            gradient = loss_gradient(model, part.x, z, padded(target[rows], len(part.x)), logits)
+            gradient = loss_gradient(model, part.x, z, pad(target[rows], len(part.x)), logits)
             moved = part.x.astype(np.float64) - eps * np.sign(gradient)
         if clip is not None:
             moved = np.clip(moved, *clip)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..batches import Progress, batches, single_array
+from ..batches import Progress, batches, pad, single_array
 from ..checks import check_model, choice, positive_int
 from ..errors import JacketTypeError, JacketValueError
 from ._result import (
@@ -16,7 +16,6 @@ from ._result import (
     classes,
     clip_bounds,
     output_gradients,
-    padded,
     perturbation,
 )
 
@@ -140,7 +139,7 @@ def jsma(
             # a random class other than the predicted one
             goal = (label + rng.integers(1, n_classes, size=len(label))) % n_classes
         else:
-            goal = padded(target[rows], len(part.x))
+            goal = pad(target[rows], len(part.x))
         adv, predicted, taken = _attack(
             model, part.x, label, goal, theta, low, high, max_steps, n_classes, criterion
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..engine import vjp
 from ..engine.outputs import outputs
 from ..errors import JacketTypeError, JacketValueError
 from ..trees import to_numpy
@@ -122,21 +123,12 @@ def check_classes(fn: str, name: str, array: np.ndarray | None, n_classes: int) 
         )
 
 
-def padded(values: np.ndarray, size: int) -> np.ndarray:
-    """A batch's valid rows of `values`, padded (repeating the last) to the batch's size."""
-    if len(values) == size:
-        return values
-    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
-
-
 def loss_gradient(model, x: np.ndarray, z: np.ndarray, label: np.ndarray, logits: bool):
     """`d CE(model(x), label) / dx` per sample, by one VJP.
 
     For logits `z` the cross-entropy's gradient on the outputs is `softmax(z) - onehot(label)`; for
     probabilities `p`, `-onehot(label) / p_label`.
     """
-    import jacket
-
     batch = len(x)
     rows = np.arange(batch)
     if logits:
@@ -148,18 +140,16 @@ def loss_gradient(model, x: np.ndarray, z: np.ndarray, label: np.ndarray, logits
         cot = np.zeros_like(z)
         cot[rows, label] = -1.0 / np.maximum(z[rows, label], np.finfo(z.dtype).tiny)
     # the gradient of the batch's summed loss, which is FGSM's definition: no per-sample probe needed
-    return to_numpy(jacket.vjp(model, x, cot.astype(z.dtype), per_sample=False))
+    return to_numpy(vjp(model, x, cot.astype(z.dtype), per_sample=False))
 
 
 def output_gradients(model, x: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """`seeds[b, :, j] @ J_b` for each column `j`: `(batch, in_size, k)` from `seeds`
     `(batch, classes, k)`, in one VJP call over the batch tiled `k` times."""
-    import jacket
-
     batch, n_classes, k = seeds.shape
     tiled = np.concatenate([x] * k) if k > 1 else x
     cot = np.moveaxis(seeds, 2, 0).reshape(k * batch, n_classes)
-    grads = to_numpy(jacket.vjp(model, tiled, cot.astype(x.dtype)))
+    grads = to_numpy(vjp(model, tiled, cot.astype(x.dtype)))
     return np.moveaxis(grads.reshape(k, batch, -1), 0, 2)
 
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 import jax
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
+from .memory import cpu_description
+
 NAME = "jax"
 EAGER = False  # kernels are traced and compiled once per signature
-# How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
-# measured here (2 CPU cores): pullbacks vectorised with `vmap` win except through max pooling, whose
-# batched backward (select-and-scatter) is slow, where `lax.map` over the seeds is 3x faster.
-PER_SAMPLE_STRATEGY = {
-    "dense": "vmap",
-    "conv": "vmap",
-    "depthwise": "loop",  # MobileNetV2 64x64 b8: loop 304 ms, vmap 2062 ms
-    "max_pooling": "loop",
-    "recurrent": "vmap",
-    "other": "vmap",
-    "forward": "vmap",
+# The planner's candidate strategies, in the order it tries them (NOTE: [Measured plans]): `vmap`
+# over the pullbacks, except through max pooling and depthwise convolutions, whose batched backward
+# passes are slow (MobileNetV3Small 32x32, batch 16: `lax.map` 365 ms, vmap 6.3 s; MobileNetV2
+# 64x64 batch 8: 304 ms against 2062). "replicate" is left out of "auto": it was the fastest on
+# none of 21 measured cases (keras.applications, attention, recurrent and image-to-image models at
+# batch 1-32), and its compile was the slowest (MobileNetV3Small: 151 s against 26 s for vmap);
+# it runs when asked for.
+PRIOR = {
+    "other": ("vmap", "loop"),
+    "max_pooling": ("loop", "vmap"),
+    "depthwise": ("loop", "vmap"),
 }
 
 
@@ -44,6 +46,15 @@ def compile(kernel, model, training, make_call):
         return jitted([v._value for v in variables], *args)
 
     return call
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    return device.device_kind if device.platform != "cpu" else cpu_description()
+
+
+def block_until_ready(tree) -> None:
+    jax.block_until_ready(tree)
 
 
 def as_input(array, dtype):

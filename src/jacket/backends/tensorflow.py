@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from .memory import cpu_description
+
 NAME = "tensorflow"
 EAGER = False  # kernels are traced and compiled once per signature
-# How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
-# measured here (2 CPU cores): unrolled pullbacks after one forward pass beat `tf.vectorized_map`
-# (what `batch_jacobian` uses) on convolutional models; the vectorised form wins on dense ones; a
-# recurrent model is fastest as one pass over the replicated batch (its while_loop runs once).
-PER_SAMPLE_STRATEGY = {
-    "dense": "vmap",
-    "conv": "loop",
-    "depthwise": "loop",  # MobileNetV2 64x64 b8: loop 225 ms, vmap 337 ms
-    "max_pooling": "loop",
-    "recurrent": "replicate",
-    "other": "loop",
-    "forward": "replicate",
-}
+# The planner's first candidate strategies, in order (NOTE: [Measured plans]): `tf.vectorized_map`
+# was the fastest or within 1.3x of it on most keras.applications models at batch 2 and 16 here
+# (2 CPU cores); the unrolled loop is the slowest to compile (one pullback traced per seed).
+# A recurrent layer's while_loop is slow to vectorise (GRU, batch 2: 9.4 s to compile against 4.1 s
+# for one pass over the replicated batch), so recurrent models start from that pass.
+PRIOR = {"other": ("vmap", "replicate", "loop"), "recurrent": ("replicate", "loop", "vmap")}
 _ZERO = tf.UnconnectedGradients.ZERO
 # NOTE: [Unchecked forward mode on TensorFlow]
 # `ForwardAccumulator` builds a JVP from each op's gradient function, differentiated again; where
@@ -50,6 +45,18 @@ def compile(kernel, model, training, make_call):
         return graph(*args)
 
     return call
+
+
+def device_description() -> str:
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else cpu_description()
+
+
+def block_until_ready(tree) -> None:
+    """Wait for results: TensorFlow's graph functions return when computed on the CPU; on a GPU
+    the devices are synchronised."""
+    if tf.config.list_logical_devices("GPU"):
+        tf.test.experimental.sync_devices()
 
 
 def as_input(array, dtype):

@@ -16,21 +16,14 @@ import warnings
 import keras
 import torch
 
+from .memory import cpu_description
+
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled
-# How per-sample seeds are batched in inference, by the kind of model (`jacket._model.model_kind`),
-# measured here (2 CPU cores): autograd's batched backward after one forward pass on dense models,
-# one backward per seed through max pooling, and one pass over the replicated batch for
-# convolutions and recurrent models (whose Python-level time loop then runs once).
-PER_SAMPLE_STRATEGY = {
-    "dense": "vmap",
-    "conv": "replicate",
-    "depthwise": "vmap",  # MobileNetV2 64x64 b8: vmap 334 ms, replicate 418 ms
-    "max_pooling": "loop",
-    "recurrent": "replicate",
-    "other": "vmap",
-    "forward": "replicate",
-}
+# The planner's first candidate strategies, in order (NOTE: [Measured plans]): one pass over the
+# replicated batch (one Python-level model call instead of one per seed), then autograd's batched
+# backward.
+PRIOR = {"other": ("replicate", "vmap", "loop")}
 
 
 def compile(kernel, model, training, make_call):
@@ -57,6 +50,17 @@ def compile(kernel, model, training, make_call):
             return kernel(call, *args)
 
     return run
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return cpu_description()
+
+
+def block_until_ready(tree) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _same_draws(call, seed: int):

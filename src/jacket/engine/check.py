@@ -11,8 +11,8 @@ import numpy as np
 
 from ..checks import check_flag
 from ..errors import JacketValueError
-from .api import jacobian
 from .inputs import prepare_inputs
+from .jacobian import jacobian
 from .model import eager_call
 
 # Default tolerance on `max_rel_error`, by the dtype the model computes in.

@@ -21,6 +21,27 @@ from ..trees import flatten_with_labels, is_leaf_structure, pack, skeleton
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def numpy_dtype(dtype: str):
+    """The NumPy dtype of a Keras dtype name (bfloat16 from ml_dtypes)."""
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def dtype_name(dtype) -> str:
+    """The Keras dtype name of a NumPy dtype."""
+    return "bfloat16" if dtype == ml_dtypes.bfloat16 else np.dtype(dtype).name
+
+
+def result_dtype(leaves: list[Leaf]) -> str:
+    """The widest float dtype among the leaves (Keras's own promotion maps float64 to float32 on
+    JAX and PyTorch, which would lose precision here)."""
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if "float64" in dtypes:
+        return "float64"
+    return "float32"
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One input or output array of a model, per sample (the batch axis left out)."""
@@ -154,7 +175,7 @@ def _describe_declared(declared) -> str:
     return f"{len(declared)} inputs as a {type(declared).__name__}"
 
 
-def _to_array(fn_name: str, label: str, value):
+def to_array(fn_name: str, label: str, value):
     """A backend tensor (kept as is) or a NumPy array; strings, objects and complex are refused.
 
     Tensors of another framework (a `torch.Tensor` on TensorFlow, a `jax.Array` on PyTorch) go
@@ -240,6 +261,44 @@ def _target_dtype(fn_name: str, model, label: str, dtype: str, spec) -> str:
     return keras.config.floatx()
 
 
+def example_inputs(fn_name: str, model, input_shape, batch: int, seed: int = 0):
+    """Standard-normal inputs of `batch` samples in the model's input structure: of
+    `input_shape` (a shape, or a list/dict of them), else of the model's declared input shapes
+    and dtypes."""
+    declared = declared_inputs(model)
+    specs = (
+        keras.tree.flatten(declared)
+        if declared is not None and not is_leaf_structure(declared)
+        else [declared]
+    )
+    if input_shape is None:
+        if declared is None or any(d is None for spec in specs for d in tuple(spec.shape)[1:]):
+            shown = "none" if declared is None else ", ".join(str(tuple(s.shape)) for s in specs)
+            raise JacketValueError(
+                f"{fn_name}: the model does not declare every input size. Received: input "
+                f"shapes {shown}. Pass `input_shape`, the shape of one sample (e.g. (32, 32, 3))."
+            )
+        shapes = [tuple(int(d) for d in tuple(spec.shape)[1:]) for spec in specs]
+    else:
+        given = input_shape
+        if isinstance(given, Mapping):
+            shapes = [tuple(given[key]) for key in (declared or given)]
+        elif len(given) and all(isinstance(d, (int, np.integer)) for d in given):
+            shapes = [tuple(given)]
+        else:
+            shapes = [tuple(shape) for shape in given]
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for k, shape in enumerate(shapes):
+        spec = specs[k] if k < len(specs) else None
+        dtype = keras.backend.standardize_dtype(spec.dtype) if spec is not None else "float32"
+        dtype = dtype if dtype in FLOAT_DTYPES else keras.config.floatx()
+        arrays.append(rng.standard_normal((batch,) + shape).astype(numpy_dtype(dtype)))
+    if declared is None or is_leaf_structure(declared):
+        return arrays[0] if len(arrays) == 1 else arrays
+    return keras.tree.pack_sequence_as(declared, arrays)
+
+
 def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inputs:
     """Check `x` against the model and turn it into backend tensors of the model's float dtype."""
     if x is None:
@@ -262,7 +321,7 @@ def prepare_inputs(fn_name: str, model, x, *, check_finite: bool = True) -> Inpu
 
     tensors, leaves, batches = [], [], []
     for (label, value), spec in zip(flat, specs):
-        array, dtype = _to_array(fn_name, label, value)
+        array, dtype = to_array(fn_name, label, value)
         shape = tuple(int(d) for d in array.shape)
         _check_shape(fn_name, label, shape, spec)
         if 0 in shape[1:]:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from ..trees import pack
-from .inputs import Leaf
+from .inputs import Leaf, result_dtype
 from .plan import Plan
 
 ops = keras.ops
@@ -27,18 +27,7 @@ def model_function(call, in_structure):
     return f
 
 
-def result_dtype(leaves: list[Leaf]) -> str:
-    """The widest float dtype among the leaves (Keras's own promotion maps float64 to float32 on
-    JAX and PyTorch, which would lose precision here)."""
-    dtypes = {leaf.dtype for leaf in leaves}
-    if len(dtypes) == 1:
-        return dtypes.pop()
-    if "float64" in dtypes:
-        return "float64"
-    return "float32"
-
-
-def _flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
+def flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
     """Concatenate tensors `(*leading, *leaf.shape)` into one `(*leading, sum of sizes)`."""
     parts = [
         ops.cast(ops.reshape(t, leading + (leaf.size,)), dtype) for t, leaf in zip(tensors, leaves)
@@ -46,17 +35,17 @@ def _flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
-def _split(flat, leading: tuple[int, ...], leaves: list[Leaf]):
+def split(matrix, leading: tuple[int, ...], leaves: list[Leaf]):
     """The inverse of `_flat`: `(*leading, sum of sizes)` into tensors `(*leading, *leaf.shape)`."""
     out, offset = [], 0
     for leaf in leaves:
-        part = flat[..., offset : offset + leaf.size]
+        part = matrix[..., offset : offset + leaf.size]
         out.append(ops.cast(ops.reshape(part, leading + leaf.shape), leaf.dtype))
         offset += leaf.size
     return out
 
 
-def _tile(x, k: int):
+def tile(x, k: int):
     """`(batch, *s)` -> `(k * batch, *s)`: the batch repeated `k` times."""
     if k == 1:
         return x
@@ -98,9 +87,9 @@ def jacobian_kernel(
         if plan.per_sample:
             return [
                 ops.broadcast_to(s, (k, B) + leaf.shape)
-                for s, leaf in zip(_split(basis, (k, 1), seed_leaves), seed_leaves)
+                for s, leaf in zip(split(basis, (k, 1), seed_leaves), seed_leaves)
             ]
-        return _split(ops.reshape(basis, (k, B, seed_size)), (k, B), seed_leaves)
+        return split(ops.reshape(basis, (k, B, seed_size)), (k, B), seed_leaves)
 
     memo = {}  # eager backends: the seeds of each pass are made once (`start` is a Python int)
 
@@ -114,7 +103,7 @@ def jacobian_kernel(
             seeds = make_seeds(start)
 
         if plan.strategy == "replicate":
-            tiled = [_tile(x, k) for x in xs]
+            tiled = [tile(x, k) for x in xs]
             flat_seeds = [
                 ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)
             ]
@@ -127,7 +116,7 @@ def jacobian_kernel(
                 outs = over(pullback, seeds)
             else:
                 outs = over(lambda ts: jvp(f, xs, ts), seeds)
-        block = _flat(outs, (k, B), other_leaves, other_dtype)
+        block = flat(outs, (k, B), other_leaves, other_dtype)
         # compiled backends fuse the finite check into the kernel; eager ones check beforehand
         finite = None if backend.EAGER else _finite(xs, B)
         if assemble_flatten is None:
@@ -222,6 +211,33 @@ class Assembler:
         if self.plan.mode == "reverse":
             return self.result.reshape(B, m, B, n)
         return self.result.reshape(B, n, B, m).transpose(2, 3, 0, 1)
+
+
+class DiagonalAssembler:
+    """The per-sample blocks `J[b, :, b, :]` of a full Jacobian, kept from each pass's block as it
+    comes, so that `per_sample="diagonal"` never holds the full `(batch, out, batch, in)` Jacobian:
+    `(batch, out_size, in_size)`."""
+
+    def __init__(self, plan: Plan, batch: int, out_size: int, in_size: int):
+        assert not plan.per_sample
+        self.plan, self.batch, self.out_size, self.in_size = plan, batch, out_size, in_size
+        self.result = None
+
+    def add(self, start: int, block) -> None:
+        plan = self.plan
+        n = min(plan.chunk, plan.rows - start)
+        seeds = np.arange(start, start + n)
+        if self.result is None:
+            self.result = np.empty((self.batch, self.out_size, self.in_size), block.dtype)
+        if plan.mode == "reverse":  # seed (c, i): row i of sample c's outputs; block (k, B, in)
+            c, i = np.divmod(seeds, self.out_size)
+            self.result[c, i, :] = block[np.arange(n), c, :]
+        else:  # seed (c, j): column j of sample c's inputs; block (k, B, out)
+            c, j = np.divmod(seeds, self.in_size)
+            self.result[c, :, j] = block[np.arange(n), c, :]
+
+    def finish(self):
+        return self.result
 
 
 def split_blocks(

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
+import json
 
 import keras
 
@@ -119,3 +122,33 @@ def model_kind(model) -> str:
     if "Dense" in names or "EinsumDense" in names:
         return "dense"
     return "other"
+
+
+def architecture(model) -> str | None:
+    """A digest of what decides how `model` computes, never its weights: for every layer, its
+    class, its configuration, the shapes and dtypes of its variables, and for a class that is not
+    Keras's own the hash of its source code; for a Functional model its graph (in its config).
+    None for what is not a Keras layer or model, or a class whose source cannot be read: such a
+    model's plans are measured in every process (NOTE: [The plan cache])."""
+    if not isinstance(model, keras.Layer):
+        return None
+    parts = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        cls = type(layer)
+        item = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+        if not cls.__module__.startswith("keras.src."):
+            try:
+                source = inspect.getsource(cls)
+            except (OSError, TypeError):
+                return None
+            item["source"] = hashlib.sha256(source.encode()).hexdigest()
+        try:
+            item["config"] = layer.get_config()
+        except Exception:  # noqa: BLE001 - a layer without a config: its class and source tell
+            item["config"] = None
+        item["variables"] = [
+            [list(v.shape), str(v.dtype)] for v in getattr(layer, "_trainable_variables", [])
+        ] + [[list(v.shape), str(v.dtype)] for v in getattr(layer, "_non_trainable_variables", [])]
+        parts.append(item)
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()

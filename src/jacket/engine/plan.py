@@ -1,54 +1,44 @@
 """The plan: which passes compute a Jacobian, how many seeds go through each, and how they are batched.
 
+This module is pure arithmetic on sizes and verdicts (no tensors, no timing): `candidates` lists the
+plans that may compute a Jacobian, in the order the backend's prior prefers them; which one runs is
+decided by measurement (`jacket.engine.tuning`).
+
 NOTE: [How the plan decides]
 - Mode. A Jacobian with `m` outputs and `n` inputs per sample costs `m` reverse passes (VJPs, one per
   output row) or `n` forward passes (JVPs, one per input column). `mode="auto"` takes reverse when
-  `m <= n`, forward otherwise.
+  `m <= n`, forward otherwise, and also lets the other mode compete when the two sizes are within
+  `MODE_RATIO` of each other (their passes then cost about the same, and which is faster depends
+  on the model). A forward mode that failed its check (NOTE: [Checked forward mode]) never runs.
 - Per-sample Jacobians use the batch-sum trick: sample `b`'s output depends on sample `b`'s input only,
   so one pass whose seed is the same one-hot for every sample gives row (column) `i` of every `J_b` at
   once: `m` passes over the batch instead of `batch * m`. That is only true when samples do not
-  interact, which `jacket._api` checks with a probe before trusting it.
+  interact, which `jacket.engine.probes` checks before trusting it.
 - Strategy. "replicate": the batch is tiled `k` times and `k` seeds go through one ordinary forward and
   backward pass of batch `k * batch`: big matrix products, no vectorising map. "vmap": one forward
   pass on the batch as given and `k` pullbacks (or pushforwards) mapped over it. "loop": the same,
-  one seed after the other (unrolled in the graph on TensorFlow, `lax.map` on JAX). No strategy wins
-  everywhere: per-sample Jacobians in inference take the backend's measured preference for the kind
-  of model (`PER_SAMPLE_STRATEGY` in each backend module, keyed by `jacket._model.model_kind`:
-  dense, conv, max_pooling, recurrent, other; "forward" in forward mode). Whenever the forward pass
-  must see the batch exactly as given (`per_sample=False`, where samples may interact;
-  `training=True`, where dropout masks and batch statistics must be the same for every seed) the plan
-  never replicates. `strategy=` overrides the choice; `strategy="autotune"` times the candidates on
-  the first call instead (`jacket._api._Engine._autotune`).
+  one seed after the other (unrolled or a while loop on TensorFlow, `lax.map` on JAX, a Python loop
+  on PyTorch). No strategy wins everywhere (measured on keras.applications models at batch 2, the
+  best and the worst differed by up to 26x, in either direction by backend and model), so the
+  planner measures (`jacket.engine.tuning`); the backend's `PRIOR` orders the candidates, and the
+  first is what the first call runs. Whenever the forward pass must see the batch exactly as given
+  (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
+  statistics must be the same for every seed) the plan never replicates, nor does it at batch 1 on
+  a model that mixes its samples (the tiling probe).
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
   within `memory_budget`; the chunks run one after the other through one compiled kernel. The
-  default budget is a fraction of the free memory (see NOTE [Memory] below).
+  default budget is a fraction of the free memory (NOTE: [Memory] in `jacket.engine.memory`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-# NOTE: [Memory]
-# The default `memory_budget` (working memory of one pass: activations and result rows) is
-# `BUDGET_FRACTION` of the memory free when jacket first needs it: the accelerator's where the
-# backend can tell (PyTorch's CUDA, JAX's device statistics), else the host's available memory
-# (/proc/meminfo's MemAvailable, or the physical memory where that file is missing); at least
-# `MIN_BUDGET`, at most `MAX_BUDGET`, and `FALLBACK_BUDGET` where nothing can be measured. It is
-# measured once per process, so that the plans (and their compiled kernels) stay the same from
-# call to call. Before a new input signature runs, the result's own size is compared with the
-# host memory available (`jacket._api`): a result that cannot fit is refused, with its size and
-# the ways around it. A pass that still runs out of memory is retried with half as many seeds,
-# down to one, and the smaller chunk is kept for later calls.
-BUDGET_FRACTION = 0.25
-MIN_BUDGET = 64 << 20
-MAX_BUDGET = 4 << 30
-FALLBACK_BUDGET = 1 << 30
 STRATEGIES = ("replicate", "vmap", "loop")
-MAX_UNROLLED = 32  # seeds per pass when the backend unrolls a "loop" into its graph
+MAX_UNROLLED = 32  # seeds per pass of a "loop" plan (TensorFlow unrolls up to 16 of them)
+MODE_RATIO = 4  # both modes compete when out_size and in_size are within this factor
 
 
 @dataclass(frozen=True)
@@ -70,89 +60,107 @@ class Plan:
         )
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What the planner knows of one Jacobian: sizes, options and the probes' verdicts."""
+
+    batch: int
+    in_size: int  # per sample, all inputs
+    out_size: int  # per sample, all outputs
+    itemsize: int  # bytes per element of the result
+    activation_size: int | None  # elements of all intermediate activations of one sample
+    per_sample: bool
+    training: bool
+    memory_budget: int
+    mode: str = "auto"  # as requested
+    chunk_size: int | None = None  # as requested
+    strategy: str = "auto"  # as requested: one of STRATEGIES, "auto" or "autotune"
+    forward_ok: bool = True  # a forward mode passed its check
+    tiling_ok: bool = True  # the batch may be repeated (NOTE: [How the plan decides])
+    prior: tuple[str, ...] = STRATEGIES  # the backend's order of preference
+
+
+def prior(backend, kind: str) -> tuple[str, ...]:
+    """The backend's order of strategies for this kind of model (`backend.PRIOR`)."""
+    return tuple(backend.PRIOR.get(kind, backend.PRIOR["other"]))
+
+
 def choose_mode(mode: str, out_size: int, in_size: int) -> str:
     if mode == "auto":
         return "reverse" if out_size <= in_size else "forward"
     return mode
 
 
-def make_plan(
-    *,
-    mode: str,
-    chunk_size: int | None,
-    per_sample: bool,
-    training: bool,
-    batch: int,
-    in_size: int,
-    out_size: int,
-    itemsize: int,
-    activation_size: int | None,
-    memory_budget: int = FALLBACK_BUDGET,
-    preferred: dict | None = None,
-    kind: str = "other",
-    strategy: str = "auto",
-) -> Plan:
-    """Decide how to compute one Jacobian (see the NOTE at the top of this module).
+def modes(problem: Problem) -> list[str]:
+    """The modes that may run, the preferred first."""
+    first = choose_mode(problem.mode, problem.out_size, problem.in_size)
+    out = [first]
+    small, large = sorted((problem.out_size, problem.in_size))
+    if problem.mode == "auto" and large <= MODE_RATIO * small:
+        out.append("forward" if first == "reverse" else "reverse")
+    if not problem.forward_ok:
+        out = ["reverse"]  # no forward mode passed its check: forward plans run in reverse
+    return out
 
-    Args:
-      in_size, out_size: per-sample sizes (all inputs, all outputs).
-      itemsize: bytes per element of the result.
-      activation_size: elements of all intermediate activations of one sample, when known.
-      preferred: the backend's strategies for per-sample Jacobians in inference, by model kind.
-      kind: the kind of model (`jacket._model.model_kind`).
-      strategy: one of `STRATEGIES` to override the choice, else "auto".
-    """
-    mode = choose_mode(mode, out_size, in_size)
-    seeds = out_size if mode == "reverse" else in_size
-    other = in_size if mode == "reverse" else out_size
-    rows = seeds if per_sample else batch * seeds
-    if strategy in STRATEGIES:
-        pass  # the caller's choice (checked to be allowed by the options)
-    elif per_sample and not training:
-        preferred = preferred or {}
-        strategy = preferred.get(kind if mode == "reverse" else "forward", "vmap")
+
+def strategies(problem: Problem) -> list[str]:
+    """The strategies that may run: the backend's prior ones in its order (a forced one alone)."""
+    if problem.strategy in STRATEGIES:
+        return [problem.strategy]
+    allowed = [s for s in problem.prior if s in STRATEGIES]
+    if not replicable(problem) and "replicate" in allowed:
+        allowed.remove("replicate")
+    return allowed or ["vmap"]
+
+
+def replicable(problem: Problem) -> bool:
+    """Whether tiling the batch leaves the Jacobian as it is (NOTE: [How the plan decides])."""
+    return problem.per_sample and not problem.training and problem.tiling_ok
+
+
+def plan_for(problem: Problem, mode: str, strategy: str) -> Plan:
+    """The plan of `mode` and `strategy`, with the chunk `chunk_size` or the memory budget gives."""
+    seeds = problem.out_size if mode == "reverse" else problem.in_size
+    other = problem.in_size if mode == "reverse" else problem.out_size
+    rows = seeds if problem.per_sample else problem.batch * seeds
+    if problem.chunk_size is not None:
+        chunk = min(problem.chunk_size, rows)
     else:
-        strategy = "vmap" if (preferred or {}).get(kind) == "vmap" else "loop"
-    if chunk_size is not None:
-        chunk = min(chunk_size, rows)
-    else:
-        activations = activation_size if activation_size else 4 * (in_size + out_size)
+        activations = problem.activation_size or 4 * (problem.in_size + problem.out_size)
         # forward activations kept for the backward pass, their cotangents, and the result rows
-        per_seed = batch * itemsize * (2 * activations + in_size + out_size + other)
+        per_seed = (
+            problem.batch
+            * problem.itemsize
+            * (2 * activations + problem.in_size + problem.out_size + other)
+        )
         if strategy == "replicate":
             # every seed also keeps its own copy of the forward pass's saved tensors (PyTorch's
             # autograd went 20% past the plain estimate on the memory benchmark)
             per_seed = per_seed * 3 // 2
-        chunk = max(1, min(rows, memory_budget // max(per_seed, 1)))
+        chunk = max(1, min(rows, problem.memory_budget // max(per_seed, 1)))
         if strategy == "loop":
             chunk = min(chunk, MAX_UNROLLED)
         chunk = math.ceil(rows / math.ceil(rows / chunk))  # even passes: no mostly-empty last one
-    return Plan(mode=mode, per_sample=per_sample, strategy=strategy, chunk=chunk, rows=rows)
+    return Plan(mode=mode, per_sample=problem.per_sample, strategy=strategy, chunk=chunk, rows=rows)
 
 
-@functools.cache
-def default_memory_budget() -> int:
-    """`memory_budget` when none is given (see NOTE [Memory]); measured once per process."""
-    import keras
+def candidates(problem: Problem) -> list[Plan]:
+    """Every plan that may compute this Jacobian, the prior's choice first.
 
-    from ..backends._memory import device_free_memory
+    With one seed per sample (a scalar output in reverse mode, say) the strategies are the same
+    computation, so only the first is listed.
+    """
+    plans = []
+    for mode in modes(problem):
+        for strategy in strategies(problem):
+            plan = plan_for(problem, mode, strategy)
+            if plan not in plans:
+                plans.append(plan)
+    if plans[0].rows == 1:
+        plans = [p for p in plans if p.mode == plans[0].mode][:1]
+    return plans
 
-    free = device_free_memory(keras.backend.backend()) or available_memory()
-    if free is None:
-        return FALLBACK_BUDGET
-    return int(min(MAX_BUDGET, max(MIN_BUDGET, free * BUDGET_FRACTION)))
 
-
-def available_memory() -> int | None:
-    """Bytes of host memory available to a new allocation without swapping, or None."""
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+def with_chunk(plan: Plan, chunk: int) -> Plan:
+    """`plan` with `chunk` seeds per pass (after running out of memory)."""
+    return replace(plan, chunk=max(1, min(chunk, plan.rows)))

@@ -1,5 +1,6 @@
 """Sparse Jacobians and sparsity patterns in files: what `jacket jacobian --sparse` and
-`jacket sparsity` write. The public functions are re-exported by `jacket.io`.
+`jacket sparsity` write (`jacket.io.stream_sparse_jacobian` streams the first). The public functions
+are re-exported by `jacket.io`.
 
 NOTE: [The sparse Jacobian file, version 1]
 An uncompressed `.npz` archive (`np.load(path)` reads it; no pickles). The pattern is the same for
@@ -36,25 +37,26 @@ import contextlib
 import json
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import JacketValueError
+from .files import atomic_output, check_output
+from .results import input_names, portable
 
 SPARSE_FORMAT = "jacket.sparse_jacobian"
 PATTERN_FORMAT = "jacket.sparsity"
 VERSION = 1
-_FLOATS = ("float16", "float32", "float64")
 
 __all__ = [
     "load_sparse_jacobian",
     "load_sparsity",
+    "read_pattern",
     "save_sparse_jacobian",
     "save_sparsity",
-    "stream_sparse_jacobian",
 ]
 
 
@@ -78,10 +80,10 @@ def save_sparse_jacobian(
     Returns:
       `path`. `load_sparse_jacobian(path)` gives `S` back.
     """
-    meta = _meta_of(S, None, None, dict(attrs or {}))
-    with _SparseWriter(path, S.batch, S.pattern, force=force) as writer:
+    meta = meta_of(S, None, None, dict(attrs or {}))
+    with SparseWriter(path, S.batch, S.pattern, force=force) as writer:
         writer.meta = meta
-        writer.write(0, _portable(S.values))
+        writer.write(0, portable(S.values))
     return Path(path)
 
 
@@ -148,102 +150,6 @@ def load_sparse_jacobian(path: str | os.PathLike):
     )
 
 
-def stream_sparse_jacobian(
-    model,
-    x,
-    path: str | os.PathLike,
-    *,
-    sparsity=None,
-    batch_size: int = 128,
-    force: bool = False,
-    attrs: Mapping[str, Any] | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    mode: str = "auto",
-    chunk_size: int | None = None,
-    flatten: bool = False,
-    memory_budget: int | str | None = None,
-) -> dict[str, Any]:
-    """Sparse per-sample Jacobians of `model` over `x`, in batches, streamed to a `.npz` file.
-
-    One `jacket.jacobian_fn(model, sparse=True)` serves every batch (the pattern is detected and
-    colored once); a short last batch is padded with copies of its last sample, so nothing
-    re-traces. The file (see the NOTE at the top) is written atomically: on any error nothing
-    appears under `path`. A dense fallback (a pattern too dense to gain) is computed and written
-    the same way; the library's `jacket.SparsityWarning` says so.
-
-    Args:
-      model: A Keras model (see `jacket.io.load_model`).
-      x: Inputs as `jacket.io.read_inputs` returns them, `(samples, *in_shape)` or a list/dict.
-      path: The `.npz` file.
-      sparsity: A known pattern `(out_size, in_size)` instead of the detected one (see
-        `load_sparsity`).
-      batch_size: Samples per batch.
-      force: Replace an existing `path`.
-      attrs: JSON-serialisable metadata stored in the file's `meta`.
-      on_batch: Called as `on_batch(done, samples)` after each batch.
-      mode, chunk_size, flatten, memory_budget: As in `jacket.jacobian(..., sparse=True)`.
-
-    Returns:
-      A summary: `shape` `(samples, out_size, in_size)`, `nnz`, `dtype`, `mode`, `n_colors`,
-      `n_passes`, `fallback`, `plan` (one line), `bytes` (the values and the pattern) and
-      `dense_bytes` (what the dense result would take).
-    """
-    import jacket
-
-    from .. import io
-
-    samples = io.num_samples(x)
-    if samples == 0:
-        raise JacketValueError("the inputs hold no samples: there is nothing to write.")
-    io.check_output(path, force=force, suffixes=(".npz",))
-    jac = jacket.jacobian_fn(
-        model,
-        sparse=True,
-        sparsity=sparsity,
-        mode=mode,
-        chunk_size=chunk_size,
-        flatten=flatten,
-        memory_budget=memory_budget,
-    )
-    summary: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for start, stop, batch in io.iter_batches(x, batch_size, model=model):
-            n = stop - start
-            padded = n < batch_size and start > 0
-            if padded:
-                batch = io._map(batch, lambda a: io._pad_rows(a, batch_size))
-            S = jac(batch)
-            values = _portable(S.values[:n] if padded else S.values)
-            if writer is None:
-                plan = jac.plan(batch)
-                writer = stack.enter_context(_SparseWriter(path, samples, S.pattern, force=force))
-                writer.meta = _meta_of(S, _in_names(x, model), _out_names(model, S), attrs)
-                writer.meta["flatten"] = bool(flatten)
-                out_size, in_size = S.pattern.shape
-                summary = {
-                    "shape": (samples, out_size, in_size),
-                    "nnz": S.nnz,
-                    "density": S.density,
-                    "dtype": values.dtype.name,
-                    "mode": S.mode,
-                    "n_colors": S.n_colors,
-                    "n_passes": plan.n_passes,
-                    "fallback": S.fallback,
-                    "plan": plan.describe(),
-                    "bytes": samples * S.nnz * values.dtype.itemsize
-                    + S.pattern.indices.nbytes
-                    + S.pattern.indptr.nbytes,
-                    "dense_bytes": samples * out_size * in_size * values.dtype.itemsize,
-                    "in_names": writer.meta["in_names"],
-                    "out_names": writer.meta["out_names"],
-                }
-            writer.write(start, values)
-            if on_batch is not None:
-                on_batch(stop, samples)
-    return summary
-
-
 # -------------------------------------------------------------------------------------- patterns
 
 
@@ -268,13 +174,11 @@ def save_sparsity(
     """
     import scipy.sparse as sp
 
-    from .. import io
-
     P = sp.csr_array(pattern if sp.issparse(pattern) else np.asarray(pattern) != 0, dtype=bool)
     P.sum_duplicates()
     P.eliminate_zeros()
     P.sort_indices()
-    io.check_output(path, force=force, suffixes=(".npz",))
+    check_output(path, force=force, suffixes=(".npz",))
     meta = {"format": PATTERN_FORMAT, "version": VERSION, **dict(attrs or {})}
     arrays = {
         "indices": P.indices,
@@ -285,7 +189,7 @@ def save_sparsity(
         "_is_array": np.array(True),
         "jacket": np.array(json.dumps(meta)),
     }
-    with io.atomic_output(path, force=force) as tmp, open(tmp, "wb") as handle:
+    with atomic_output(path, force=force) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return Path(path)
 
@@ -355,16 +259,14 @@ def read_pattern(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------- writer
 
 
-class _SparseWriter:
+class SparseWriter:
     """Writes the sparse Jacobian file (see the NOTE at the top): the pattern when entered, the
     values batch by batch (in order) straight into the archive's `values.npy`, `meta` when done;
     under a temporary name (`jacket.io.atomic_output`), renamed only when complete."""
 
     def __init__(self, path, samples: int, pattern, *, force: bool):
-        from .. import io
-
         self.path = Path(path)
-        io.check_output(self.path, force=force, suffixes=(".npz",))
+        check_output(self.path, force=force, suffixes=(".npz",))
         self.samples = int(samples)
         self.pattern = pattern
         self.force = force
@@ -375,11 +277,9 @@ class _SparseWriter:
         self._dtype: np.dtype | None = None
         self._written = 0
 
-    def __enter__(self) -> _SparseWriter:
-        from .. import io
-
+    def __enter__(self) -> SparseWriter:
         with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(io.atomic_output(self.path, force=self.force))
+            tmp = stack.enter_context(atomic_output(self.path, force=self.force))
             self._zip = stack.enter_context(
                 zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
             )
@@ -457,13 +357,8 @@ class _SparseWriter:
 # --------------------------------------------------------------------------------------- helpers
 
 
-def _portable(values: np.ndarray) -> np.ndarray:
-    """bfloat16 (no portable `.npy` type) becomes float32."""
-    values = np.asarray(values)
-    return values if values.dtype.name in _FLOATS else values.astype(np.float32)
-
-
-def _meta_of(S, in_names, out_names, attrs) -> dict[str, Any]:
+def meta_of(S, in_names, out_names, attrs) -> dict[str, Any]:
+    """The `meta` of a sparse Jacobian file (NOTE: [The sparse Jacobian file, version 1])."""
     n_in, n_out = len(S.in_shapes), len(S.out_shapes)
     return {
         "in_shapes": [list(s) for s in S.in_shapes],
@@ -479,16 +374,14 @@ def _meta_of(S, in_names, out_names, attrs) -> dict[str, Any]:
     }
 
 
-def _in_names(x, model) -> list[str]:
+def flat_input_names(x, model) -> list[str]:
     """The inputs' names in `keras.tree.flatten` order (a dict's keys sorted)."""
-    from .. import io
-
     if isinstance(x, Mapping):
         return sorted(str(key) for key in x)
-    return io._names(x, io._declared(model), "input", lambda t: t.name)
+    return input_names(x, model)
 
 
-def _out_names(model, S) -> list[str]:
+def output_names(model, S) -> list[str]:
     """The outputs' names in `keras.tree.flatten` order, where the model tells them."""
     count = len(S.out_shapes)
     structure = getattr(model, "_outputs_struct", None)  # Functional models

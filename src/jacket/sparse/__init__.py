@@ -4,11 +4,15 @@
     >>> S = jacket.jacobian(model, x, sparse=True)         # SparseJacobian: S.pattern, S.values
     >>> S.to_scipy(0), S.to_dense()
 
-Detection (`_detect`): the dependency structure propagated layer by layer, conservative for layers
-without a rule. Coloring (`_color`): greedy, columns for forward mode and rows for reverse mode, the
-side with fewer colors taken. Compressed passes (`_jacobian`): one batched `jacket.jvp` (or `vjp`)
-through the repeated batch with one seed per color, then decompression into `SparseJacobian`.
-Pattern, coloring and seeds are made once per model and input shape.
+A wrapper over the engine. Detection (`_detect`, over the dependency sets of `_deps` and the layer
+rules of `_rules`): the dependency structure propagated layer by layer, conservative for layers
+without a rule; patterns detected or given are kept per model and shape (`_pattern`). Coloring
+(`_color`): greedy, columns for forward mode and rows for reverse mode, the side with fewer colors
+taken. Compressed passes (`_compressed`, prepared by `_jacobian`): one batched `jvp` (or `vjp`) of
+the engine through the repeated batch, one seed per color, then decompression into
+`SparseJacobian` (`_result`). `sparsity` and `verify` (`_sparsity`): the pattern of a model, and a
+pattern checked against the Jacobian. Pattern, coloring and seeds are made once per model and input
+shape and kept in the engine's per-model state (`jacket.engine.state`), beside the dense plans.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ except ImportError as error:  # pragma: no cover - depends on what is installed
 
 from ._color import color, is_valid
 from ._errors import SparsityError, SparsityWarning
-from ._jacobian import SparseJacobianFn, SparsePlan, jacobian_fn, prepared, sparsity
+from ._jacobian import SparseJacobianFn, SparsePlan, jacobian_fn, prepared
+from ._pattern import zeros_like_shape
 from ._result import SparseJacobian
+from ._sparsity import sparsity, verify
 
 __all__ = [
     "SparseJacobian",
@@ -38,4 +44,6 @@ __all__ = [
     "jacobian_fn",
     "prepared",
     "sparsity",
+    "verify",
+    "zeros_like_shape",
 ]

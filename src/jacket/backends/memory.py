@@ -28,3 +28,24 @@ def device_free_memory(name: str) -> int | None:
     except Exception:  # noqa: BLE001 - a driver that cannot answer: fall back to host memory
         return None
     return None
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the number of cores this process may use."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return f"{name}, {cores} core(s)"

@@ -1,0 +1,165 @@
+"""The dense per-sample Jacobian: `jacobian`, `jacobian_fn` and the path of one call.
+
+Data flows one way: the call's options are checked (`options`), its inputs normalised (`inputs`),
+what the model's outputs are is read once (`state.entry`), the samples are probed for coupling
+(`probes`), the planner's measured record (`tuning`, over `plan`) picks the plan, and an executor
+(`executor`) runs the compiled kernel (`kernels`, compiled by `jacket.backends`) and gives the result
+back the structure of the model's outputs and inputs. `jacket.jacobian` (in `jacket.api`) routes dense
+calls here and sparse ones to `jacket.sparse`.
+"""
+
+from __future__ import annotations
+
+from ..checks import check_model, positive_int
+from .executor import fast_key
+from .inputs import example_inputs, prepare_inputs
+from .memory import check_result_fits
+from .options import Options
+from .probes import check_independent
+from .state import state_of
+from .trials import PlanReport
+from .tuning import Tuning
+
+__all__ = ["jacobian", "jacobian_fn", "JacobianFn", "tune"]
+
+
+def jacobian(
+    model,
+    x,
+    *,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    flatten: bool = False,
+    per_sample: bool | str = True,
+    training: bool = False,
+    memory_budget: int | str | None = None,
+    strategy: str = "auto",
+):
+    """The dense per-sample Jacobian: `jacket.jacobian` without `sparse` (see there)."""
+    options = Options.checked(
+        "jacobian", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
+    )
+    return run("jacobian", model, x, options)
+
+
+def jacobian_fn(
+    model,
+    *,
+    mode: str = "auto",
+    chunk_size: int | None = None,
+    flatten: bool = False,
+    per_sample: bool | str = True,
+    training: bool = False,
+    memory_budget: int | str | None = None,
+    strategy: str = "auto",
+) -> JacobianFn:
+    """The dense prepared Jacobian: `jacket.jacobian_fn` without `sparse` (see there)."""
+    check_model("jacobian_fn", model)
+    options = Options.checked(
+        "jacobian_fn", mode, chunk_size, flatten, per_sample, training, memory_budget, strategy
+    )
+    return JacobianFn(model, options)
+
+
+class JacobianFn:
+    """`jacobian(model, x, **options)` as a reusable callable; see `jacket.jacobian_fn`."""
+
+    def __init__(self, model, options: Options):
+        self.model = model
+        self.options = options
+
+    def __call__(self, x):
+        return run("jacobian_fn", self.model, x, self.options)
+
+    def plan(self, x) -> PlanReport:
+        """The plan this callable follows for inputs like `x` (mode, chunks, strategy) and where it
+        came from (`.source`, `.describe()`); nothing is compiled or run to tell."""
+        return self._tuning(x).report()
+
+    def tune(self, x) -> PlanReport:
+        """Measure every candidate plan for inputs like `x` now, instead of over the next calls
+        (NOTE: [Measured plans]), keep the fastest (in the plan cache too) and report it."""
+        tuning = self._tuning(x)
+        inputs = prepare_inputs("jacobian_fn", self.model, x)
+        if tuning.executor is None:
+            tuning("jacobian_fn", inputs.tensors)
+        while not tuning.settled:
+            tuning("jacobian_fn", inputs.tensors)
+        return tuning.report()
+
+    def _tuning(self, x) -> Tuning:
+        inputs = prepare_inputs("jacobian_fn", self.model, x, check_finite=False)
+        state = state_of(self.model, self.options.training)
+        entry = state.entry("jacobian_fn", inputs)
+        return tuning_for(state, "jacobian_fn", inputs, entry, self.options)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times this model's kernels were traced (for TensorFlow and JAX)."""
+        return state_of(self.model, self.options.training).traces
+
+    def __repr__(self) -> str:
+        return f"JacobianFn({type(self.model).__name__}, {self.options})"
+
+
+def tune(
+    model,
+    batch_sizes=(1,),
+    *,
+    input_shape=None,
+    seed: int = 0,
+    **options,
+) -> list[PlanReport]:
+    """Measure the plans of `model` ahead of time, one per batch size, and keep them in the plan
+    cache (NOTE: [Measured plans], NOTE: [The plan cache]): what `jacket tune` runs.
+
+    Args:
+      model: A Keras model or layer.
+      batch_sizes: The batch sizes to measure (each is its own input signature).
+      input_shape: The per-sample input shape (a list or dict of them for several inputs); by
+        default the model's declared one.
+      seed: Seed of the standard-normal inputs the plans are measured on.
+      **options: As in `jacket.jacobian_fn` (`mode`, `chunk_size`, `memory_budget`, ...).
+
+    Returns:
+      One `PlanReport` per batch size: the plan kept, where it came from, what each candidate took.
+    """
+    check_model("tune", model)
+    fn = jacobian_fn(model, **options)
+    reports = []
+    for batch in batch_sizes:
+        batch = positive_int("tune", "batch_sizes", batch)
+        x = example_inputs("tune", model, input_shape, batch, seed)
+        reports.append(fn.tune(x))
+    return reports
+
+
+def tuning_for(state, fn_name: str, inputs, entry, options: Options) -> Tuning:
+    """The planner's record for this input signature and options, made once."""
+    key = (inputs.signature, options)
+    tuning = state.tunings.get(key)
+    if tuning is None:
+        tuning = state.tunings[key] = Tuning(state, fn_name, inputs, entry, options)
+    return tuning
+
+
+def run(fn_name: str, model, x, options: Options):
+    """One dense Jacobian call: the fast path for a NumPy array of a signature seen before, else
+    the inputs checked, the model's outputs read, the samples probed, the planner's record made."""
+    check_model(fn_name, model)
+    state = state_of(model, options.training)
+    key = fast_key(x)
+    if key is not None:
+        tuning = state.executors.get((key, options))
+        if tuning is not None:
+            return tuning.call_array(fn_name, x)
+    inputs = prepare_inputs(fn_name, model, x, check_finite=False)  # checked inside the kernel
+    entry = state.entry(fn_name, inputs)
+    if options.per_sample is True:
+        check_independent(state, fn_name, inputs, entry)
+    check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
+    tuning = tuning_for(state, fn_name, inputs, entry, options)
+    result = tuning(fn_name, inputs.tensors)
+    if key is not None:
+        state.executors[(key, options)] = tuning
+    return result

@@ -1,0 +1,169 @@
+"""One typed state per model and `training` flag: everything jacket keeps between calls.
+
+It lives on the model object itself (`state_of`), so it goes when the model goes: compiled kernels,
+what a forward pass said about the outputs (`Entry`), the probes' verdicts, the planner's records
+and the prepared executors, each per input signature; and a slot for the layers above the engine
+(`wrappers`: `jacket.sparse` keeps its patterns and colorings there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from .. import backends
+from ..trees import skeleton
+from . import kernels
+from .inputs import Inputs, Leaf, output_leaves
+from .model import eager_call, make_call, model_kind
+from .nondiff import warn_if_cut
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the model's forward pass on an input signature says about its outputs."""
+
+    y_structure: Any
+    out_leaves: list[Leaf]
+    activation_size: int | None  # elements of all layer outputs of one sample, where known
+    kind: str  # `jacket.engine.model.model_kind`
+
+    @property
+    def out_size(self) -> int:
+        return sum(leaf.size for leaf in self.out_leaves)
+
+
+class ModelState:
+    """What jacket keeps for one model and `training` flag (see the module docstring)."""
+
+    def __init__(self, model, training: bool):
+        self.model = model
+        self.training = training
+        self.backend = backends.current()
+        self.traces = 0  # kernel traces (TensorFlow, JAX), kernel runs (PyTorch)
+        self.kernels: dict[tuple, Callable] = {}
+        self.entries: dict[tuple, Entry] = {}
+        self.independent: dict[tuple, bool] = {}  # signature -> samples stay apart (probed)
+        self.forward: dict[tuple, str | None] = {}  # per-sample shapes -> name in backend.JVPS
+        self.tunings: dict[tuple, Any] = {}  # (signature, options) -> `tuning.Tuning`
+        self.executors: dict[tuple, Any] = {}  # (fast key, options) -> `executor.Executor`
+        self.starts: dict[Any, list] = {}  # plan -> first seed of each pass
+        self.wrappers: dict[tuple, Any] = {}  # state of the layers above (`jacket.sparse`)
+        self.cuts_checked = False
+
+    def kernel(self, key: tuple, build: Callable) -> Callable:
+        """The compiled kernel under `key`, built by `build()` and compiled the first time."""
+        compiled = self.kernels.get(key)
+        if compiled is None:
+            kernel = build()
+
+            def counted(call, *args):
+                self.traces += 1  # runs when traced (TensorFlow, JAX), every call on PyTorch
+                return kernel(call, *args)
+
+            compiled = self.backend.compile(counted, self.model, self.training, make_call)
+            self.kernels[key] = compiled
+        return compiled
+
+    def vjp(self, inputs: Inputs) -> Callable:
+        """`(xs, cts) -> grads`: one VJP of the batched model, compiled."""
+        return self.kernel(
+            ("vjp", inputs.signature),
+            lambda: kernels.vjp_kernel(self.backend, inputs.structure),
+        )
+
+    def jvp(self, inputs: Inputs, method: str) -> Callable:
+        """`(xs, ts) -> tangents`: one JVP by `backend.JVPS[method]`, compiled."""
+        return self.kernel(
+            ("jvp", inputs.signature, method),
+            lambda: kernels.jvp_kernel(self.backend, inputs.structure, self.backend.JVPS[method]),
+        )
+
+    def entry(self, fn_name: str, inputs: Inputs) -> Entry:
+        """The model's outputs on this input signature (from its symbolic output where Keras can
+        tell it without running the model, else from one forward pass)."""
+        entry = self.entries.get(inputs.signature)
+        if entry is None:
+            y = _symbolic_output(self.model, inputs)
+            if y is None:
+                y = eager_call(self.model, self.training)(inputs.pack(inputs.tensors))
+            entry = Entry(
+                skeleton(y),
+                output_leaves(fn_name, y, inputs.batch),
+                activation_size(self.model),
+                model_kind(self.model),
+            )
+            self.entries[inputs.signature] = entry
+            if not self.cuts_checked:  # once per model: see NOTE [Non-differentiable paths]
+                self.cuts_checked = True
+                warn_if_cut(fn_name, self.model, inputs.structure, inputs.leaves, self.training)
+        return entry
+
+    def starts_for(self, plan) -> list:
+        """The first seed of each pass of `plan`, as backend scalars on compiled backends (made
+        once per plan, so that one trace serves every pass)."""
+        starts = self.starts.get(plan)
+        if starts is None:
+            starts = list(range(0, plan.rows, plan.chunk))
+            if not self.backend.EAGER:
+                starts = [keras.ops.convert_to_tensor(start, dtype="int32") for start in starts]
+            self.starts[plan] = starts
+        return starts
+
+
+def _symbolic_output(model, inputs: Inputs):
+    """The output of a Functional or Sequential model as Keras symbolic tensors (no forward pass),
+    or None where it cannot be had that way."""
+    if type(model).__module__ not in (
+        "keras.src.models.functional",
+        "keras.src.models.sequential",
+    ):
+        return None
+    specs = [
+        keras.KerasTensor((inputs.batch,) + leaf.shape, dtype=leaf.dtype) for leaf in inputs.leaves
+    ]
+    try:
+        y = model.compute_output_spec(inputs.pack(specs), training=False)
+    except Exception:  # noqa: BLE001 - a model Keras cannot run symbolically runs for real
+        return None
+    leaves = keras.tree.flatten(y)
+    if not leaves or any(d is None for leaf in leaves for d in getattr(leaf, "shape", (None,))):
+        return None  # a size only a real pass tells (an op over the batch axis, say)
+    return y
+
+
+def activation_size(model) -> int | None:
+    """Elements of all layer outputs for one sample, where the model's graph says (Functional)."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    try:
+        for layer in layers:
+            for out in keras.tree.flatten(layer.output):
+                total += math.prod(int(d) for d in out.shape[1:])
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return total or None
+
+
+_ATTRIBUTE = "_jacket_state"
+
+
+def state_of(model, training: bool) -> ModelState:
+    """The model's state for `training`, kept on the model (bypassing Keras's attribute tracking)."""
+    states = getattr(model, _ATTRIBUTE, None)
+    if states is None:
+        states = {}
+        try:
+            object.__setattr__(model, _ATTRIBUTE, states)
+        except (AttributeError, TypeError):
+            pass  # an object that takes no attributes: nothing is kept between calls
+    state = states.get(training)
+    if state is None:
+        state = states[training] = ModelState(model, training)
+    return state
