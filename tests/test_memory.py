@@ -13,7 +13,6 @@ from scenarios import seed_mlp
 
 import jacket
 from jacket import checks
-from jacket.engine import api as _api
 from jacket.engine import kernels as _kernels
 from jacket.engine import memory as _memory_module
 from jacket.engine import options as _options
