@@ -11,6 +11,7 @@ import numpy as np
 
 from ..checks import check_flag
 from ..errors import JacketValueError
+from .dtypes import keep_float64
 from .inputs import prepare_inputs
 from .jacobian import jacobian
 from .model import eager_call
@@ -116,7 +117,7 @@ def check(
     # candidate steps, the one whose differences agree best with J over the whole matrix is kept.
     best = None
     for step in steps:
-        with _keras_float64() if twin is not None else contextlib.nullcontext():
+        with keep_float64() if twin is not None else contextlib.nullcontext():
             J_fd = _central_differences(
                 twin if twin is not None else model, inputs, step, training, fd_dtype
             )
@@ -170,7 +171,8 @@ def _to_float64(obj):
 
 
 def _float64_twin(model, inputs):
-    """A float64 copy of a Keras model or layer with the same weights, or None if none can be made."""
+    """A float64 copy of a Keras model or layer with the same weights, or None if none can be made.
+    It is built and run with Keras's float64 demotion lifted (NOTE: [Keras and float64])."""
     if not isinstance(model, keras.Layer):
         return None
     if keras.backend.backend() == "jax":
@@ -179,7 +181,7 @@ def _float64_twin(model, inputs):
         if not jax.config.read("jax_enable_x64"):
             return None  # JAX computes float64 only with JAX_ENABLE_X64=1
     try:
-        with _keras_float64():
+        with keep_float64():
             twin = keras.saving.deserialize_keras_object(
                 _to_float64(keras.saving.serialize_keras_object(model))
             )
@@ -193,32 +195,6 @@ def _float64_twin(model, inputs):
     if any(keras.backend.standardize_dtype(t.dtype) != "float64" for t in keras.tree.flatten(out)):
         return None
     return twin
-
-
-@contextlib.contextmanager
-def _keras_float64():
-    """Let Keras keep float64 on JAX and PyTorch while the float64 copy runs.
-
-    NOTE: [Keras and float64] Keras's type promotion (`keras.backend.result_type`) maps float64 to
-    float32 on every backend but TensorFlow, so a float64 model silently runs its matmuls (PyTorch)
-    or activations (JAX) in float32, and finite differences on it drown in rounding noise. The
-    mapping is one table entry; it is lifted here for the reference evaluation only, and restored.
-    """
-    try:
-        from keras.src.backend.common import dtypes
-    except ImportError:  # pragma: no cover - a Keras without that module
-        yield
-        return
-    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
-    if not isinstance(table, dict) or "float64" not in table:
-        yield
-        return
-    saved = table["float64"]
-    table["float64"] = "float64"
-    try:
-        yield
-    finally:
-        table["float64"] = saved
 
 
 def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: str) -> np.ndarray:

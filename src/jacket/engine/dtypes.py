@@ -44,7 +44,7 @@ _LIFTED: contextvars.ContextVar[bool] = contextvars.ContextVar("jacket_keep_floa
 class _PromotionTable(dict):
     """Keras's `BIT64_TO_BIT32_DTYPE`, whose lookup of "float64" by `get` (how Keras reads it)
     answers "float64" while lifted. Its stored entries never change: code that saves and restores
-    an entry (`jacket.check`'s own switch) reads and writes them as before."""
+    an entry (the tests' oracles) reads and writes them as before."""
 
     def get(self, key, default=None):
         if key == "float64" and _LIFTED.get():
@@ -100,15 +100,3 @@ def computes_in_float64(model) -> bool:
     except TypeError:  # pragma: no cover - an object that takes no weak reference
         pass
     return found
-
-
-def float64_promotion(model):
-    """`keep_float64()` for a Keras layer or model that computes in float64 on JAX or PyTorch; a
-    null context otherwise. For every evaluation whose values meet jacket's Jacobians."""
-    if (
-        keras.backend.backend() == "tensorflow"
-        or not isinstance(model, keras.Layer)
-        or not computes_in_float64(model)
-    ):
-        return contextlib.nullcontext()
-    return keep_float64()
