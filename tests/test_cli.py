@@ -31,7 +31,7 @@ from oracles import central_differences, native_jacobian
 from PIL import Image
 
 import jacket
-from jacket import io
+from jacket import engine, io
 from jacket.plot import is_image_shape, jacobian_figure, split_jacobian_shape
 
 BACKEND = keras.backend.backend()
@@ -154,14 +154,14 @@ def test_jacobian_options_reach_the_engine(files, tmp_path, monkeypatch):
     """--mode, --chunk-size, --flatten and --memory-budget reach `jacket.jacobian_fn`, and its plan
     follows them; the result does not depend on them."""
     made = []
-    real = jacket.jacobian_fn
+    real = engine.jacobian_fn
 
     def recording(model, **options):
         fn = real(model, **options)
         made.append((options, fn))
         return fn
 
-    monkeypatch.setattr(jacket, "jacobian_fn", recording)
+    monkeypatch.setattr(engine, "jacobian_fn", recording)  # what jacket.io.streams calls
     x = files.data["x"]
     out = tmp_path / "J.npy"
     _ok(
