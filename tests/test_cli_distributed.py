@@ -146,12 +146,13 @@ def test_jacobian_in_process_matches_jacobian_and_resumes_after_an_interrupt(
     manifest = _manifest(out)
     assert [run["computed"] for run in manifest["runs"]] == [[[0, 3]], [[3, 5]]]
 
-    # the same command again: nothing left to compute; --force starts over, same bytes
+    # the same command again: nothing left to compute; --force starts over (the same values up to
+    # rounding: the planner may run another measured plan for these chunks, NOTE: [Measured plans])
     assert _summary(*args)["chunks"] == {"count": 5, "stored_before": 5, "computed": 0}
     summary = _summary(*args, "--force")
     assert summary["chunks"] == {"count": 5, "stored_before": 0, "computed": 5}
     assert len(_manifest(out)["runs"]) == 1
-    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], resumed)
+    _close(zarr.open_array(out, mode="r")[:], resumed)
     assert not list(out.rglob("*.partial"))
 
 
@@ -486,7 +487,7 @@ def test_a_killed_command_resumes_with_only_the_missing_chunks(files, tmp_path, 
     whole = tmp_path / "whole.zarr"
     _ok(*args[:4], whole, *args[5:], "-q")  # an uninterrupted run of the same job
     J = zarr.open_array(out, mode="r")[:]
-    np.testing.assert_array_equal(J, zarr.open_array(whole, mode="r")[:])
+    _close(J, zarr.open_array(whole, mode="r")[:])  # up to rounding: plans are measured
     np.testing.assert_allclose(J, _dense_oracle(files.model["dense"], x), rtol=1e-5, atol=1e-6)
 
 
