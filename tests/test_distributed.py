@@ -435,14 +435,15 @@ def test_cluster_matches_in_process(models, tmp_path, cluster):
     here = jd.jacobian_dataset(path, x, tmp_path / "here.zarr", batch_size=16)
     there = jd.jacobian_dataset(path, tmp_path / "x.zarr", tmp_path / "there.zarr", client=cluster,
                                 batch_size=16)  # fmt: skip
-    np.testing.assert_array_equal(there[:], here[:])
+    # equal up to rounding: each process measures its own plans (NOTE: [Measured plans])
+    np.testing.assert_allclose(there[:], here[:], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(there[:], _to_numpy(jacket.jacobian(model, x)), rtol=1e-5, atol=1e-6)
 
-    # NumPy inputs travel to the workers chunk by chunk; the merge tree makes the bits match
+    # NumPy inputs travel to the workers chunk by chunk; the merge tree keeps the order of the sums
     address = cluster.scheduler.address
     local = jd.sensitivity_dataset(path, x, reduce="rms", batch_size=8)
     remote = jd.sensitivity_dataset(path, x, reduce="rms", batch_size=8, scheduler=address)
-    np.testing.assert_array_equal(remote.values, local.values)
+    np.testing.assert_allclose(remote.values, local.values, rtol=1e-6)
     norms = jd.jacobian_norms_dataset(path, x, batch_size=8, client=cluster)
     np.testing.assert_allclose(norms, np.linalg.norm(here[:].reshape(60, -1), axis=1), rtol=1e-5)
 
@@ -596,7 +597,7 @@ def test_workers_start_a_local_cluster_with_this_backend(models, tmp_path):
         np.testing.assert_allclose(block[:], reference, rtol=1e-5, atol=1e-6)
     assert seen[0] == 0 and seen[-1] == 5 and seen == sorted(seen)
     there = jd.sensitivity_dataset(path, x, batch_size=8, reduce="max_abs", scheduler="processes")
-    np.testing.assert_array_equal(there.values, here.values)
+    np.testing.assert_allclose(there.values, here.values, rtol=1e-6)  # plans measured per process
 
 
 @cluster_only
