@@ -204,7 +204,7 @@ def test_rerun_computes_only_missing_chunks_and_refuses_other_arguments(models, 
     after = _manifest(out)
     assert [run["computed"] for run in after["runs"]] == [[[0, 4]], [[1, 2], [3, 4]]]
     assert after["runs"][-1]["completed"] and after["chunks"]["finished"] == [[0, 4]]
-    np.testing.assert_array_equal(J[:], whole)
+    np.testing.assert_allclose(J[:], whole, rtol=1e-6, atol=1e-7)  # plans are measured
 
     def refused(match, model=path, inputs=x, **kw):
         with pytest.raises(JacketValueError, match=match) as info:
@@ -528,7 +528,8 @@ def test_killed_driver_resumes_with_only_the_missing_chunks(dense, tmp_path, clu
     whole = jd.jacobian_dataset(
         path, tmp_path / "x.zarr", tmp_path / "whole.zarr", client=cluster, batch_size=batch
     )
-    np.testing.assert_array_equal(J[:], whole[:])
+    # equal up to rounding: the planner may run another measured plan (NOTE: [Measured plans])
+    np.testing.assert_allclose(J[:], whole[:], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(J[:], _dense_oracle(model, x), rtol=1e-5, atol=1e-6)
 
 
