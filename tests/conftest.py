@@ -25,13 +25,9 @@ import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
-# Keras's type promotion maps float64 to float32 on JAX and PyTorch (keras.backend.result_type), so a
-# float64 model there runs some ops in float32. The float64 oracles below need real float64, so the
-# tests lift that mapping for the whole session; jacket's own code never relies on it.
-if BACKEND != "tensorflow":
-    from keras.src.backend.common import dtypes as _keras_dtypes
-
-    _keras_dtypes.BIT64_TO_BIT32_DTYPE["float64"] = "float64"
+# Keras's float64-to-float32 demotion on JAX and PyTorch is left as users have it: the float64
+# oracles lift it around their own evaluations (`oracles.keras_float64`), and the float64 tests
+# check the Jacobian jacket gives a user (see NOTE [Keras and float64] in jacket.engine.dtypes).
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,31 @@
 """Independent oracles for the tests: float64 central differences, and each framework's own Jacobian.
 
-Nothing here calls jacket.
+Nothing here calls jacket. Both oracles evaluate the model with Keras's float64-to-float32 demotion
+lifted (`keras_float64`), so a float64 model is evaluated in float64 on every backend; the tests
+themselves run jacket as users do, without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
+
+
+@contextlib.contextmanager
+def keras_float64():
+    """Keras keeps float64 on JAX and PyTorch while inside (its `result_type` maps float64 to
+    float32 there, even for one float64 operand). The oracles' own switch, not jacket's."""
+    from keras.src.backend.common import dtypes
+
+    table = dtypes.BIT64_TO_BIT32_DTYPE
+    saved = table["float64"]
+    dict.__setitem__(table, "float64", "float64")
+    try:
+        yield
+    finally:
+        dict.__setitem__(table, "float64", saved)
 
 
 def to_numpy(t) -> np.ndarray:
@@ -14,8 +33,9 @@ def to_numpy(t) -> np.ndarray:
 
 
 def forward(model, x, training=False) -> np.ndarray:
-    """The model on a NumPy batch, as float64 NumPy."""
-    y = model(x, training=training) if isinstance(model, keras.Layer) else model(x)
+    """The model on a NumPy batch, as float64 NumPy (float64 kept inside: `keras_float64`)."""
+    with keras_float64():
+        y = model(x, training=training) if isinstance(model, keras.Layer) else model(x)
     return to_numpy(y)
 
 
@@ -59,7 +79,13 @@ def central_differences(model, x: np.ndarray, *, eps: float = 1e-6, per_sample: 
 
 
 def native_jacobian(model, x: np.ndarray) -> np.ndarray:
-    """Per-sample Jacobian by the active framework's own machinery (single input and output)."""
+    """Per-sample Jacobian by the active framework's own machinery (single input and output), with
+    float64 kept inside (`keras_float64`)."""
+    with keras_float64():
+        return _native_jacobian(model, x)
+
+
+def _native_jacobian(model, x: np.ndarray) -> np.ndarray:
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -75,16 +101,22 @@ def native_jacobian(model, x: np.ndarray) -> np.ndarray:
         def one(xi):
             return model(xi[None], training=False)[0]
 
-        return to_numpy(jax.vmap(jax.jacrev(one))(keras.ops.convert_to_tensor(x)))
+        # compiled: eager jacrev through a deep Keras graph takes tens of seconds
+        return to_numpy(jax.jit(jax.vmap(jax.jacrev(one)))(keras.ops.convert_to_tensor(x)))
     import torch
 
-    xt = torch.as_tensor(x)
-    full = torch.autograd.functional.jacobian(lambda t: model(t, training=False), xt)
-    full = full.detach().cpu().numpy()  # (B, *out, B, *in)
-    B = x.shape[0]
-    out_nd = full.ndim - x.ndim - 1
-    moved = np.moveaxis(full, 1 + out_nd, 1)  # (B, B, *out, *in)
-    return np.stack([moved[b, b] for b in range(B)])
+    # torch.func.vmap fails through Keras's layers: the batch is replicated instead, one copy of
+    # sample b per output k, and one backward of sum_k y[b, k, k] gives every row of every sample
+    # (rows of different copies do not mix: a model in inference keeps samples apart)
+    B, n_in = x.shape[0], int(np.prod(x.shape[1:]))
+    y0 = model(torch.as_tensor(x[:1]), training=False)
+    out_shape, n_out = tuple(y0.shape[1:]), int(np.prod(tuple(y0.shape[1:])))
+    xt = torch.as_tensor(np.repeat(x, n_out, axis=0)).requires_grad_(True)  # (B * n_out, *in)
+    y = model(xt, training=False).reshape(B, n_out, n_out)
+    picked = torch.diagonal(y, dim1=1, dim2=2).sum()
+    (grad,) = torch.autograd.grad(picked, xt)
+    J = grad.detach().cpu().numpy().reshape((B, n_out, n_in))
+    return J.reshape((B,) + out_shape + x.shape[1:])
 
 
 def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, scale: bool = True):

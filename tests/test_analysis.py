@@ -60,6 +60,9 @@ def dense_J(model, x) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def images():
+    # seeded here: a module fixture is made before the first test's seeding (conftest), so its
+    # weights would otherwise depend on whatever ran before it
+    keras.utils.set_random_seed(7)
     rng = np.random.default_rng(7)
     model = image_model()
     x = rng.normal(size=(11, 4, 4, 2))
@@ -293,9 +296,25 @@ def test_figures(images):
     s = analysis.sensitivity(model, x)
     figure = plot.sensitivity_figure(s.values, top=5, title="t")
     assert len(figure.axes) == 3  # map, its colorbar, the bars
+    titled = {ax.get_title(): ax for ax in figure.axes}
+    heat, bars = titled["sensitivity per input feature"], titled["top 5 features"]
+    # the map: the values over the image, channels averaged; the bars: the five largest, in order
+    np.testing.assert_allclose(heat.images[0].get_array(), s.values.mean(axis=2), rtol=1e-12)
+    widths = [patch.get_width() for patch in bars.patches]
+    np.testing.assert_allclose(widths, np.sort(s.values.ravel())[::-1][:5], rtol=1e-12)
+    top = np.unravel_index(int(np.argmax(s.values)), s.values.shape)
+    assert bars.get_yticklabels()[0].get_text() == str(tuple(int(i) for i in top))
     sal = analysis.saliency(model, x[:5])
     grid = plot.saliency_grid_figure(x[:5], sal.map, labels=list("abcde"), columns=3)
     assert len(grid.axes) == 12 and sum(ax.axison for ax in grid.axes) == 10
+    for k in range(5):  # (input, saliency) pairs, three to a row
+        r, c = divmod(k, 3)
+        left, right = grid.axes[6 * r + 2 * c], grid.axes[6 * r + 2 * c + 1]
+        np.testing.assert_allclose(left.images[0].get_array(), x[k].mean(axis=2), rtol=1e-12)
+        shown = np.abs(np.asarray(sal.map[k], np.float64))
+        shown = shown.mean(axis=2) if shown.ndim == 3 else shown
+        np.testing.assert_allclose(right.images[0].get_array(), shown, rtol=1e-12)
+        assert left.get_title() == "abcde"[k]
     flat = plot.sensitivity_figure(np.arange(10.0), top=0)
     assert len(flat.axes) == 2
 

@@ -180,12 +180,16 @@ def test_deepfool_on_an_affine_model_is_one_exact_step(rng):
     z, J = analytic(model, x)
     k0 = z.argmax(axis=1)
     r = attacks.deepfool(model, x, overshoot=0.02, batch_size=4)
+    # DeepFool reads the logits by the model's own call (jacket.engine.outputs), which Keras runs
+    # in float32 on PyTorch although the model is float64 (NOTE: [Keras and float64]): measured
+    # 2.7e-7 relative there, 2e-15 on TensorFlow and JAX. Tighten when that call keeps float64.
+    rel = 1e-6 if keras.backend.backend() == "torch" else 1e-9
     for b in range(7):
         w = J[b] - J[b, k0[b]]
         f = z[b] - z[b, k0[b]]
         others = np.arange(4) != k0[b]
         d = (np.abs(f[others]) / np.linalg.norm(w[others], axis=1)).min()  # nearest boundary
-        assert r.perturbation[b] == pytest.approx(1.02 * (d + 1e-4), rel=1e-9)
+        assert r.perturbation[b] == pytest.approx(1.02 * (d + 1e-4), rel=rel)
     np.testing.assert_array_equal(r.iterations, 1)
     assert r.success.all() and r.norm == "l2"
     np.testing.assert_array_equal(r.predictions, forward(model, r.x_adv).argmax(axis=1))

@@ -27,11 +27,11 @@ from cli_helpers import invoke as _invoke
 from cli_helpers import no_temporaries as _no_temporaries
 from cli_helpers import ok as _ok
 from cli_helpers import one_red_line as _one_red_line
-from oracles import central_differences
+from oracles import central_differences, native_jacobian
 from PIL import Image
 
 import jacket
-from jacket import io
+from jacket import engine, io
 from jacket.plot import is_image_shape, jacobian_figure, split_jacobian_shape
 
 BACKEND = keras.backend.backend()
@@ -41,12 +41,12 @@ SCRIPT = Path(sys.executable).parent / "jacket"
 # ------------------------------------------------------------------------------------------ files
 
 
-def _mlp():
+def _mlp(dtype="float32"):
     return keras.Sequential(
         [
-            keras.Input((4,), name="features"),
-            keras.layers.Dense(6, activation="tanh"),
-            keras.layers.Dense(3),
+            keras.Input((4,), name="features", dtype=dtype),
+            keras.layers.Dense(6, activation="tanh", dtype=dtype),
+            keras.layers.Dense(3, dtype=dtype),
         ]
     )
 
@@ -140,16 +140,45 @@ def test_jacobian_npy_in_batches_matches_the_library(files, tmp_path):
     J = np.load(out)
     x = files.data["x"]
     _close(J, _jac(files.model["mlp"], x))
-    _close(J, central_differences(files.model["mlp"], x, eps=1e-3), rtol=1e-2)
+    # independent of jacket: the framework's own Jacobian of the float32 model, and float64 central
+    # differences on a float64 copy (same weights); measured relative errors 1.9e-7 and 1.0e-7
+    # (TensorFlow), 0 and 2.1e-7 (JAX), 0 and 6.0e-8 (PyTorch): the float32 rounding of J
+    _close(J, native_jacobian(files.model["mlp"], x), rtol=1e-6)
+    twin = _mlp("float64")
+    twin.set_weights(files.model["mlp"].get_weights())
+    _close(J, central_differences(twin, x.astype("float64")), rtol=1e-6)
     _no_temporaries(tmp_path)
 
-    # the options reach the engine, and the result does not depend on them
-    out2 = tmp_path / "J2.npy"
+
+def test_jacobian_options_reach_the_engine(files, tmp_path, monkeypatch):
+    """--mode, --chunk-size, --flatten and --memory-budget reach `jacket.jacobian_fn`, and its plan
+    follows them; the result does not depend on them."""
+    made = []
+    real = engine.jacobian_fn
+
+    def recording(model, **options):
+        fn = real(model, **options)
+        made.append((options, fn))
+        return fn
+
+    monkeypatch.setattr(engine, "jacobian_fn", recording)  # what jacket.io.streams calls
+    x = files.data["x"]
+    out = tmp_path / "J.npy"
     _ok(
-        "jacobian", files.path / "mlp.keras", files.path / "x.npy", "-o", out2, "--mode",
+        "jacobian", files.path / "mlp.keras", files.path / "x.npy", "-o", out, "--mode",
         "forward", "--chunk-size", 1, "--flatten", "--memory-budget", "1MB", "-q",
     )  # fmt: skip
-    _close(np.load(out2), J.reshape(10, 3, 4))
+    ((options, fn),) = made
+    assert options["mode"] == "forward" and options["chunk_size"] == 1
+    assert options["flatten"] is True and options["memory_budget"] in ("1MB", 10**6)
+    plan = fn.plan(x)
+    assert (plan.mode, plan.chunk, plan.n_chunks) == ("forward", 1, 4)  # 4 inputs, one a pass
+    _close(np.load(out), _jac(files.model["mlp"], x))
+    made.clear()
+    _ok("jacobian", files.path / "mlp.keras", files.path / "x.npy", "-o", tmp_path / "K.npy", "-q")
+    ((options, fn),) = made
+    assert options["mode"] == "auto" and options["chunk_size"] is None
+    assert options["flatten"] is False and options["memory_budget"] is None
 
 
 def test_legacy_h5_csv_to_zarr_is_the_exact_jacobian(files, tmp_path):
@@ -307,6 +336,16 @@ FAILURES = {
 }
 
 
+def _snapshot(*folders: Path) -> dict:
+    """Every file under `folders` with its size and modification time, and every folder (whose
+    own time changes when a writability probe comes and goes)."""
+    return {
+        p: "folder" if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        for folder in folders
+        for p in [folder, *folder.rglob("*")]
+    }
+
+
 @pytest.mark.parametrize("case", list(FAILURES))
 def test_failures_are_one_red_line(files, tmp_path, case):
     _corrupt_files(files.path)
@@ -314,14 +353,15 @@ def test_failures_are_one_red_line(files, tmp_path, case):
     bad[2, 1] = np.nan
     np.save(files.path / "nan.npy", bad)
     model, inputs, output, fragments = FAILURES[case]
-    out = tmp_path / output
+    out = files.path / output if output.startswith("x.npy") else tmp_path / output
+    before = _snapshot(files.path, tmp_path)
     result = _invoke(
-        "jacobian", model if ":" in model else files.path / model, files.path / inputs, "-o",
-        files.path / output if output.startswith("x.npy") else out,
-    )  # fmt: skip
+        "jacobian", model if ":" in model else files.path / model, files.path / inputs, "-o", out
+    )
     _one_red_line(result, *fragments)
-    assert not out.exists()
-    _no_temporaries(tmp_path)
+    # nothing written, created or changed: no output, no folder made for it, no temporary, and
+    # x.npy (the "folder" of two cases) untouched
+    assert _snapshot(files.path, tmp_path) == before
 
 
 def test_unwritable_folder(files, tmp_path):
@@ -458,6 +498,29 @@ def test_plot_shape_rules():
     assert "heatmap" in description and len(figure.axes) == 4  # 2 panels + 2 colorbars
 
 
+def test_figures_draw_the_values(rng):
+    """What the panels show is the Jacobian: each heatmap is its sample's matrix, each image row
+    its output's row, on a color scale symmetric about 0."""
+    J = rng.normal(size=(2, 3, 6))
+    figure, _ = jacobian_figure(J)
+    panels = [ax for ax in figure.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["sample 0", "sample 1"]
+    for b, ax in enumerate(panels):
+        (image,) = ax.images
+        np.testing.assert_array_equal(image.get_array(), J[b])
+        limit = np.abs(J[b]).max()
+        assert image.get_clim() == (-limit, limit)
+    rows = rng.normal(size=(2, 3, 4, 5, 1))
+    figure, description = jacobian_figure(rows)
+    assert "drawn as a 4x5x1 image" in description
+    panels = [ax for ax in figure.axes if ax.images]
+    assert len(panels) == 6 and [ax.get_title() for ax in panels[:3]] == ["out 0", "out 1", "out 2"]
+    for k, ax in enumerate(panels):  # sample by sample, output by output; one scale a sample
+        b, i = divmod(k, 3)
+        np.testing.assert_array_equal(ax.images[0].get_array(), rows[b, i, :, :, 0])
+        assert ax.images[0].get_clim() == (-np.abs(rows[b]).max(), np.abs(rows[b]).max())
+
+
 def test_info_names_versions_backend_and_devices():
     info = json.loads(_ok("info", "--json").stdout)
     assert info["backend"] == BACKEND
@@ -465,6 +528,47 @@ def test_info_names_versions_backend_and_devices():
     assert info["devices"] and not info["devices"][0].startswith("unknown")
     table = _ok("info", "--backend", BACKEND).stdout
     assert BACKEND in table and keras.__version__ in table and "devices" in table
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_the_benchmark_suite_with_the_options(monkeypatch):
+    """`jacket bench` runs the checkout's `benchmarks/run.py` (what `make bench` runs) with the
+    cases, backends and repeats given, and exits with its code. (The suite itself runs for minutes
+    per backend: its own checks live in benchmarks/; here it is not started.)"""
+    ran = []
+
+    def fake_run(command, **kwargs):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 3)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    # in the checkout: from another folder the command finds no suite since cli/ became a package
+    # (it looks in src/, `parents[2]` of cli/__init__.py): reported, not fixed here
+    monkeypatch.chdir(ROOT)
+    result = _invoke(
+        "bench", "seed_mlp_b1", "seed_cnn_b1", "-b", "jax", "-b", "torch", "--repeats", 2
+    )
+    assert result.exit_code == 3  # the suite's own exit code
+    ((python, script, *args),) = ran
+    assert python == sys.executable and Path(script) == ROOT / "benchmarks" / "run.py"
+    assert args == [
+        "--repeats",
+        "2",
+        "--backends",
+        "jax",
+        "torch",
+        "--cases",
+        "seed_mlp_b1",
+        "seed_cnn_b1",
+    ]
+    monkeypatch.undo()
+    # the suite's own parser takes those arguments (its --help is all that runs)
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for option in ("--repeats", "--backends", "--cases"):
+        assert option in proc.stdout
 
 
 def test_unknown_backend_is_a_usage_error():

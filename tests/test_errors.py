@@ -12,6 +12,7 @@ import jacket
 
 @pytest.fixture(scope="module")
 def mlp():
+    keras.utils.set_random_seed(13)  # a module fixture is made before the first test's seeding
     return seed_mlp()
 
 

@@ -1036,6 +1036,60 @@ def test_fuzz_products_many(data, tmp_path_factory, family):
     _run(data, tmp_path_factory.mktemp("fuzz"), ["jvp", "vjp"], family)
 
 
+class _Steered:
+    """`data` with some draws fixed: `fixed` by label, and every "is it invalid?" draw of
+    `_choose` (labels ending in "?") answered "valid". The rest is drawn by hypothesis."""
+
+    def __init__(self, data, fixed: dict):
+        self.data, self.fixed = data, fixed
+
+    def draw(self, strategy, label=None):
+        if label in self.fixed:
+            return self.fixed[label]
+        if label is not None and label.endswith("?"):
+            return 0
+        return self.data.draw(strategy, label=label)
+
+
+# Valid calls the hypothesis draws above rarely make (derandomized, they start from the first
+# option of each draw: float32, C order, NumPy, batch 1, `jacobian`), each once per run: (family,
+# dtype, layout, framework, function, batch). A callable computes in its input's dtype, a Keras
+# model in its own.
+STEERED = [
+    ("callable", "float16", "fortran", "numpy", "jacobian", 3),
+    ("callable", "bfloat16", "readonly", "numpy", "jvp", 2),
+    ("callable", "float64", "negative", "torch", "vjp", 3),
+    ("dense64", "float64", "fortran", "jax", "jacobian_fn", 2),
+    ("dense64", "float64", "readonly", "numpy", "vjp", 3),
+    ("mlp", "float16", "readonly", "tensorflow", "jacobian", 2),
+    ("conv2d", "bfloat16", "fortran", "numpy", "jacobian_fn", 3),
+    ("multi_dict", "float64", "fortran", "torch_grad", "jvp", 2),
+    ("rank3", "int32", "readonly", "jax", "jacobian", 3),
+]
+
+
+@pytest.mark.parametrize("family,dtype,layout,framework,fn,batch", STEERED)
+@settings(max_examples=1, **COMMON)
+@given(data=st.data())
+def test_fuzz_valid_dtypes_and_layouts(
+    data, tmp_path_factory, family, dtype, layout, framework, fn, batch
+):
+    fixed = {
+        "function": fn,
+        "batch": batch,
+        "dtype": dtype,
+        "other dtype?": 99,  # keep the drawn dtype
+        "layout": layout,
+        "framework": framework,
+        "shape": "none",
+        "non-finite": "none",
+        "strategy": "auto",  # "replicate" is refused with per_sample=False or training=True
+    }
+    fns = ["jacobian", "jacobian_fn", "jvp", "vjp"]
+    # a valid call: `_run` fails unless the result equals the closed form
+    _run(_Steered(data, fixed), tmp_path_factory.mktemp("fuzz"), fns, family)
+
+
 @pytest.mark.parametrize("options", [dict(mode="forward"), dict(strategy="autotune")])
 def test_tiling_is_not_used_on_a_sample_mixing_model_at_batch_1(options):
     """At batch 1 the coupling probe has no second sample; "replicate" (the default in forward mode

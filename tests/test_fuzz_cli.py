@@ -88,8 +88,7 @@ def _write_input(data, root: Path, W: np.ndarray):
             ["npy"] * 6 + ["npz"] * 2 + ["csv"] * 3
             + ["npy_bad_dtype", "npy_object", "npy_shape", "npy_empty", "npy_nan", "truncated",
                "random_bytes", "npz_extra", "npz_wrong_name", "npz_object", "csv_text",
-               "csv_nan", "csv_columns", "csv_ragged", "wrong_suffix"]
-            # an empty .npy and an empty CSV: known `jacket.io` bugs, see IO_BUGS below
+               "csv_nan", "csv_columns", "csv_ragged", "wrong_suffix", "zero_bytes", "csv_empty"]
         ),
         label="input file",
     )  # fmt: skip
@@ -367,37 +366,38 @@ def test_fuzz_command_line_many(data, files, tmp_path, command):
     _run(data, files, tmp_path, command)
 
 
-# Bugs the fuzzing found in `jacket.io` (being changed on another branch: reported, not fixed here)
-IO_BUGS = {
+# Bugs the fuzzing found in `jacket.io`, since fixed: each case kept as a regression test (and the
+# empty files drawn by the fuzzer again, as "zero_bytes" and "csv_empty")
+IO_FOUND = {
     "zero_bytes.npy": (
         b"",
         ".npy",
-        "io.read_inputs: an empty .npy file raises EOFError, shown as 'error: EOFError: No data "
-        "left in file' (the .npy branch catches ValueError and OSError only)",
+        "io.read_inputs: an empty .npy file raised EOFError, shown as 'error: EOFError: No data "
+        "left in file' (the .npy branch caught ValueError and OSError only)",
     ),
     "empty.csv": (
         b"",
         ".csv",
-        "io._read_csv: numpy.loadtxt warns 'input contained no data' (a UserWarning printed "
+        "io._read_csv: numpy.loadtxt warned 'input contained no data' (a UserWarning printed "
         "beside the error line, or the error itself under -W error) before 'has no rows of data'",
     ),
-    "header_only.csv": (b"a,b,c,d\n", ".csv", "io._read_csv: same UserWarning as an empty CSV"),
+    "header_only.csv": (b"a,b,c,d\n", ".csv", "io._read_csv: the same UserWarning as an empty CSV"),
     "spaces.csv": (
         b"1 2 3 4\n",
         ".csv",
-        "io._read_csv: a space-separated line is taken for a header, then the same UserWarning",
+        "io._read_csv: a space-separated line was taken for a header, then the same UserWarning",
     ),
 }
 
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(name, id=name) for name in IO_BUGS],
+    [pytest.param(name, id=name) for name in IO_FOUND],
 )
 def test_io_bugs_found_by_fuzzing(files, tmp_path, case):
-    """Each of these ends in one error line naming the file (found by fuzzing: raw EOFError, and
-    NumPy's 'input contained no data' warning beside the error)."""
-    content, suffix, _ = IO_BUGS[case]
+    """Each of these ends in one error line naming the file (found by fuzzing: it was a raw
+    EOFError, or NumPy's 'input contained no data' warning beside the error)."""
+    content, suffix, _ = IO_FOUND[case]
     path = tmp_path / f"input{suffix}"
     path.write_bytes(content)
     result = RUNNER.invoke(

@@ -150,6 +150,47 @@ def test_training_mode_jvp_and_vjp_see_the_jacobians_mask(rng):
     assert_close(jacket.vjp(model, x, u, training=True), np.einsum("bo,bon->bn", u, J), rtol=1e-12)
 
 
+def test_dropout_draws_as_the_readme_says(rng):
+    """README, `model`: in training mode jacket never changes the model (its dropout seeds stay as
+    they were) and every call sees the same draws; on TensorFlow and JAX the seed generators are
+    read, never advanced (the model's own training call advances them: then jacket draws anew); on
+    PyTorch each call is reseeded with `torch.initial_seed()`, so a new
+    `keras.utils.set_random_seed` gives another draw and the same seed the same draw again."""
+    model = _dropout_mlp()
+    x = rng.normal(size=(3, 3))
+    generator = model.layers[1].seed_generator
+
+    def state():
+        return to_numpy(generator.state).tolist()
+
+    def mask():
+        return _masks(model, to_numpy(jacket.jacobian(model, x, training=True)))
+
+    before = state()
+    first = mask()
+    np.testing.assert_array_equal(mask(), first)  # call after call
+    np.testing.assert_array_equal(
+        _masks(model, to_numpy(jacket.jacobian_fn(model, training=True)(x))), first
+    )
+    assert state() == before  # the model's seeds as they were
+    model(x, training=True)  # the user's own training call
+    if BACKEND == "torch":  # Keras's Dropout draws from torch's generator, reseeded per call
+        np.testing.assert_array_equal(mask(), first)
+        keras.utils.set_random_seed(99)
+        other = mask()
+        assert (other != first).any()
+        np.testing.assert_array_equal(mask(), other)
+        keras.utils.set_random_seed(1234)  # conftest's seed: the first draw again
+        np.testing.assert_array_equal(mask(), first)
+    else:  # the model's generator moved on: jacket reads the new state
+        assert state() != before
+        other = mask()
+        assert (other != first).any()
+        np.testing.assert_array_equal(mask(), other)
+        keras.utils.set_random_seed(1234)  # does not touch an existing generator
+        np.testing.assert_array_equal(mask(), other)
+
+
 # ------------------------------------------------------------- analyses: outputs, streams, JSMA
 
 

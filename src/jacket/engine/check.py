@@ -14,6 +14,7 @@ from .. import backends
 from ..checks import check_flag
 from ..errors import JacketValueError
 from .cut import Cut, cut_for
+from .dtypes import keep_float64
 from .hessian import hessian
 from .inputs import FLOAT_DTYPES, prepare_inputs
 from .jacobian import jacobian
@@ -157,7 +158,7 @@ def check(
             twin, twin_inputs = None, None
             twin_model = _float64_twin(model, model_inputs)
             if twin_model is not None:
-                with _keras_float64():
+                with keep_float64():
                     twin = cut_for("check", twin_model, *target.canonical())
                     x64 = model_inputs.pack([_to64(t) for t in model_inputs.tensors])
                     _, twin_inputs = resolve(
@@ -183,7 +184,7 @@ def check(
         differences = _central_differences if order == 1 else _gradient_differences
         best = None
         for step in steps:
-            with _keras_float64() if twin is not None else contextlib.nullcontext():
+            with keep_float64() if twin is not None else contextlib.nullcontext():
                 J_fd = differences(
                     twin if twin is not None else target, twin_inputs, step, training, fd_dtype
                 )
@@ -247,13 +248,14 @@ def _to_float64(obj):
 
 
 def _float64_twin(model, inputs):
-    """A float64 copy of a Keras model or layer with the same weights, or None if none can be made."""
+    """A float64 copy of a Keras model or layer with the same weights, or None if none can be made.
+    It is built and run with Keras's float64 demotion lifted (NOTE: [Keras and float64])."""
     if not isinstance(model, keras.Layer):
         return None
     if not backends.current().has_float64():
         return None  # a JAX without 64-bit types even in a scope (see `_float64_scope`)
     try:
-        with _keras_float64():
+        with keep_float64():
             twin = keras.saving.deserialize_keras_object(
                 _to_float64(keras.saving.serialize_keras_object(model))
             )
@@ -281,32 +283,6 @@ def _float64_scope():
     enabled (`jax.enable_x64`), so that the reference is float64 there too (without it JAX
     truncates float64 to float32, and the differences lose half their digits)."""
     return backends.current().float64_scope()
-
-
-@contextlib.contextmanager
-def _keras_float64():
-    """Let Keras keep float64 on JAX and PyTorch while the float64 copy runs.
-
-    NOTE: [Keras and float64] Keras's type promotion (`keras.backend.result_type`) maps float64 to
-    float32 on every backend but TensorFlow, so a float64 model silently runs its matmuls (PyTorch)
-    or activations (JAX) in float32, and finite differences on it drown in rounding noise. The
-    mapping is one table entry; it is lifted here for the reference evaluation only, and restored.
-    """
-    try:
-        from keras.src.backend.common import dtypes
-    except ImportError:  # pragma: no cover - a Keras without that module
-        yield
-        return
-    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
-    if not isinstance(table, dict) or "float64" not in table:
-        yield
-        return
-    saved = table["float64"]
-    table["float64"] = "float64"
-    try:
-        yield
-    finally:
-        table["float64"] = saved
 
 
 def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: str) -> np.ndarray:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -10,6 +11,7 @@ import json
 import keras
 
 from .cut import Cut, Prefix
+from .dtypes import computes_in_float64, keep_float64
 
 
 def make_call(model, training: bool, state: list | None = None):
@@ -18,18 +20,30 @@ def make_call(model, training: bool, state: list | None = None):
     With `state` (the values of `model.variables`, in order), the model runs statelessly on those
     values: nothing of the model changes (BatchNormalization statistics, seed generators), and under
     `jax.jit` the weights are arguments instead of constants baked into the trace.
+
+    A model that computes in float64 runs with Keras's float64-to-float32 demotion lifted (NOTE:
+    [Keras and float64] in `jacket.engine.dtypes`), so its Jacobian is float64 throughout.
     """
     if isinstance(model, (Cut, Prefix)):
         return model.make_call(training, state)
     if not isinstance(model, keras.Layer):
-        return model
+        return model  # a plain callable runs as given (NOTE: [Keras and float64])
+    lift = keras.backend.backend() != "tensorflow" and computes_in_float64(model)
     if state is None:
-        return lambda x: model(x, training=training)
+        if not lift:
+            return lambda x: model(x, training=training)
+
+        def call_float64(x):
+            with keep_float64():
+                return model(x, training=training)
+
+        return call_float64
     mapping = list(zip(model.variables, state))
 
     def call(x):
         with keras.StatelessScope(state_mapping=mapping):
-            return model(x, training=training)
+            with keep_float64() if lift else contextlib.nullcontext():
+                return model(x, training=training)
 
     return call
 
