@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
-from oracles import assert_close, native_jacobian, to_numpy
+from oracles import assert_close, keras_float64, native_jacobian, to_numpy
 from scenarios import Subclassed, dict_inputs, dict_model
 
 import jacket
@@ -25,8 +25,10 @@ BACKEND = keras.backend.backend()
 
 
 def _forward(model, x: np.ndarray) -> np.ndarray:
-    """`(n, out_size)` float64 outputs of a batch of flat inputs reshaped to the model's."""
-    return to_numpy(model(x, training=False) if isinstance(model, keras.Layer) else model(x))
+    """`(n, out_size)` float64 outputs of a batch of flat inputs reshaped to the model's (float64
+    kept inside: `keras_float64`)."""
+    with keras_float64():
+        return to_numpy(model(x, training=False) if isinstance(model, keras.Layer) else model(x))
 
 
 def second_differences(model, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
@@ -65,7 +67,13 @@ def laplacian_differences(model, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
 
 
 def native_hessian(model, x: np.ndarray) -> np.ndarray:
-    """`(B, out_size, n, n)` by the framework's own Hessian (single input and output)."""
+    """`(B, out_size, n, n)` by the framework's own Hessian (single input and output), float64
+    kept inside (`keras_float64`)."""
+    with keras_float64():
+        return _native_hessian(model, x)
+
+
+def _native_hessian(model, x: np.ndarray) -> np.ndarray:
     B = x.shape[0]
     if BACKEND == "jax":
         import jax

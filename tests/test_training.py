@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND
-from oracles import assert_close, to_numpy
+from oracles import assert_close, keras_float64, to_numpy
 
 import jacket
 from jacket import training
@@ -25,6 +25,15 @@ N_IN, HIDDEN, N_OUT, BATCH = 3, 5, 2, 4
 
 
 # ------------------------------------------------------------------------------------- oracles
+
+
+@pytest.fixture(autouse=True)
+def _float64_as_in_a_float64_training():
+    """jacket.training runs inside Keras's own step, where Keras demotes float64 to float32 on JAX
+    and PyTorch for the user's loss as for the penalty; these tests compare with float64 closed
+    forms, so Keras keeps float64 throughout here (`keras_float64`)."""
+    with keras_float64():
+        yield
 
 
 def mlp(n_out=N_OUT, dtype="float64"):

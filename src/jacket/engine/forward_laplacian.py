@@ -37,9 +37,10 @@ import math
 import keras
 import numpy as np
 
+from .dtypes import keep_float64
 from .inputs import Inputs, Leaf, numpy_dtype, result_dtype
 from .jet_rules import CLOSED_FORMS, ELEMENTWISE, LINEAR, RULES, Jet
-from .model import make_call
+from .model import lifts_float64, make_call
 from .state import Entry, ModelState
 
 ops = keras.ops
@@ -61,9 +62,14 @@ class ScopedCall:
         return self.call(x)
 
     def scope(self):
-        if self.mapping is None:
-            return contextlib.nullcontext()
-        return keras.StatelessScope(state_mapping=self.mapping)
+        """The state scope of the model's weights, and float64 kept for a float64 model (as in
+        `make_call`: NOTE: [Keras and float64] in `jacket.engine.dtypes`)."""
+        stack = contextlib.ExitStack()
+        if self.mapping is not None:
+            stack.enter_context(keras.StatelessScope(state_mapping=self.mapping))
+        if lifts_float64(self.model):
+            stack.enter_context(keep_float64())
+        return stack
 
 
 def scoped_kernel(state: ModelState, key: tuple, build):

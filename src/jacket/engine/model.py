@@ -25,10 +25,18 @@ def make_call(model, training: bool, state: list | None = None):
     [Keras and float64] in `jacket.engine.dtypes`), so its Jacobian is float64 throughout.
     """
     if isinstance(model, (Cut, Prefix)):
-        return model.make_call(training, state)
+        call = model.make_call(training, state)
+        if not lifts_float64(model.model):
+            return call
+
+        def cut_float64(*args):
+            with keep_float64():
+                return call(*args)
+
+        return cut_float64
     if not isinstance(model, keras.Layer):
         return model  # a plain callable runs as given (NOTE: [Keras and float64])
-    lift = keras.backend.backend() != "tensorflow" and computes_in_float64(model)
+    lift = lifts_float64(model)
     if state is None:
         if not lift:
             return lambda x: model(x, training=training)
@@ -46,6 +54,16 @@ def make_call(model, training: bool, state: list | None = None):
                 return model(x, training=training)
 
     return call
+
+
+def lifts_float64(model) -> bool:
+    """Whether jacket runs `model` with Keras's float64 demotion lifted (`keep_float64`): a Keras
+    model that computes in float64, on a backend that demotes (all but TensorFlow)."""
+    return (
+        isinstance(model, keras.Layer)
+        and keras.backend.backend() != "tensorflow"
+        and computes_in_float64(model)
+    )
 
 
 def eager_call(model, training: bool):
