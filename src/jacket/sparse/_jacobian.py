@@ -27,7 +27,7 @@ from ..checks import check_model
 from ..engine import Options
 from ..engine.inputs import Inputs
 from ..engine.point import resolve
-from ..engine.state import state_of
+from ..engine.state import activation_size, state_of
 from ..errors import JacketTypeError, JacketValueError
 from ._compressed import CompressedPasses, SparsePlan
 from ._pattern import Detected, detection, outputs, pattern_key, user_pattern
@@ -86,7 +86,10 @@ class SparseJacobianFn:
             else:
                 y_structure, out_leaves = outputs(self.fn_name, target, inputs, training)
                 pattern = user_pattern(self.fn_name, self.pattern, inputs, out_leaves)
-                detected = Detected(pattern, y_structure, out_leaves, None, 0.0)
+                # the activations from the model's graph, where it has one: they size the passes
+                # within `memory_budget` (a pattern given as it is says nothing of them)
+                activations = activation_size(target)
+                detected = Detected(pattern, y_structure, out_leaves, activations, 0.0)
             found = cache[key] = CompressedPasses(detected, inputs, self.options.mode, training)
         return found
 
