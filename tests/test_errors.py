@@ -100,10 +100,12 @@ def test_dict_keys_missing_and_extra(rng):
         jacket.jacobian(model, {**x, "extra": x["meta"]})
 
 
-def test_list_for_a_dict_model(rng):
+def test_list_of_the_wrong_length_for_a_dict_model(rng):
+    # a list in input order is taken, as Keras takes it (tests/test_layers.py); one of another
+    # length is refused with the count
     x = dict_inputs(rng, dtype="float32")
-    with pytest.raises(jacket.JacketTypeError, match="Pass a dict keyed by input name"):
-        jacket.jacobian(dict_model(), [x["image"], x["meta"]])
+    with pytest.raises(jacket.JacketValueError, match="takes 2 inputs.*list of 1 items"):
+        jacket.jacobian(dict_model(), [x["image"]])
 
 
 def test_nan_names_the_sample(mlp):
