@@ -8,6 +8,7 @@ and the prepared executors, each per input signature; and a slot for the layers 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +20,9 @@ from .. import backends
 from ..trees import skeleton
 from . import kernels
 from .cut import Cut, Prefix
+from .dtypes import keep_float64
 from .inputs import Inputs, Leaf, output_leaves
-from .model import eager_call, make_call, model_kind
+from .model import eager_call, lifts_float64, make_call, model_kind
 from .nondiff import warn_if_cut
 
 
@@ -100,7 +102,11 @@ class ModelState:
         tell it without running the model, else from one forward pass)."""
         entry = self.entries.get(inputs.signature)
         if entry is None:
-            y = _symbolic_output(self.model, inputs)
+            inner = self.model.model if isinstance(self.model, (Cut, Prefix)) else self.model
+            # the output dtype as jacket's own calls give it (float64 kept: NOTE: [Keras and
+            # float64] in `jacket.engine.dtypes`), not as Keras's demotion would
+            with keep_float64() if lifts_float64(inner) else contextlib.nullcontext():
+                y = _symbolic_output(self.model, inputs)
             if y is None:
                 call = eager_call(self.model, self.training)
                 x = inputs.pack(inputs.tensors)
