@@ -114,7 +114,11 @@ def _native_jacobian(model, x: np.ndarray) -> np.ndarray:
     xt = torch.as_tensor(np.repeat(x, n_out, axis=0)).requires_grad_(True)  # (B * n_out, *in)
     y = model(xt, training=False).reshape(B, n_out, n_out)
     picked = torch.diagonal(y, dim1=1, dim2=2).sum()
-    (grad,) = torch.autograd.grad(picked, xt)
+    if not picked.requires_grad:  # every path from the input cut (stop_gradient): all zeros
+        return np.zeros((B,) + out_shape + x.shape[1:])
+    (grad,) = torch.autograd.grad(picked, xt, allow_unused=True)
+    if grad is None:
+        return np.zeros((B,) + out_shape + x.shape[1:])
     J = grad.detach().cpu().numpy().reshape((B, n_out, n_in))
     return J.reshape((B,) + out_shape + x.shape[1:])
 
