@@ -49,9 +49,9 @@ def test_no_private_name_is_imported_across_packages():
             target = f"{module}.{imported}"
             if _package(module) == _package(name) or module == "jacket":
                 continue
-            private = [
-                part for part in target.split(".")[2:] if part.startswith("_")
-            ] + ([imported] if imported.startswith("_") else [])
+            private = [part for part in target.split(".")[2:] if part.startswith("_")] + (
+                [imported] if imported.startswith("_") else []
+            )
             if private:
                 found.append(f"{path.relative_to(SRC)}:{line}: {target}")
     assert not found, "private names imported across packages:\n" + "\n".join(found)

@@ -242,7 +242,5 @@ def test_every_route_stays_within_the_budget():
     (PyTorch) MiB whatever the budget."""
     calls = {name: f"fns[{name!r}]({arg})" for name, arg in _ROUTE_INPUTS.items()}
     measured = working_memory(_ROUTES_SETUP, calls)
-    over = {
-        name: m for name, m in measured.items() if m["peak"] > 4 * 10**6 + m["result"] + SLACK
-    }
+    over = {name: m for name, m in measured.items() if m["peak"] > 4 * 10**6 + m["result"] + SLACK}
     assert not over, measured
