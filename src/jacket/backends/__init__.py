@@ -25,6 +25,9 @@ Every backend module defines:
   ("replicate", "vmap", "loop") the planner tries, in order: the first is what a first call runs,
   the others are measured on the next calls (`jacket.engine.tuning`); one left out runs only when
   forced.
+- `LAYER_RULES`: the layer rules (`jacket.engine.rules.RULES`, by name) that jacket's own passes
+  run instead of a layer's `call`, those measured to give a faster batched pullback here (NOTE:
+  [Layer rules] in `jacket.engine.rules`).
 - `device_description()`: the device kernels run on, as the plan cache keys plans by it.
 - `block_until_ready(tree)`: wait until results are computed (JAX dispatches asynchronously, and
   accelerators run behind the host), so that timings measure the work.

@@ -16,6 +16,7 @@ EAGER = False  # kernels are traced and compiled once per signature
 # A recurrent layer's while_loop is slow to vectorise (GRU, batch 2: 9.4 s to compile against 4.1 s
 # for one pass over the replicated batch), so recurrent models start from that pass.
 PRIOR = {"other": ("vmap", "replicate", "loop"), "recurrent": ("replicate", "loop", "vmap")}
+LAYER_RULES = ()  # none measured to win here (`benchmarks/layer_survey.py`)
 _ZERO = tf.UnconnectedGradients.ZERO
 # NOTE: [Unchecked forward mode on TensorFlow]
 # `ForwardAccumulator` builds a JVP from each op's gradient function, differentiated again; where

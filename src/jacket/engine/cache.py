@@ -234,7 +234,8 @@ def same_plan(plan: Plan, fields: dict) -> bool:
 def same_choice(plan: Plan, fields: dict) -> bool:
     """The same mode and strategy (the chunk may follow another memory budget)."""
     return all(
-        getattr(plan, k) == fields.get(k) for k in ("mode", "strategy", "rows", "per_sample")
+        getattr(plan, k) == fields.get(k)
+        for k in ("mode", "strategy", "rows", "per_sample", "rules")
     )
 
 
@@ -245,6 +246,7 @@ def _plan_fields(plan: Plan) -> dict:
         "chunk": plan.chunk,
         "rows": plan.rows,
         "per_sample": plan.per_sample,
+        "rules": plan.rules,
     }
 
 

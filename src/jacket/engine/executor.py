@@ -54,6 +54,7 @@ class Executor:
                 assemble_flatten=assemble_flatten,
                 jvp=jvp,
             ),
+            rules=plan.rules,
         )
         self.starts = state.starts_for(plan)
         self.offsets = range(0, plan.rows, plan.chunk)

@@ -12,9 +12,10 @@ import keras
 
 from .cut import Cut, Prefix
 from .dtypes import computes_in_float64, keep_float64
+from .rules import applied
 
 
-def make_call(model, training: bool, state: list | None = None):
+def make_call(model, training: bool, state: list | None = None, rules: list = ()):
     """`x_structure -> y_structure` for a Keras layer or model (or the callable itself).
 
     With `state` (the values of `model.variables`, in order), the model runs statelessly on those
@@ -23,7 +24,18 @@ def make_call(model, training: bool, state: list | None = None):
 
     A model that computes in float64 runs with Keras's float64-to-float32 demotion lifted (NOTE:
     [Keras and float64] in `jacket.engine.dtypes`), so its Jacobian is float64 throughout.
+
+    With `rules` (`jacket.engine.rules.layers_with_rules`), those layers run through their rules
+    (NOTE: [Layer rules]).
     """
+    if rules:
+        plain = make_call(model, training, state)
+
+        def call_with_rules(*args):
+            with applied(rules):
+                return plain(*args)
+
+        return call_with_rules
     if isinstance(model, (Cut, Prefix)):
         call = model.make_call(training, state)
         if not lifts_float64(model.model):
@@ -124,9 +136,11 @@ _RECURRENT = ("RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "Co
 _MAX_POOLING = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D")
 
 
-def model_kind(model) -> str:
+def model_kind(model, ruled: frozenset = frozenset()) -> str:
     """ "recurrent", "max_pooling", "depthwise", "conv", "dense" or "other": what decides the
-    fastest way to batch a model's pullbacks (see `jacket._plan`), from the classes of its layers."""
+    fastest way to batch a model's pullbacks (see `jacket.engine.plan`), from the classes of its
+    layers; those of `ruled` (ids of layers that run through a layer rule, NOTE: [Layer rules])
+    do not count."""
     if isinstance(model, (Cut, Prefix)):
         model = model.model
     if not isinstance(model, keras.Layer):
@@ -134,6 +148,7 @@ def model_kind(model) -> str:
     names = {
         cls.__name__
         for layer in model._flatten_layers(include_self=True, recursive=True)
+        if id(layer) not in ruled
         for cls in type(layer).__mro__
     }
     if names & set(_RECURRENT):

@@ -25,6 +25,9 @@ NOTE: [How the plan decides]
   (`per_sample=False`, where samples may interact; `training=True`, where dropout masks and batch
   statistics must be the same for every seed) the plan never replicates, nor does it at batch 1 on
   a model that mixes its samples (the tiling probe).
+- Layer rules. Where some of the model's layers have a rule on this backend (NOTE: [Layer rules] in
+  `jacket.engine.rules`), each plan runs with them, and the fastest such plan is measured once more
+  without them.
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
   within `memory_budget`; the chunks run one after the other through one compiled kernel. The
@@ -48,6 +51,7 @@ class Plan:
     strategy: str  # "replicate", "vmap" or "loop"
     chunk: int  # seeds per pass
     rows: int  # seeds in all: out_size or in_size, times batch when not per-sample
+    rules: bool = False  # the model's layers with a rule run through it (NOTE: [Layer rules])
 
     @property
     def n_chunks(self) -> int:
@@ -57,6 +61,7 @@ class Plan:
         return (
             f"{self.mode} mode, {self.rows} seeds in {self.n_chunks} pass(es) of {self.chunk}, "
             f"{self.strategy}, {'per-sample' if self.per_sample else 'full'}"
+            + (", layer rules" if self.rules else "")
         )
 
 
@@ -78,6 +83,7 @@ class Problem:
     forward_ok: bool = True  # a forward mode passed its check
     tiling_ok: bool = True  # the batch may be repeated (NOTE: [How the plan decides])
     prior: tuple[str, ...] = STRATEGIES  # the backend's order of preference
+    rules: bool = False  # some layers of the model have a rule here (NOTE: [Layer rules])
 
 
 def prior(backend, kind: str) -> tuple[str, ...]:
@@ -158,6 +164,8 @@ def candidates(problem: Problem) -> list[Plan]:
                 plans.append(plan)
     if plans[0].rows == 1:
         plans = [p for p in plans if p.mode == plans[0].mode][:1]
+    if problem.rules:  # each plan with the layer rules first, then the same plan without
+        plans = [replace(p, rules=True) for p in plans] + plans
     return plans
 
 

@@ -9,6 +9,7 @@ and the prepared executors, each per input signature; and a slot for the layers 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .dtypes import keep_float64
 from .inputs import Inputs, Leaf, output_leaves
 from .model import eager_call, lifts_float64, make_call, model_kind
 from .nondiff import warn_if_cut
+from .rules import layers_with_rules
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,10 @@ class ModelState:
         self.wrappers: dict[tuple, Any] = {}  # state of the layers above (`jacket.sparse`)
         self.cuts_checked = False
 
-    def kernel(self, key: tuple, build: Callable) -> Callable:
-        """The compiled kernel under `key`, built by `build()` and compiled the first time."""
+    def kernel(self, key: tuple, build: Callable, rules: bool = False) -> Callable:
+        """The compiled kernel under `key`, built by `build()` and compiled the first time; with
+        `rules`, the model's layers that have a rule on this backend run through it (NOTE:
+        [Layer rules] in `jacket.engine.rules`)."""
         compiled = self.kernels.get(key)
         if compiled is None:
             kernel = build()
@@ -68,9 +72,17 @@ class ModelState:
                 self.traces += 1  # runs when traced (TensorFlow, JAX), every call on PyTorch
                 return kernel(call, *args)
 
-            compiled = self.backend.compile(counted, self.model, self.training, make_call)
+            calls = make_call
+            if rules:
+                calls = functools.partial(make_call, rules=self.rule_layers())
+            compiled = self.backend.compile(counted, self.model, self.training, calls)
             self.kernels[key] = compiled
         return compiled
+
+    def rule_layers(self) -> list:
+        """The model's layers that a rule of this backend covers (NOTE: [Layer rules])."""
+        inner = self.model.model if isinstance(self.model, (Cut, Prefix)) else self.model
+        return layers_with_rules(inner, self.backend)
 
     def vjp(self, inputs: Inputs) -> Callable:
         """`(xs, cts) -> grads`: one VJP of the batched model, compiled."""
@@ -116,7 +128,7 @@ class ModelState:
                 skeleton(y),
                 output_leaves(fn_name, y, inputs.batch),
                 activation_size(self.model),
-                model_kind(self.model),
+                model_kind(self.model, frozenset(id(layer) for layer, _ in self.rule_layers())),
             )
             self.entries[inputs.signature] = entry
             if not self.cuts_checked:  # once per model: see NOTE [Non-differentiable paths]

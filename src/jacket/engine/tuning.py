@@ -75,6 +75,7 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
         strategy=options.strategy,
         forward_ok=forward is not None,
         prior=prior(state.backend, entry.kind),
+        rules=bool(state.rule_layers()),
     )
 
 
@@ -254,7 +255,19 @@ class Tuning:
             if self.trials[p].seconds is None
             and self.trials[p].failure is None
             and (self.executor is None or p != self.executor.plan)
+            and self._worth_trying(p)
         ]
+
+    def _worth_trying(self, candidate: Plan) -> bool:
+        """A plan without layer rules is measured only against its own twin with rules, once that
+        twin is the fastest (or could not run): NOTE: [How the plan decides]."""
+        if candidate.rules or not self.problem.rules:
+            return True
+        twin = dataclasses.replace(candidate, rules=True)
+        trial = self.trials.get(twin)
+        if trial is None or trial.failure is not None:
+            return True
+        return self.executor is not None and self.executor.plan == twin
 
     def _pick(self) -> Plan:
         """The plan to compile next: the chosen one, else the first untried (the first that has

@@ -1,0 +1,184 @@
+"""Layer rules: a layer run, in jacket's own passes only, through an implementation with the same
+forward values and a cheaper batched pullback on the current backend.
+
+NOTE: [Layer rules]
+A framework's pullback of a layer is written for one cotangent. Mapped over many (the "vmap"
+strategy) some of them batch badly: on JAX, Keras's max pooling is `lax.reduce_window`, whose
+pullback (select-and-scatter) took 76 of the 117 ms of all ten per-sample Jacobian rows of the seed
+CNN at batch 32. Written as a reshape into windows, an `argmax` one-hot held by `stop_gradient`
+and a sum, the same layer gives the same outputs and the same Jacobians, bit for bit, and its
+pullback is a select that batches as well as any elementwise op.
+- A rule is keyed by the layer's exact class (a subclass may override `call`, so it runs as
+  written), applies only to the configurations it covers (`Rule.applies`), and is written once
+  in `keras.ops`. Each backend names the rules it uses (`LAYER_RULES`), those measured to win on
+  it (`benchmarks/layer_survey.py`; the same rewrite of max pooling gave nothing on TensorFlow,
+  whose `MaxPoolGrad` batches well, nor on PyTorch).
+- The user's model is never changed: for the duration of one of jacket's own calls of the model
+  (`applied`), each covered layer's instance gets a `call` that runs the rule when the calling
+  thread is inside such a call, and the class's own `call` otherwise; when the last of jacket's
+  calls leaves, the instance is as it was. Another thread calling the model meanwhile runs the
+  layer's own `call`.
+- Whether rules run is part of the plan (`Plan.rules`), so the planner measures a plan with them
+  against the same plan without (NOTE: [Measured plans] in `jacket.engine.tuning`).
+  `JACKET_LAYER_RULES=off` turns them off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+
+# ---------------------------------------------------------------------------------- the rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str  # what a backend's `LAYER_RULES` names
+    applies: Callable  # layer -> bool: the configurations the rule covers
+    call: Callable  # (layer, inputs, **kwargs) -> outputs, as `layer.call`
+
+
+def _pooling_windows(layer) -> bool:
+    """Non-overlapping windows (strides equal to the pool size), "valid" or "same" padding."""
+    pool = tuple(layer.pool_size)
+    strides = tuple(layer.strides) if layer.strides is not None else pool
+    return strides == pool and layer.padding in ("valid", "same")
+
+
+def _max_pooling(layer, inputs, **kwargs):
+    """Max pooling over non-overlapping windows: the windows side by side on a last axis, the
+    first maximum of each (as the framework's own pullback picks it among ties) chosen by a
+    one-hot mask held by `stop_gradient`, and summed."""
+    ops = keras.ops
+    x = inputs
+    channels_first = layer.data_format == "channels_first"
+    if channels_first:
+        x = ops.moveaxis(x, 1, -1)
+    pool = tuple(layer.pool_size)
+    spatial = tuple(x.shape[1:-1])
+    channels = x.shape[-1]
+    if layer.padding == "same":
+        out = tuple(math.ceil(n / k) for n, k in zip(spatial, pool))
+        total = [o * k - n for o, k, n in zip(out, pool, spatial)]
+        pads = [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]]
+        x = ops.pad(x, pads, constant_values=float("-inf"))
+    else:
+        out = tuple(n // k for n, k in zip(spatial, pool))
+        x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]
+    split = [-1]
+    for o, k in zip(out, pool):
+        split += [o, k]
+    x = ops.reshape(x, split + [channels])
+    d = len(pool)
+    order = [0] + [1 + 2 * i for i in range(d)] + [1 + 2 * d] + [2 + 2 * i for i in range(d)]
+    x = ops.reshape(ops.transpose(x, order), (-1,) + out + (channels, math.prod(pool)))
+    first = ops.argmax(x, axis=-1)
+    mask = ops.equal(ops.arange(math.prod(pool), dtype="int32"), ops.expand_dims(first, -1))
+    y = ops.sum(ops.where(ops.stop_gradient(mask), x, ops.zeros_like(x)), axis=-1)
+    return ops.moveaxis(y, -1, 1) if channels_first else y
+
+
+MAX_POOLING = Rule("max_pooling", _pooling_windows, _max_pooling)
+
+RULES: dict[type, Rule] = {
+    keras.layers.MaxPooling1D: MAX_POOLING,
+    keras.layers.MaxPooling2D: MAX_POOLING,
+    keras.layers.MaxPooling3D: MAX_POOLING,
+}
+
+# ------------------------------------------------------------------------------ which layers
+
+
+def enabled() -> bool:
+    return os.environ.get("JACKET_LAYER_RULES", "on").strip().lower() not in ("off", "0", "false")
+
+
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layers_with_rules(model, backend) -> list[tuple[keras.Layer, Rule]]:
+    """The layers of `model` (nested ones included) that a rule of `backend` covers."""
+    names = getattr(backend, "LAYER_RULES", ())
+    if not names or not isinstance(model, keras.Layer) or not enabled():
+        return []
+    key = (backend.NAME, tuple(names))
+    try:
+        found = _FOUND.get(model, {})
+    except TypeError:  # pragma: no cover - an object that cannot be weakly referenced
+        found = {}
+    if key not in found:
+        pairs = []
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            rule = RULES.get(type(layer))
+            if rule is not None and rule.name in names and rule.applies(layer):
+                pairs.append((layer, rule))
+        found[key] = pairs
+        with contextlib.suppress(TypeError):
+            _FOUND[model] = found
+    return found[key]
+
+
+# ------------------------------------------------------------------------- running with rules
+
+_LOCK = threading.Lock()
+_INSTALLED: dict[int, list] = {}  # id(layer) -> [layer, how many of jacket's calls use it]
+_THREAD = threading.local()  # .active: ids of the layers whose rule runs in this thread
+
+
+def _active() -> dict:
+    active = getattr(_THREAD, "active", None)
+    if active is None:
+        active = _THREAD.active = {}
+    return active
+
+
+def _dispatch(layer, rule: Rule):
+    plain = type(layer).call
+
+    def call(*args, **kwargs):
+        if id(layer) in _active():
+            return rule.call(layer, *args, **kwargs)
+        return plain(layer, *args, **kwargs)
+
+    call.__wrapped__ = plain.__get__(layer)  # what `inspect.signature` reads
+    return call
+
+
+@contextlib.contextmanager
+def applied(pairs: list[tuple[keras.Layer, Rule]]):
+    """Run the rules of `pairs` in this thread for the duration (NOTE: [Layer rules])."""
+    if not pairs:
+        yield
+        return
+    with _LOCK:
+        for layer, rule in pairs:
+            entry = _INSTALLED.get(id(layer))
+            if entry is None:
+                layer.__dict__["call"] = _dispatch(layer, rule)
+                _INSTALLED[id(layer)] = [layer, 1]
+            else:
+                entry[1] += 1
+    active = _active()
+    for layer, _ in pairs:
+        active[id(layer)] = active.get(id(layer), 0) + 1
+    try:
+        yield
+    finally:
+        for layer, _ in pairs:
+            active[id(layer)] -= 1
+            if not active[id(layer)]:
+                del active[id(layer)]
+        with _LOCK:
+            for layer, _ in pairs:
+                entry = _INSTALLED[id(layer)]
+                entry[1] -= 1
+                if not entry[1]:
+                    del _INSTALLED[id(layer)]
+                    layer.__dict__.pop("call", None)

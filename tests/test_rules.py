@@ -1,0 +1,161 @@
+"""Layer rules (NOTE: [Layer rules] in `jacket.engine.rules`): every rule gives the plain layer's
+outputs and Jacobian on every backend (ties and edge padding included), a subclass runs as written,
+and nothing of the rules is seen outside jacket's own passes."""
+
+from __future__ import annotations
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+from oracles import assert_close, native_jacobian
+
+import jacket
+from jacket import backends
+from jacket.engine import rules
+from jacket.engine.state import state_of
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture
+def with_max_pooling(monkeypatch):
+    """The max pooling rule on this backend, whichever backend it is."""
+    monkeypatch.setattr(backends.current(), "LAYER_RULES", ("max_pooling",))
+    monkeypatch.delenv("JACKET_LAYER_RULES", raising=False)
+
+
+def _ruled(model):
+    """`model` called with its rules on, as jacket's passes call it."""
+    pairs = rules.layers_with_rules(model, backends.current())
+
+    def call(x, training=False):
+        with rules.applied(pairs):
+            return model(x, training=training)
+
+    return call, pairs
+
+
+def _pooling_model(cls, shape, data_format, **kw):
+    inputs = keras.Input(shape)
+    h = layers.Conv1D if len(shape) == 2 else layers.Conv2D if len(shape) == 3 else layers.Conv3D
+    y = h(3, 1, data_format=data_format)(inputs)  # mixes channels: a Jacobian with structure
+    y = cls(data_format=data_format, **kw)(y)
+    return keras.Model(inputs, layers.Flatten()(y))
+
+
+POOLING = [
+    (layers.MaxPooling1D, (9, 2), {"pool_size": 2}),
+    (layers.MaxPooling1D, (9, 2), {"pool_size": 3, "padding": "same"}),
+    (layers.MaxPooling2D, (5, 7, 2), {"pool_size": 2, "padding": "same"}),
+    (layers.MaxPooling2D, (7, 7, 2), {"pool_size": (3, 2)}),
+    (layers.MaxPooling2D, (8, 7, 2), {"pool_size": 3, "padding": "same"}),
+    (layers.MaxPooling3D, (4, 5, 3, 2), {"pool_size": 2, "padding": "same"}),
+]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("cls, shape, kw", POOLING, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_max_pooling_rule_gives_the_layers_values_and_jacobian(
+    with_max_pooling, cls, shape, kw, data_format
+):
+    if data_format == "channels_first" and BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution or pooling")
+    if data_format == "channels_first":
+        shape = shape[-1:] + shape[:-1]
+    model = _pooling_model(cls, shape, data_format, **kw)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, size=(3,) + shape).astype("float32")  # many ties in every window
+    if BACKEND == "tensorflow" and cls is layers.MaxPooling3D:
+        # TensorFlow's MaxPool3DGrad sends the cotangent to every tied maximum (a window of equal
+        # values passes 8 times the cotangent back), not to the first as its 2D kernel and the
+        # other backends do: no rule could match it, and TensorFlow runs no rule (LAYER_RULES)
+        x = rng.permutation(x.size).reshape(x.shape).astype("float32")
+    call, pairs = _ruled(model)
+    assert [type(layer) for layer, _ in pairs] == [cls]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(call(x)), keras.ops.convert_to_numpy(model(x))
+    )  # the same outputs, bit for bit
+    np.testing.assert_array_equal(native_jacobian(call, x), native_jacobian(model, x))
+    # and through jacket's own plans: with the rule, then the same plan without it
+    report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
+    assert report.plan.rules or "layer rules" in " ".join(report.timings)
+    assert_close(jacket.jacobian(model, x, strategy="vmap"), native_jacobian(model, x), rtol=1e-6)
+
+
+def test_overlapping_windows_and_subclasses_run_as_written(with_max_pooling):
+    class OwnPool(layers.MaxPooling2D):
+        def call(self, inputs):
+            return super().call(inputs) * 2.0
+
+    class SamePool(layers.MaxPooling2D):  # no `call` of its own, still not Keras's own class
+        pass
+
+    inputs = keras.Input((6, 6, 2))
+    a = OwnPool(2)(inputs)
+    b = SamePool(2)(inputs)
+    c = layers.MaxPooling2D(3, strides=1)(inputs)  # overlapping windows: no rule
+    model = keras.Model(inputs, [a, b, c])
+    assert rules.layers_with_rules(model, backends.current()) == []
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 2)).astype("float32")
+    J = jacket.jacobian(model, x)
+    np.testing.assert_allclose(
+        np.asarray(J[0]), 2 * np.asarray(J[1]), rtol=0, atol=0
+    )  # OwnPool's call ran
+
+
+def test_no_rule_is_seen_outside_jackets_passes(with_max_pooling, monkeypatch):
+    """A rule that marks its output: seen by jacket's calls only, never by the user's model, another
+    thread's call while jacket's runs, or after it (the instance left as it was)."""
+    marked = rules.Rule("max_pooling", lambda layer: True, lambda layer, x: layer.__class__.call(
+        layer, x) + 100.0)  # fmt: skip
+    monkeypatch.setitem(rules.RULES, layers.MaxPooling2D, marked)
+    inputs = keras.Input((4, 4, 1))
+    pool = layers.MaxPooling2D(2)
+    model = keras.Model(inputs, layers.Flatten()(pool(inputs)))
+    x = np.arange(32, dtype="float32").reshape(2, 4, 4, 1)
+    plain = keras.ops.convert_to_numpy(model(x))
+    pairs = rules.layers_with_rules(model, backends.current())
+    assert pairs == [(pool, marked)]
+    seen = {}
+
+    def other_thread():
+        seen["other"] = keras.ops.convert_to_numpy(model(x))
+
+    with rules.applied(pairs):
+        with rules.applied(pairs):  # nested: the outer one still holds the instance
+            pass
+        seen["inside"] = keras.ops.convert_to_numpy(model(x))
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    np.testing.assert_array_equal(seen["inside"], plain + 100.0)
+    np.testing.assert_array_equal(seen["other"], plain)
+    assert "call" not in pool.__dict__
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), plain)
+    jacket.jacobian(model, x, strategy="vmap")
+    assert "call" not in pool.__dict__  # after jacket's own passes too
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), plain)
+
+
+def test_the_planner_measures_the_plan_without_rules_against_the_winner(with_max_pooling):
+    model = _pooling_model(layers.MaxPooling2D, (8, 8, 2), "channels_last", pool_size=2)
+    x = np.random.default_rng(1).standard_normal((4, 8, 8, 2)).astype("float32")
+    report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
+    with_rules = [d for d in report.timings if d.endswith("layer rules")]
+    without = [d for d in report.timings if not d.endswith("layer rules")]
+    assert with_rules and len(without) == 1  # the winner among the ruled plans, once without
+    winner = min(with_rules, key=report.timings.get)
+    assert without[0] + ", layer rules" == winner
+    state = state_of(model, False)
+    assert state.entries and all(e.kind != "max_pooling" for e in state.entries.values())
+
+
+def test_rules_switched_off(with_max_pooling, monkeypatch):
+    monkeypatch.setenv("JACKET_LAYER_RULES", "off")
+    model = _pooling_model(layers.MaxPooling2D, (8, 8, 2), "channels_last", pool_size=2)
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 2)).astype("float32")
+    report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
+    assert not report.plan.rules and not any("layer rules" in d for d in report.timings)
