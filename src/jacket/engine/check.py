@@ -290,7 +290,9 @@ def _central_differences(model, inputs, eps: float, training: bool, fd_dtype: st
     B = inputs.batch
     n_in = len(inputs.leaves)
     # to NumPy first: a cast to float64 by the backend warns on JAX without 64-bit types
-    xs = [np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors[:n_in]]
+    xs = [
+        np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors[:n_in]
+    ]
     constants = [_to64(t) for t in inputs.tensors[n_in:]]  # a cut's: held as they are
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     sizes = [leaf.size for leaf in inputs.leaves]
