@@ -26,6 +26,7 @@ pullback is a select that batches as well as any elementwise op.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
@@ -46,42 +47,57 @@ class Rule:
 
 
 def _pooling_windows(layer) -> bool:
-    """Non-overlapping windows (strides equal to the pool size), "valid" or "same" padding."""
+    """Windows of any size and strides, with "valid" or "same" padding."""
+    return layer.padding in ("valid", "same")
+
+
+def _windows(layer, x, fill: float):
+    """The pooling windows of `x` (channels last) side by side on a new last axis, each in
+    row-major order: `(batch, *out, channels, prod(pool_size))`. Non-overlapping windows are a
+    reshape; overlapping ones one strided slice per offset in the window (their pullbacks are pads,
+    where a gather's would be a scatter)."""
+    ops = keras.ops
     pool = tuple(layer.pool_size)
     strides = tuple(layer.strides) if layer.strides is not None else pool
-    return strides == pool and layer.padding in ("valid", "same")
-
-
-def _max_pooling(layer, inputs, **kwargs):
-    """Max pooling over non-overlapping windows: the windows side by side on a last axis, the
-    first maximum of each (as the framework's own pullback picks it among ties) chosen by a
-    one-hot mask held by `stop_gradient`, and summed."""
-    ops = keras.ops
-    x = inputs
-    channels_first = layer.data_format == "channels_first"
-    if channels_first:
-        x = ops.moveaxis(x, 1, -1)
-    pool = tuple(layer.pool_size)
     spatial = tuple(x.shape[1:-1])
     channels = x.shape[-1]
     if layer.padding == "same":
-        out = tuple(math.ceil(n / k) for n, k in zip(spatial, pool))
-        total = [o * k - n for o, k, n in zip(out, pool, spatial)]
+        out = tuple(math.ceil(n / s) for n, s in zip(spatial, strides))
+        total = [max((o - 1) * s + k - n, 0) for o, s, k, n in zip(out, strides, pool, spatial)]
         pads = [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]]
-        x = ops.pad(x, pads, constant_values=float("-inf"))
+        x = ops.pad(x, pads, constant_values=fill)
     else:
-        out = tuple(n // k for n, k in zip(spatial, pool))
-        x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]
-    split = [-1]
-    for o, k in zip(out, pool):
-        split += [o, k]
-    x = ops.reshape(x, split + [channels])
+        out = tuple((n - k) // s + 1 for n, k, s in zip(spatial, pool, strides))
     d = len(pool)
-    order = [0] + [1 + 2 * i for i in range(d)] + [1 + 2 * d] + [2 + 2 * i for i in range(d)]
-    x = ops.reshape(ops.transpose(x, order), (-1,) + out + (channels, math.prod(pool)))
-    first = ops.argmax(x, axis=-1)
-    mask = ops.equal(ops.arange(math.prod(pool), dtype="int32"), ops.expand_dims(first, -1))
-    y = ops.sum(ops.where(ops.stop_gradient(mask), x, ops.zeros_like(x)), axis=-1)
+    if strides == pool:
+        x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]
+        split = [-1]
+        for o, k in zip(out, pool):
+            split += [o, k]
+        x = ops.reshape(x, split + [channels])
+        order = [0] + [1 + 2 * i for i in range(d)] + [1 + 2 * d] + [2 + 2 * i for i in range(d)]
+        return ops.reshape(ops.transpose(x, order), (-1,) + out + (channels, math.prod(pool)))
+    slices = [
+        x[
+            (slice(None),)
+            + tuple(slice(i, i + (o - 1) * s + 1, s) for i, o, s in zip(at, out, strides))
+        ]
+        for at in itertools.product(*(range(k) for k in pool))
+    ]
+    return ops.stack(slices, axis=-1)
+
+
+def _max_pooling(layer, inputs, **kwargs):
+    """Max pooling: the windows side by side (`_windows`), the first maximum of each (as the
+    framework's own pullback picks it among ties) chosen by a one-hot mask held by
+    `stop_gradient`, and summed."""
+    ops = keras.ops
+    channels_first = layer.data_format == "channels_first"
+    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
+    w = _windows(layer, x, float("-inf"))
+    first = ops.argmax(w, axis=-1)
+    mask = ops.equal(ops.arange(w.shape[-1], dtype="int32"), ops.expand_dims(first, -1))
+    y = ops.sum(ops.where(ops.stop_gradient(mask), w, ops.zeros_like(w)), axis=-1)
     return ops.moveaxis(y, -1, 1) if channels_first else y
 
 

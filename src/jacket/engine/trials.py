@@ -38,7 +38,7 @@ class PlanReport:
     """The plan a prepared Jacobian follows for one input signature, and where it came from.
 
     Attributes:
-      mode, per_sample, strategy, chunk, rows, n_chunks: as in the plan (see `describe`).
+      mode, per_sample, strategy, chunk, rows, n_chunks, rules: as in the plan (see `describe`).
       source: "prior" (the backend's first candidate, not yet measured against the others),
         "measuring" (candidates are being tried on the calls), "calibrated" (measured in this
         process), "autotune", "cache" (measured in an earlier process, read from the plan
