@@ -85,6 +85,58 @@ def test_max_pooling_rule_gives_the_layers_values_and_jacobian(
     np.testing.assert_array_equal(native_jacobian(call, x), native_jacobian(model, x))
 
 
+@pytest.fixture
+def with_every_rule(monkeypatch):
+    names = tuple(sorted({rule.name for rule in rules.RULES.values()}))
+    monkeypatch.setattr(backends.current(), "LAYER_RULES", names)
+    monkeypatch.delenv("JACKET_LAYER_RULES", raising=False)
+
+
+CONVOLUTIONS = [
+    ("conv2d", (7, 6, 3), lambda f: layers.Conv2D(4, 3, data_format=f, activation="tanh")),
+    ("conv2d same", (7, 6, 3), lambda f: layers.Conv2D(4, (2, 3), padding="same", data_format=f)),
+    ("conv1d same", (9, 2), lambda f: layers.Conv1D(3, 4, padding="same", data_format=f)),
+    ("conv3d", (4, 4, 3, 1), lambda f: layers.Conv3D(2, 2, data_format=f)),
+    ("depthwise same", (6, 6, 4), lambda f: layers.DepthwiseConv2D(3, padding="same", data_format=f)),
+    ("depthwise strided x2", (7, 7, 3), lambda f: layers.DepthwiseConv2D(
+        3, strides=2, depth_multiplier=2, data_format=f, activation="relu")),
+    ("depthwise dilated", (7, 8, 2), lambda f: layers.DepthwiseConv2D(
+        (2, 3), dilation_rate=2, padding="same", data_format=f, use_bias=False)),
+    ("depthwise 1d", (9, 4), lambda f: layers.DepthwiseConv1D(3, strides=2, data_format=f)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("name, shape, make", CONVOLUTIONS, ids=[c[0] for c in CONVOLUTIONS])
+def test_convolution_rules_give_the_layers_values_and_jacobian(
+    with_every_rule, name, shape, make, data_format
+):
+    if data_format == "channels_first" and BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution")
+    if data_format == "channels_first":
+        shape = shape[-1:] + shape[:-1]
+    inputs = keras.Input(shape)
+    layer = make(data_format)
+    model = keras.Model(inputs, layers.Flatten()(layer(inputs)))
+    rng = np.random.default_rng(4)
+    layer.set_weights([rng.standard_normal(w.shape).astype("float32") for w in layer.get_weights()])
+    x = rng.standard_normal((2,) + shape).astype("float32")
+    call, pairs = _ruled(model)
+    assert [type(p) for p, _ in pairs] == [type(layer)]
+    assert_close(call(x), model(x), rtol=1e-5)  # float32: another order of the same sums
+    assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
+
+
+def test_a_convolution_rule_covers_what_it_says(with_every_rule):
+    inputs = keras.Input((8, 8, 3))
+    strided = layers.Conv2D(4, 3, strides=2)(inputs)  # stride 2: runs as written
+    wide = layers.Conv2D(4, 3)(layers.Conv2D(8, 1, strides=2)(inputs))  # 8 channels in: too
+    ruled = layers.Conv2D(4, 3)(inputs)
+    model = keras.Model(inputs, [strided, wide, ruled])
+    covered = [layer for layer, _ in rules.layers_with_rules(model, backends.current())]
+    assert covered == [model.layers[-1]]
+
+
 def test_overlapping_windows_and_subclasses_run_as_written(with_max_pooling):
     class OwnPool(layers.MaxPooling2D):
         def call(self, inputs):

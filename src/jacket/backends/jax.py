@@ -18,9 +18,12 @@ EAGER = False  # kernels are traced and compiled once per signature
 # none of 21 measured cases (keras.applications, attention, recurrent and image-to-image models at
 # batch 1-32), and its compile was the slowest (MobileNetV3Small: 151 s against 26 s for vmap);
 # it runs when asked for.
-# `jacket.engine.rules`: max pooling as windows and a one-hot mask (seed CNN, batch 32, ten rows
-# of every per-sample Jacobian by one vmapped pullback: 124 ms through `lax.reduce_window`, 23 ms)
-LAYER_RULES = ("max_pooling",)
+# `jacket.engine.rules`, where XLA's batched pullbacks are slow (`benchmarks/layer_survey.py`,
+# batch 8, 16 cotangents): max pooling as windows and a one-hot mask (2D: 66 ms through
+# `lax.reduce_window`, 1.7 ms), depthwise convolutions as shifted slices (3x3: 157-481 ms, 1.6-2.0
+# ms), and a convolution of a few input channels as patches and a matmul (seed CNN, batch 32:
+# 27.8 ms, 2.9 ms)
+LAYER_RULES = ("max_pooling", "depthwise_slices", "conv_patches")
 PRIOR = {
     "other": ("vmap", "loop"),
     "max_pooling": ("loop", "vmap"),

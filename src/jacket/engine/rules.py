@@ -14,8 +14,9 @@ pullback is a select that batches as well as any elementwise op.
   it (`benchmarks/layer_survey.py`; the same rewrite of max pooling gave nothing on TensorFlow,
   whose `MaxPoolGrad` batches well, nor on PyTorch).
 - The user's model is never changed: for the duration of one of jacket's own calls of the model
-  (`applied`), each covered layer's instance gets a `call` that runs the rule when the calling
-  thread is inside such a call, and the class's own `call` otherwise; when the last of jacket's
+  (`applied`), each covered layer's instance gets a `call` (or the method the rule stands in for,
+  such as a convolution's `convolution_op`) that runs the rule when the calling thread is inside
+  such a call, and the class's own method otherwise; when the last of jacket's
   calls leaves, the instance is as it was. Another thread calling the model meanwhile runs the
   layer's own `call`.
 - Whether rules run is part of the plan (`Plan.rules`), so the planner measures a plan with them
@@ -43,7 +44,8 @@ import keras
 class Rule:
     name: str  # what a backend's `LAYER_RULES` names
     applies: Callable  # layer -> bool: the configurations the rule covers
-    call: Callable  # (layer, inputs, **kwargs) -> outputs, as `layer.call`
+    call: Callable  # (layer, *args, **kwargs) -> outputs, as the layer's `method`
+    method: str = "call"  # the method of the layer the rule stands in for
 
 
 def _pooling_windows(layer) -> bool:
@@ -51,40 +53,59 @@ def _pooling_windows(layer) -> bool:
     return layer.padding in ("valid", "same")
 
 
+def _shifted(x, size, strides, dilation, padding: str, fill: float = 0.0) -> list:
+    """The inputs of each offset of a sliding window over `x` (channels last): one strided slice
+    per offset, in row-major order of the offsets (their pullbacks are pads, where a gather's
+    would be a scatter). Padding as Keras's "same" places it (the odd element after)."""
+    ops = keras.ops
+    spatial = tuple(x.shape[1:-1])
+    reach = tuple((k - 1) * d + 1 for k, d in zip(size, dilation))
+    if padding == "same":
+        out = tuple(math.ceil(n / s) for n, s in zip(spatial, strides))
+        total = [max((o - 1) * s + r - n, 0) for o, s, r, n in zip(out, strides, reach, spatial)]
+        x = ops.pad(
+            x, [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]], constant_values=fill
+        )
+    else:
+        out = tuple((n - r) // s + 1 for n, r, s in zip(spatial, reach, strides))
+    return [
+        x[
+            (slice(None),)
+            + tuple(
+                slice(i * d, i * d + (o - 1) * s + 1, s)
+                for i, d, o, s in zip(at, dilation, out, strides)
+            )
+        ]
+        for at in itertools.product(*(range(k) for k in size))
+    ]
+
+
 def _windows(layer, x, fill: float):
     """The pooling windows of `x` (channels last) side by side on a new last axis, each in
     row-major order: `(batch, *out, channels, prod(pool_size))`. Non-overlapping windows are a
-    reshape; overlapping ones one strided slice per offset in the window (their pullbacks are pads,
-    where a gather's would be a scatter)."""
+    reshape; overlapping ones a stack of `_shifted` slices."""
     ops = keras.ops
     pool = tuple(layer.pool_size)
     strides = tuple(layer.strides) if layer.strides is not None else pool
+    if strides != pool:
+        return ops.stack(_shifted(x, pool, strides, (1,) * len(pool), layer.padding, fill), -1)
     spatial = tuple(x.shape[1:-1])
     channels = x.shape[-1]
     if layer.padding == "same":
-        out = tuple(math.ceil(n / s) for n, s in zip(spatial, strides))
-        total = [max((o - 1) * s + k - n, 0) for o, s, k, n in zip(out, strides, pool, spatial)]
+        out = tuple(math.ceil(n / k) for n, k in zip(spatial, pool))
+        total = [o * k - n for o, k, n in zip(out, pool, spatial)]
         pads = [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]]
         x = ops.pad(x, pads, constant_values=fill)
     else:
-        out = tuple((n - k) // s + 1 for n, k, s in zip(spatial, pool, strides))
-    d = len(pool)
-    if strides == pool:
+        out = tuple(n // k for n, k in zip(spatial, pool))
         x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]
-        split = [-1]
-        for o, k in zip(out, pool):
-            split += [o, k]
-        x = ops.reshape(x, split + [channels])
-        order = [0] + [1 + 2 * i for i in range(d)] + [1 + 2 * d] + [2 + 2 * i for i in range(d)]
-        return ops.reshape(ops.transpose(x, order), (-1,) + out + (channels, math.prod(pool)))
-    slices = [
-        x[
-            (slice(None),)
-            + tuple(slice(i, i + (o - 1) * s + 1, s) for i, o, s in zip(at, out, strides))
-        ]
-        for at in itertools.product(*(range(k) for k in pool))
-    ]
-    return ops.stack(slices, axis=-1)
+    d = len(pool)
+    split = [-1]
+    for o, k in zip(out, pool):
+        split += [o, k]
+    x = ops.reshape(x, split + [channels])
+    order = [0] + [1 + 2 * i for i in range(d)] + [1 + 2 * d] + [2 + 2 * i for i in range(d)]
+    return ops.reshape(ops.transpose(x, order), (-1,) + out + (channels, math.prod(pool)))
 
 
 def _max_pooling(layer, inputs, **kwargs):
@@ -103,10 +124,82 @@ def _max_pooling(layer, inputs, **kwargs):
 
 MAX_POOLING = Rule("max_pooling", _pooling_windows, _max_pooling)
 
+PATCH_CHANNELS = 4  # input channels up to which a convolution runs as patches and a matmul
+
+
+def _few_channels(layer) -> bool:
+    """A plain convolution (stride 1, no dilation, one group) of at most `PATCH_CHANNELS` input
+    channels: the first layer of an image model."""
+    rank = len(layer.kernel_size)
+    channels = layer.kernel.shape[-2]
+    return (
+        tuple(layer.strides) == (1,) * rank
+        and tuple(layer.dilation_rate) == (1,) * rank
+        and layer.groups == 1
+        and layer.padding in ("valid", "same")
+        and channels <= PATCH_CHANNELS
+    )
+
+
+def _conv_patches(layer, inputs, kernel):
+    """`convolution_op` as patches and one matmul: the `prod(kernel_size)` shifted copies of the
+    input side by side, times the kernel as a matrix. The values agree with the convolution's up
+    to float32 rounding (another order of the same sums). On JAX the batched pullback of a
+    convolution to a few channels is slow (seed CNN, batch 32, 10 cotangents: 27.8 ms, against
+    2.9 ms through a matmul and pads)."""
+    ops = keras.ops
+    channels_first = layer.data_format == "channels_first"
+    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
+    size = tuple(layer.kernel_size)
+    ones = (1,) * len(size)
+    patches = ops.concatenate(_shifted(x, size, ones, ones, layer.padding), axis=-1)
+    y = ops.matmul(patches, ops.reshape(kernel, (-1, kernel.shape[-1])))
+    return ops.moveaxis(y, -1, 1) if channels_first else y
+
+
+CONV_PATCHES = Rule("conv_patches", _few_channels, _conv_patches, method="convolution_op")
+
+
+def _plain_depthwise(layer) -> bool:
+    return layer.padding in ("valid", "same")
+
+
+def _depthwise_slices(layer, inputs):
+    """A depthwise convolution as a sum over the kernel's offsets of the shifted input times that
+    offset's weights (then the layer's bias and activation, as its `call` adds them). The values
+    agree with the convolution's up to float32 rounding. On JAX the batched pullback of a
+    depthwise (grouped) convolution is very slow (3x3, batch 8, 16 cotangents: 157-481 ms, against
+    1.6-2.0 ms through slices and multiplies; `benchmarks/layer_survey.py`)."""
+    ops = keras.ops
+    channels_first = layer.data_format == "channels_first"
+    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
+    size = tuple(layer.kernel_size)
+    kernel = ops.reshape(layer.kernel, (math.prod(size),) + tuple(layer.kernel.shape[-2:]))
+    y = None
+    for i, part in enumerate(
+        _shifted(x, size, tuple(layer.strides), tuple(layer.dilation_rate), layer.padding)
+    ):
+        term = ops.expand_dims(part, -1) * kernel[i]  # (batch, *out, channels, multiplier)
+        y = term if y is None else y + term
+    y = ops.reshape(y, (-1,) + tuple(y.shape[1:-2]) + (y.shape[-2] * y.shape[-1],))
+    if layer.use_bias:
+        y = y + layer.bias
+    if channels_first:
+        y = ops.moveaxis(y, -1, 1)
+    return layer.activation(y) if layer.activation is not None else y
+
+
+DEPTHWISE_SLICES = Rule("depthwise_slices", _plain_depthwise, _depthwise_slices)
+
 RULES: dict[type, Rule] = {
     keras.layers.MaxPooling1D: MAX_POOLING,
     keras.layers.MaxPooling2D: MAX_POOLING,
     keras.layers.MaxPooling3D: MAX_POOLING,
+    keras.layers.Conv1D: CONV_PATCHES,
+    keras.layers.Conv2D: CONV_PATCHES,
+    keras.layers.Conv3D: CONV_PATCHES,
+    keras.layers.DepthwiseConv1D: DEPTHWISE_SLICES,
+    keras.layers.DepthwiseConv2D: DEPTHWISE_SLICES,
 }
 
 # ------------------------------------------------------------------------------ which layers
@@ -156,7 +249,7 @@ def _active() -> dict:
 
 
 def _dispatch(layer, rule: Rule):
-    plain = type(layer).call
+    plain = getattr(type(layer), rule.method)
 
     def call(*args, **kwargs):
         if id(layer) in _active():
@@ -177,7 +270,7 @@ def applied(pairs: list[tuple[keras.Layer, Rule]]):
         for layer, rule in pairs:
             entry = _INSTALLED.get(id(layer))
             if entry is None:
-                layer.__dict__["call"] = _dispatch(layer, rule)
+                layer.__dict__[rule.method] = _dispatch(layer, rule)
                 _INSTALLED[id(layer)] = [layer, 1]
             else:
                 entry[1] += 1
@@ -192,9 +285,9 @@ def applied(pairs: list[tuple[keras.Layer, Rule]]):
             if not active[id(layer)]:
                 del active[id(layer)]
         with _LOCK:
-            for layer, _ in pairs:
+            for layer, rule in pairs:
                 entry = _INSTALLED[id(layer)]
                 entry[1] -= 1
                 if not entry[1]:
                     del _INSTALLED[id(layer)]
-                    layer.__dict__.pop("call", None)
+                    layer.__dict__.pop(rule.method, None)
