@@ -11,6 +11,7 @@ jacket, of jacket with each strategy forced, and of every anchor are taken in in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jacket  # noqa: E402
+from jacket.engine.state import state_of  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -413,6 +415,21 @@ def _fresh(build):
     return build()
 
 
+@contextlib.contextmanager
+def _layer_rules_off():
+    """Plans made meanwhile run no layer rule (NOTE: [Layer rules] in `jacket.engine.rules`): the
+    model's kernels, compiled then, keep that choice afterwards."""
+    before = os.environ.get("JACKET_LAYER_RULES")
+    os.environ["JACKET_LAYER_RULES"] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["JACKET_LAYER_RULES"]
+        else:
+            os.environ["JACKET_LAYER_RULES"] = before
+
+
 def _settle(jac, x) -> tuple[int, float]:
     """Calls of the default until its plan is settled (NOTE: [Measured plans]): (calls, seconds)."""
     calls, start = 0, time.perf_counter()
@@ -461,6 +478,13 @@ def run(case_names, repeats, strategies=True):
             "strategies": {},
         }
         timed = {"jacket": (jac, x)}
+        if state_of(model, False).rule_layers():  # jacket's default with its layer rules off
+            off = jacket.jacobian_fn(_fresh(build))
+            with _layer_rules_off():
+                off_first, _ = _first(off, x, _Nothing())
+                _settle(off, x)
+            row["rules_off"] = {"first_s": off_first, "plan": off.plan(x).describe()}
+            timed["rules_off"] = (off, x)
         for strategy in ("replicate", "vmap", "loop", "autotune") if strategies else ():
             fn = jacket.jacobian_fn(_fresh(build), strategy=strategy)
             try:
@@ -500,6 +524,8 @@ def run(case_names, repeats, strategies=True):
             timed[anchor] = (fn, xt)
         medians = _steady(timed, repeats)
         steady = medians.pop("jacket")
+        if "rules_off" in medians:
+            row["rules_off"]["ms"] = medians.pop("rules_off") * 1e3
         row["jacket_ms"] = steady * 1e3
         row["x_flop_limit"] = steady * 1e3 / limit_ms if limit_ms > 0 else None
         for strategy in row["strategies"]:

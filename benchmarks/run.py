@@ -12,7 +12,10 @@ and the time as a multiple of the FLOP limit: the counted forward FLOPs of the b
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
 
-Then the memory_budget table (`--no-memory` leaves it out), sparse Jacobians (`benchmarks/sparse.py`,
+Where a model has layer rules (NOTE: [Layer rules] in `jacket.engine.rules`), a table of jacket's
+default with them and with them off, same run. Then the memory_budget table (`--no-memory` leaves it
+out), the batched pullback of every common layer, plain and rewritten (`benchmarks/layer_survey.py`,
+`--skip-layer-survey`), sparse Jacobians (`benchmarks/sparse.py`,
 `--skip-sparse`), integrated gradients beside Captum (`benchmarks/attribution.py`,
 `--skip-attribution`), derivatives inside training (`benchmarks/training.py`: by default the step
 time of a Jacobian penalty; `--training all` adds the PINN against DeepXDE, the WGAN-GP critic and
@@ -87,6 +90,16 @@ def print_table(results: list[dict]) -> None:
                 why = a.get("error") or f"disagrees with jacket ({a['max_rel_diff']:.1e})"
                 print(f"{'':<30}{name}: {' '.join(why.split())[:90]}")
     rows = [row for r in results for row in r["rows"]]
+    ruled = [row for row in rows if "ms" in row.get("rules_off", {})]
+    if ruled:
+        print("\nlayer rules (NOTE: [Layer rules]): jacket's default with them and with them off")
+        print(f"{'backend':<11}{'case':<19}{'with':>9}{'off':>9}{'with/off':>9}  plan off")
+        for row in ruled:
+            off = row["rules_off"]
+            print(
+                f"{row['backend']:<11}{row['case']:<19}{row['jacket_ms']:>9.1f}{off['ms']:>9.1f}"
+                f"{row['jacket_ms'] / off['ms']:>8.2f}x  {off['plan'].split(' (plan from')[0]}"
+            )
     for key, what in (
         ("ratio_to_best", "default / best agreeing anchor"),
         ("ratio_to_forced", "default / fastest forced strategy"),
@@ -126,6 +139,9 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument(
         "--skip-second-order", action="store_true", help="leave out benchmarks/second_order.py"
+    )
+    parser.add_argument(
+        "--skip-layer-survey", action="store_true", help="leave out benchmarks/layer_survey.py"
     )
     parser.add_argument(
         "--second-order-only", action="store_true", help="run benchmarks/second_order.py alone"
@@ -170,6 +186,16 @@ def main(argv=None):
         print("memory_budget= (img2img 48x48, batch 2; one fresh process per row)")
         memory.print_table(memory_rows)
 
+    if not args.skip_layer_survey:  # batched pullbacks per layer: benchmarks/layer_survey.py
+        for backend in args.backends:
+            if importlib.util.find_spec(FRAMEWORK[backend]) is None:
+                continue
+            env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            command = [sys.executable, str(HERE / "layer_survey.py")]
+            command += ["--json", str(out / f"layer-survey-{backend}.json")]
+            if backend == "torch":
+                command += ["--threads", "1"]  # NOTE in its docstring: stalls on a busy machine
+            subprocess.run(command, check=True, env=env)
     if not args.skip_sparse:  # sparse Jacobians of image-to-image models: benchmarks/sparse.py
         command = [sys.executable, str(HERE / "sparse.py"), "--out", str(out)]
         command += ["--repeats", str(args.repeats), "--backends", *args.backends]

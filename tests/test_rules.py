@@ -87,7 +87,7 @@ def test_max_pooling_rule_gives_the_layers_values_and_jacobian(
 
 @pytest.fixture
 def with_every_rule(monkeypatch):
-    names = tuple(sorted({rule.name for rule in rules.RULES.values()}))
+    names = tuple(sorted({rule.name for found in rules.RULES.values() for rule in found}))
     monkeypatch.setattr(backends.current(), "LAYER_RULES", names)
     monkeypatch.delenv("JACKET_LAYER_RULES", raising=False)
 
@@ -103,6 +103,9 @@ CONVOLUTIONS = [
     ("depthwise dilated", (7, 8, 2), lambda f: layers.DepthwiseConv2D(
         (2, 3), dilation_rate=2, padding="same", data_format=f, use_bias=False)),
     ("depthwise 1d", (9, 4), lambda f: layers.DepthwiseConv1D(3, strides=2, data_format=f)),
+    ("grouped as depthwise", (7, 7, 4), lambda f: layers.Conv2D(  # ConvNeXt's 7x7
+        8, 3, groups=4, padding="same", data_format=f, activation="gelu")),
+    ("grouped 1d strided", (9, 3), lambda f: layers.Conv1D(3, 2, strides=2, groups=3, data_format=f)),
 ]  # fmt: skip
 
 
@@ -131,8 +134,9 @@ def test_a_convolution_rule_covers_what_it_says(with_every_rule):
     inputs = keras.Input((8, 8, 3))
     strided = layers.Conv2D(4, 3, strides=2)(inputs)  # stride 2: runs as written
     wide = layers.Conv2D(4, 3)(layers.Conv2D(8, 1, strides=2)(inputs))  # 8 channels in: too
+    pairs = layers.Conv2D(4, 3, groups=2)(layers.Conv2D(4, 1, strides=2)(inputs))  # 2 per group
     ruled = layers.Conv2D(4, 3)(inputs)
-    model = keras.Model(inputs, [strided, wide, ruled])
+    model = keras.Model(inputs, [strided, wide, pairs, ruled])
     covered = [layer for layer, _ in rules.layers_with_rules(model, backends.current())]
     assert covered == [model.layers[-1]]
 
@@ -163,7 +167,7 @@ def test_no_rule_is_seen_outside_jackets_passes(with_max_pooling, monkeypatch):
     thread's call while jacket's runs, or after it (the instance left as it was)."""
     marked = rules.Rule("max_pooling", lambda layer: True, lambda layer, x: layer.__class__.call(
         layer, x) + 100.0)  # fmt: skip
-    monkeypatch.setitem(rules.RULES, layers.MaxPooling2D, marked)
+    monkeypatch.setitem(rules.RULES, layers.MaxPooling2D, (marked,))
     inputs = keras.Input((4, 4, 1))
     pool = layers.MaxPooling2D(2)
     model = keras.Model(inputs, layers.Flatten()(pool(inputs)))
@@ -208,9 +212,22 @@ def test_the_planner_measures_the_plan_without_rules_against_the_winner(with_max
     assert state.entries and all(e.kind != "max_pooling" for e in state.entries.values())
 
 
-def test_rules_switched_off(with_max_pooling, monkeypatch):
-    monkeypatch.setenv("JACKET_LAYER_RULES", "off")
-    model = _pooling_model(layers.MaxPooling2D, (8, 8, 2), "channels_last", pool_size=2)
+def test_rules_switched_off_are_another_plan_cache_entry(with_max_pooling, monkeypatch, tmp_path):
+    monkeypatch.setenv("JACKET_CACHE_DIR", str(tmp_path))
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 2), name="x")
+        y = layers.MaxPooling2D(2, name="pool")(layers.Conv2D(3, 1, name="mix")(inputs))
+        return keras.Model(inputs, layers.Flatten(name="flat")(y), name="same")
+
     x = np.random.default_rng(1).standard_normal((2, 8, 8, 2)).astype("float32")
-    report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
+    jacket.jacobian_fn(build()).tune(x)
+    monkeypatch.setenv("JACKET_LAYER_RULES", "off")
+    off = jacket.jacobian_fn(build())
+    report = off.tune(x)  # measured: the plan kept with rules on is not one of its candidates
     assert not report.plan.rules and not any("layer rules" in d for d in report.timings)
+    assert len(list(tmp_path.glob("plans/*/*.json"))) == 2
+    again = jacket.jacobian_fn(build())
+    again(x)
+    assert again.plan(x).source == "cache"  # its own entry, read back

@@ -7,8 +7,8 @@ NOTE: [The plan cache]
   any class that is not Keras's own, the variables' shapes and dtypes; never the weights: see
   `jacket.engine.model.architecture`), the input signature, the options that change the plan
   (mode, chunk_size, per_sample, training, memory_budget or "default", flatten), the backend, the
-  device (its
-  name and the CPU cores this process may use) and the versions of jacket, Keras and the
+  layer rules that may run on the model (NOTE: [Layer rules] in `jacket.engine.rules`), the
+  device (its name and the CPU cores this process may use) and the versions of jacket, Keras and the
   framework. A model jacket cannot describe (a plain function) is never cached.
 - Entry: one JSON file per key holding the key's material itself, the chosen plan, the measured
   candidates and the probes' verdicts that are safe to keep (the forward-mode check and the
@@ -100,6 +100,8 @@ def key(state, inputs: Inputs, options: Options) -> Key | None:
             "flatten": options.flatten,
         },
         "backend": state.backend.NAME,
+        # the layer rules that may run (NOTE: [Layer rules]): another set lists other candidates
+        "layer_rules": sorted({rule.name for _, rule in state.rule_layers()}),
         "device": state.backend.device_description(),
         "versions": versions(state.backend),
     }

@@ -141,23 +141,60 @@ def _few_channels(layer) -> bool:
     )
 
 
+def _channels_last(layer, inputs):
+    return keras.ops.moveaxis(inputs, 1, -1) if layer.data_format == "channels_first" else inputs
+
+
+def _as_given(layer, y):
+    return keras.ops.moveaxis(y, -1, 1) if layer.data_format == "channels_first" else y
+
+
 def _conv_patches(layer, inputs, kernel):
-    """`convolution_op` as patches and one matmul: the `prod(kernel_size)` shifted copies of the
-    input side by side, times the kernel as a matrix. The values agree with the convolution's up
-    to float32 rounding (another order of the same sums). On JAX the batched pullback of a
+    """`convolution_op` as patches and a contraction: the `prod(kernel_size)` shifted copies of
+    the input side by side, contracted with the kernel. The values agree with the convolution's
+    up to float32 rounding (another order of the same sums). On JAX the batched pullback of a
     convolution to a few channels is slow (seed CNN, batch 32, 10 cotangents: 27.8 ms, against
     2.9 ms through a matmul and pads)."""
-    ops = keras.ops
-    channels_first = layer.data_format == "channels_first"
-    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
+    x = _channels_last(layer, inputs)
     size = tuple(layer.kernel_size)
     ones = (1,) * len(size)
-    patches = ops.concatenate(_shifted(x, size, ones, ones, layer.padding), axis=-1)
-    y = ops.matmul(patches, ops.reshape(kernel, (-1, kernel.shape[-1])))
-    return ops.moveaxis(y, -1, 1) if channels_first else y
+    patches = keras.ops.stack(_shifted(x, size, ones, ones, layer.padding), -1)  # (..., c, k)
+    kernel = keras.ops.reshape(kernel, (math.prod(size),) + tuple(kernel.shape[-2:]))
+    return _as_given(layer, keras.ops.einsum("...ck,kcf->...f", patches, kernel))
 
 
-CONV_PATCHES = Rule("conv_patches", _few_channels, _conv_patches, method="convolution_op")
+def _depthwise(x, kernel, size, strides, dilation, padding):
+    """`x` (channels last) convolved channel by channel with `kernel` of shape `(*size, channels,
+    multiplier)`, as a sum over the kernel's offsets of the shifted input times that offset's
+    weights: output channel `c * multiplier + j`, as Keras orders them."""
+    ops = keras.ops
+    kernel = ops.reshape(kernel, (math.prod(size),) + tuple(kernel.shape[-2:]))
+    y = None
+    for i, part in enumerate(_shifted(x, size, strides, dilation, padding)):
+        term = ops.expand_dims(part, -1) * kernel[i]  # (batch, *out, channels, multiplier)
+        y = term if y is None else y + term
+    return ops.reshape(y, (-1,) + tuple(y.shape[1:-2]) + (y.shape[-2] * y.shape[-1],))
+
+
+def _grouped_depthwise(layer) -> bool:
+    """A convolution with one group per input channel (ConvNeXt's 7x7 "depthwise" `Conv2D`)."""
+    channels = layer.kernel.shape[-2] * layer.groups
+    return (
+        layer.groups > 1
+        and layer.kernel.shape[-2] == 1
+        and channels == layer.groups
+        and (layer.padding in ("valid", "same"))
+    )
+
+
+def _grouped_slices(layer, inputs, kernel):
+    """`convolution_op` of a grouped convolution with one input channel per group, as
+    `_depthwise` (its kernel `(*size, 1, channels * multiplier)` is a depthwise kernel)."""
+    size = tuple(layer.kernel_size)
+    kernel = keras.ops.reshape(kernel, size + (layer.groups, -1))
+    x = _channels_last(layer, inputs)
+    strides, dilation = tuple(layer.strides), tuple(layer.dilation_rate)
+    return _as_given(layer, _depthwise(x, kernel, size, strides, dilation, layer.padding))
 
 
 def _plain_depthwise(layer) -> bool:
@@ -165,42 +202,36 @@ def _plain_depthwise(layer) -> bool:
 
 
 def _depthwise_slices(layer, inputs):
-    """A depthwise convolution as a sum over the kernel's offsets of the shifted input times that
-    offset's weights (then the layer's bias and activation, as its `call` adds them). The values
-    agree with the convolution's up to float32 rounding. On JAX the batched pullback of a
-    depthwise (grouped) convolution is very slow (3x3, batch 8, 16 cotangents: 157-481 ms, against
-    1.6-2.0 ms through slices and multiplies; `benchmarks/layer_survey.py`)."""
-    ops = keras.ops
-    channels_first = layer.data_format == "channels_first"
-    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
+    """A depthwise convolution as `_depthwise`, then the layer's bias and activation as its `call`
+    adds them. The values agree with the convolution's up to float32 rounding. On JAX the batched
+    pullback of a depthwise (grouped) convolution is very slow (3x3, batch 8, 16 cotangents:
+    157-481 ms, against 1.6-2.0 ms through slices and multiplies; `benchmarks/layer_survey.py`)."""
+    x = _channels_last(layer, inputs)
     size = tuple(layer.kernel_size)
-    kernel = ops.reshape(layer.kernel, (math.prod(size),) + tuple(layer.kernel.shape[-2:]))
-    y = None
-    for i, part in enumerate(
-        _shifted(x, size, tuple(layer.strides), tuple(layer.dilation_rate), layer.padding)
-    ):
-        term = ops.expand_dims(part, -1) * kernel[i]  # (batch, *out, channels, multiplier)
-        y = term if y is None else y + term
-    y = ops.reshape(y, (-1,) + tuple(y.shape[1:-2]) + (y.shape[-2] * y.shape[-1],))
+    strides, dilation = tuple(layer.strides), tuple(layer.dilation_rate)
+    y = _depthwise(x, layer.kernel, size, strides, dilation, layer.padding)
     if layer.use_bias:
         y = y + layer.bias
-    if channels_first:
-        y = ops.moveaxis(y, -1, 1)
+    y = _as_given(layer, y)
     return layer.activation(y) if layer.activation is not None else y
 
 
+CONV_PATCHES = Rule("conv_patches", _few_channels, _conv_patches, method="convolution_op")
+GROUPED_SLICES = Rule(
+    "depthwise_slices", _grouped_depthwise, _grouped_slices, method="convolution_op"
+)
 DEPTHWISE_SLICES = Rule("depthwise_slices", _plain_depthwise, _depthwise_slices)
 
-RULES: dict[type, Rule] = {
-    keras.layers.MaxPooling1D: MAX_POOLING,
-    keras.layers.MaxPooling2D: MAX_POOLING,
-    keras.layers.MaxPooling3D: MAX_POOLING,
-    keras.layers.Conv1D: CONV_PATCHES,
-    keras.layers.Conv2D: CONV_PATCHES,
-    keras.layers.Conv3D: CONV_PATCHES,
-    keras.layers.DepthwiseConv1D: DEPTHWISE_SLICES,
-    keras.layers.DepthwiseConv2D: DEPTHWISE_SLICES,
-}
+RULES: dict[type, tuple[Rule, ...]] = {
+    keras.layers.MaxPooling1D: (MAX_POOLING,),
+    keras.layers.MaxPooling2D: (MAX_POOLING,),
+    keras.layers.MaxPooling3D: (MAX_POOLING,),
+    keras.layers.Conv1D: (CONV_PATCHES, GROUPED_SLICES),
+    keras.layers.Conv2D: (CONV_PATCHES, GROUPED_SLICES),
+    keras.layers.Conv3D: (CONV_PATCHES,),
+    keras.layers.DepthwiseConv1D: (DEPTHWISE_SLICES,),
+    keras.layers.DepthwiseConv2D: (DEPTHWISE_SLICES,),
+}  # by exact class: the first rule the backend names that covers the layer's configuration
 
 # ------------------------------------------------------------------------------ which layers
 
@@ -225,8 +256,15 @@ def layers_with_rules(model, backend) -> list[tuple[keras.Layer, Rule]]:
     if key not in found:
         pairs = []
         for layer in model._flatten_layers(include_self=True, recursive=True):
-            rule = RULES.get(type(layer))
-            if rule is not None and rule.name in names and rule.applies(layer):
+            rule = next(
+                (
+                    r
+                    for r in RULES.get(type(layer), ())
+                    if r.name in names and getattr(layer, "built", True) and r.applies(layer)
+                ),
+                None,
+            )
+            if rule is not None:
                 pairs.append((layer, rule))
         found[key] = pairs
         with contextlib.suppress(TypeError):

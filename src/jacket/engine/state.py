@@ -84,11 +84,12 @@ class ModelState:
         inner = self.model.model if isinstance(self.model, (Cut, Prefix)) else self.model
         return layers_with_rules(inner, self.backend)
 
-    def vjp(self, inputs: Inputs) -> Callable:
-        """`(xs, cts) -> grads`: one VJP of the batched model, compiled."""
+    def vjp(self, inputs: Inputs, rules: bool = False) -> Callable:
+        """`(xs, cts) -> grads`: one VJP of the batched model, compiled (with the layer rules)."""
         return self.kernel(
-            ("vjp", inputs.signature),
+            ("vjp", inputs.signature) + (("rules",) if rules else ()),
             lambda: kernels.vjp_kernel(self.backend, inputs.structure, len(inputs.leaves)),
+            rules=rules,
         )
 
     def value_and_vjp(self, inputs: Inputs) -> Callable:

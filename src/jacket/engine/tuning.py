@@ -15,11 +15,12 @@ signature, options, backend and device:
   backward pass through its 7x7 depthwise convolutions took 1.9 s, the vectorised Jacobian of ten
   rows 0.2 s; an unrolled loop of ten pullbacks 21.7 s), and trying them costs their compile and a
   run. So a reverse-mode "replicate" or "loop" candidate is first bounded from below by the time of
-  one VJP of the batch (a pass over a tiled batch costs at least one over the batch; `k` pullbacks
-  after one forward pass at least `t + (k - 1) t / 3`, as a backward pass costs at least half the
-  forward one), and dropped without compiling when that bound is `DROP_FACTOR` times the current
-  plan's time; a candidate of several passes runs one pass first, and is dropped when that pass
-  times their number is.
+  one VJP of the batch (a pass over a tiled batch, or `k` pullbacks after one forward pass, costs
+  at least one VJP), and dropped without compiling when that bound is `DROP_FACTOR` times the
+  current plan's time; a candidate of several passes runs one pass first, and is dropped when that
+  pass times their number is. (A tighter bound, `t + (k - 1) t / 3` for `k` pullbacks, assumed
+  that a backward pass costs at least half the forward one; on ResNet50/JAX at batch 2 one VJP
+  took 80-96 ms and a loop of ten pullbacks 123 ms, so it dropped the fastest plan.)
 - When all have been tried the plan is settled: written to the plan cache on disk
   (`jacket.engine.cache`), so that the next process starts with it, with nothing to try.
 - `strategy="autotune"` tries every candidate on the first call; a forced strategy (or
@@ -94,7 +95,7 @@ class Tuning:
         self.chosen: Plan | None = None  # the plan to run (None: the next candidate)
         self.running: Plan | None = None  # the plan being compiled and run for the first time
         self.cached_ms: dict = {}  # timings read back from the plan cache, for the report
-        self.vjp_seconds: float | None = None  # one VJP of the batch, for `_lower_bound`
+        self.vjp_seconds: dict = {}  # one VJP of the batch, with layer rules or not: `_lower_bound`
         self.forced = options.strategy in plan.STRATEGIES
         self.source = "forced" if self.forced else "prior"
         self.settled = self.forced or len(self.order) == 1
@@ -287,20 +288,19 @@ class Tuning:
         one VJP of the batch (NOTE: [Measured plans]); None for the others."""
         if candidate.mode != "reverse" or candidate.strategy == "vmap":
             return None
-        if self.vjp_seconds is None:
+        if candidate.rules not in self.vjp_seconds:
             inputs = dataclasses.replace(self.described, tensors=tensors)
-            kernel = self.state.vjp(inputs)
+            kernel = self.state.vjp(inputs, rules=candidate.rules)
             ones = [
                 keras.ops.ones((inputs.batch,) + leaf.shape, dtype=leaf.dtype)
                 for leaf in self.entry.out_leaves
             ]
             kernel(tensors, ones)  # compiles
-            _, self.vjp_seconds = timed(lambda: kernel(tensors, ones), self.state.backend)
-        t, n = self.vjp_seconds, candidate.n_chunks
-        if candidate.strategy == "replicate":
-            return n * t  # a pass over `k * batch` costs at least one over `batch`
-        # a pass of k pullbacks costs F + k P where F + P = t and P >= t / 3 (F <= 2 P)
-        return n * t + (candidate.rows - n) * t / 3
+            _, seconds = timed(lambda: kernel(tensors, ones), self.state.backend)
+            self.vjp_seconds[candidate.rules] = seconds
+        t, n = self.vjp_seconds[candidate.rules], candidate.n_chunks
+        # a pass over `k * batch`, or of k pullbacks after a forward pass, costs at least one VJP
+        return n * t
 
     def _executor(self, fn_name: str, candidate: Plan, tensors: list) -> Executor:
         """The executor of `candidate`, after the probes it needs (forward-mode check, tiling)."""
