@@ -46,6 +46,9 @@ def _pooling_model(cls, shape, data_format, **kw):
     return keras.Model(inputs, layers.Flatten()(y))
 
 
+# every case channels first too in the slow run; `test_channels_first` covers it in the default run
+DATA_FORMATS = ["channels_last", pytest.param("channels_first", marks=pytest.mark.slow)]
+
 POOLING = [
     (layers.MaxPooling1D, (9, 2), {"pool_size": 2}),
     (layers.MaxPooling1D, (9, 2), {"pool_size": 3, "padding": "same"}),
@@ -60,7 +63,7 @@ POOLING = [
 ]
 
 
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("data_format", DATA_FORMATS)
 @pytest.mark.parametrize("cls, shape, kw", POOLING, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_max_pooling_rule_gives_the_layers_values_and_jacobian(
     with_max_pooling, cls, shape, kw, data_format
@@ -109,7 +112,7 @@ CONVOLUTIONS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("data_format", DATA_FORMATS)
 @pytest.mark.parametrize("name, shape, make", CONVOLUTIONS, ids=[c[0] for c in CONVOLUTIONS])
 def test_convolution_rules_give_the_layers_values_and_jacobian(
     with_every_rule, name, shape, make, data_format
@@ -127,6 +130,23 @@ def test_convolution_rules_give_the_layers_values_and_jacobian(
     call, pairs = _ruled(model)
     assert [type(p) for p, _ in pairs] == [type(layer)]
     assert_close(call(x), model(x), rtol=1e-5)  # float32: another order of the same sums
+    assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
+
+
+def test_channels_first(with_every_rule):
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution or pooling")
+    f = "channels_first"
+    inputs = keras.Input((2, 9, 8))
+    h = layers.Conv2D(4, 3, padding="same", data_format=f)(inputs)  # patches
+    h = layers.MaxPooling2D(3, strides=2, padding="same", data_format=f)(h)
+    h = layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, data_format=f)(h)
+    h = layers.Conv2D(8, 2, groups=8, padding="same", data_format=f, activation="tanh")(h)
+    model = keras.Model(inputs, layers.Flatten()(h))
+    x = np.random.default_rng(5).standard_normal((2, 2, 9, 8)).astype("float32")
+    call, pairs = _ruled(model)
+    assert len(pairs) == 4
+    assert_close(call(x), model(x), rtol=1e-5)
     assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
 
 

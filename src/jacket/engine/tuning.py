@@ -95,6 +95,7 @@ class Tuning:
         self.chosen: Plan | None = None  # the plan to run (None: the next candidate)
         self.running: Plan | None = None  # the plan being compiled and run for the first time
         self.cached_ms: dict = {}  # timings read back from the plan cache, for the report
+        self.outpaced: set[Plan] = set()  # dropped as unable to win (bounds), not as failing
         self.vjp_seconds: dict = {}  # one VJP of the batch, with layer rules or not: `_lower_bound`
         self.forced = options.strategy in plan.STRATEGIES
         self.source = "forced" if self.forced else "prior"
@@ -204,7 +205,7 @@ class Tuning:
                 bound = self._lower_bound(fn_name, candidate, tensors)
                 current_s = self.trials[current.plan].seconds
                 if bound is not None and bound > DROP_FACTOR * current_s:
-                    raise _Unusable(
+                    raise _Outpaced(
                         f"at least {bound * 1e3:.3g} ms (from one VJP's time) against "
                         f"{current_s * 1e3:.3g} ms"
                     )
@@ -217,7 +218,7 @@ class Tuning:
                     estimate = pass_s * executor.plan.n_chunks
                     if estimate > DROP_FACTOR * current_s:
                         executor.release()
-                        raise _Unusable(
+                        raise _Outpaced(
                             f"{estimate * 1e3:.3g} ms ({executor.plan.n_chunks} passes of "
                             f"{pass_s * 1e3:.3g} ms) against {current_s * 1e3:.3g} ms"
                         )
@@ -266,8 +267,8 @@ class Tuning:
             return True
         twin = dataclasses.replace(candidate, rules=True)
         trial = self.trials.get(twin)
-        if trial is None or trial.failure is not None:
-            return True
+        if trial is None or (trial.failure is not None and twin not in self.outpaced):
+            return True  # the twin could not run: the plan without rules may
         return self.executor is not None and self.executor.plan == twin
 
     def _pick(self) -> Plan:
@@ -357,6 +358,8 @@ class Tuning:
             text = f"{type(error).__name__}: {str(error)[:160]}"
         trial = self.trials[candidate]
         trial.failure = trial.failure or " ".join(text.split())
+        if isinstance(error, _Outpaced):
+            self.outpaced.add(candidate)
         if self.chosen == candidate:
             self.chosen = None
         if all(self.trials[p].failure for p in self.order):
@@ -453,3 +456,7 @@ class Tuning:
 
 class _Unusable(Exception):
     """A candidate plan that cannot run on this model (said in the report)."""
+
+
+class _Outpaced(_Unusable):
+    """A candidate plan that cannot be faster than the current one (its lower bound)."""
