@@ -11,13 +11,13 @@ jacket, of jacket with each strategy forced, and of every anchor are taken in in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -415,19 +415,10 @@ def _fresh(build):
     return build()
 
 
-@contextlib.contextmanager
 def _layer_rules_off():
     """Plans made meanwhile run no layer rule (NOTE: [Layer rules] in `jacket.engine.rules`): the
     model's kernels, compiled then, keep that choice afterwards."""
-    before = os.environ.get("JACKET_LAYER_RULES")
-    os.environ["JACKET_LAYER_RULES"] = "off"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["JACKET_LAYER_RULES"]
-        else:
-            os.environ["JACKET_LAYER_RULES"] = before
+    return mock.patch.dict(os.environ, {"JACKET_LAYER_RULES": "off"})
 
 
 def _settle(jac, x) -> tuple[int, float]:

@@ -38,6 +38,15 @@ def _ruled(model):
     return call, pairs
 
 
+def _in_format(shape, data_format):
+    """A channels-last per-sample `shape` in `data_format` (skipped where the backend lacks it)."""
+    if data_format == "channels_last":
+        return shape
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution or pooling")
+    return shape[-1:] + shape[:-1]
+
+
 def _pooling_model(cls, shape, data_format, **kw):
     inputs = keras.Input(shape)
     h = layers.Conv1D if len(shape) == 2 else layers.Conv2D if len(shape) == 3 else layers.Conv3D
@@ -68,10 +77,7 @@ POOLING = [
 def test_max_pooling_rule_gives_the_layers_values_and_jacobian(
     with_max_pooling, cls, shape, kw, data_format
 ):
-    if data_format == "channels_first" and BACKEND == "tensorflow":
-        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution or pooling")
-    if data_format == "channels_first":
-        shape = shape[-1:] + shape[:-1]
+    shape = _in_format(shape, data_format)
     model = _pooling_model(cls, shape, data_format, **kw)
     rng = np.random.default_rng(3)
     x = rng.integers(-2, 3, size=(3,) + shape).astype("float32")  # many ties in every window
@@ -117,10 +123,7 @@ CONVOLUTIONS = [
 def test_convolution_rules_give_the_layers_values_and_jacobian(
     with_every_rule, name, shape, make, data_format
 ):
-    if data_format == "channels_first" and BACKEND == "tensorflow":
-        pytest.skip("TensorFlow's CPU kernels have no channels_first convolution")
-    if data_format == "channels_first":
-        shape = shape[-1:] + shape[:-1]
+    shape = _in_format(shape, data_format)
     inputs = keras.Input(shape)
     layer = make(data_format)
     model = keras.Model(inputs, layers.Flatten()(layer(inputs)))

@@ -53,21 +53,32 @@ def _pooling_windows(layer) -> bool:
     return layer.padding in ("valid", "same")
 
 
+def _channels_last(layer, inputs):
+    return keras.ops.moveaxis(inputs, 1, -1) if layer.data_format == "channels_first" else inputs
+
+
+def _as_given(layer, y):
+    return keras.ops.moveaxis(y, -1, 1) if layer.data_format == "channels_first" else y
+
+
+def _padded(x, size, strides, dilation, padding: str, fill: float) -> tuple:
+    """`(x, out)`: `x` (channels last) padded as Keras's "same" pads it (the odd element after),
+    and the output size of a sliding window over it along each spatial axis."""
+    spatial = tuple(x.shape[1:-1])
+    reach = tuple((k - 1) * d + 1 for k, d in zip(size, dilation))
+    if padding != "same":
+        return x, tuple((n - r) // s + 1 for n, r, s in zip(spatial, reach, strides))
+    out = tuple(math.ceil(n / s) for n, s in zip(spatial, strides))
+    total = [max((o - 1) * s + r - n, 0) for o, s, r, n in zip(out, strides, reach, spatial)]
+    pads = [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]]
+    return keras.ops.pad(x, pads, constant_values=fill), out
+
+
 def _shifted(x, size, strides, dilation, padding: str, fill: float = 0.0) -> list:
     """The inputs of each offset of a sliding window over `x` (channels last): one strided slice
     per offset, in row-major order of the offsets (their pullbacks are pads, where a gather's
-    would be a scatter). Padding as Keras's "same" places it (the odd element after)."""
-    ops = keras.ops
-    spatial = tuple(x.shape[1:-1])
-    reach = tuple((k - 1) * d + 1 for k, d in zip(size, dilation))
-    if padding == "same":
-        out = tuple(math.ceil(n / s) for n, s in zip(spatial, strides))
-        total = [max((o - 1) * s + r - n, 0) for o, s, r, n in zip(out, strides, reach, spatial)]
-        x = ops.pad(
-            x, [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]], constant_values=fill
-        )
-    else:
-        out = tuple((n - r) // s + 1 for n, r, s in zip(spatial, reach, strides))
+    would be a scatter)."""
+    x, out = _padded(x, size, strides, dilation, padding, fill)
     return [
         x[
             (slice(None),)
@@ -87,19 +98,12 @@ def _windows(layer, x, fill: float):
     ops = keras.ops
     pool = tuple(layer.pool_size)
     strides = tuple(layer.strides) if layer.strides is not None else pool
+    ones = (1,) * len(pool)
     if strides != pool:
-        return ops.stack(_shifted(x, pool, strides, (1,) * len(pool), layer.padding, fill), -1)
-    spatial = tuple(x.shape[1:-1])
-    channels = x.shape[-1]
-    if layer.padding == "same":
-        out = tuple(math.ceil(n / k) for n, k in zip(spatial, pool))
-        total = [o * k - n for o, k, n in zip(out, pool, spatial)]
-        pads = [[0, 0]] + [[t // 2, t - t // 2] for t in total] + [[0, 0]]
-        x = ops.pad(x, pads, constant_values=fill)
-    else:
-        out = tuple(n // k for n, k in zip(spatial, pool))
-        x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]
-    d = len(pool)
+        return ops.stack(_shifted(x, pool, strides, ones, layer.padding, fill), -1)
+    x, out = _padded(x, pool, pool, ones, layer.padding, fill)
+    x = x[(slice(None),) + tuple(slice(0, o * k) for o, k in zip(out, pool))]  # "valid": the rest
+    d, channels = len(pool), x.shape[-1]
     split = [-1]
     for o, k in zip(out, pool):
         split += [o, k]
@@ -113,13 +117,11 @@ def _max_pooling(layer, inputs, **kwargs):
     framework's own pullback picks it among ties) chosen by a one-hot mask held by
     `stop_gradient`, and summed."""
     ops = keras.ops
-    channels_first = layer.data_format == "channels_first"
-    x = ops.moveaxis(inputs, 1, -1) if channels_first else inputs
-    w = _windows(layer, x, float("-inf"))
+    w = _windows(layer, _channels_last(layer, inputs), float("-inf"))
     first = ops.argmax(w, axis=-1)
     mask = ops.equal(ops.arange(w.shape[-1], dtype="int32"), ops.expand_dims(first, -1))
     y = ops.sum(ops.where(ops.stop_gradient(mask), w, ops.zeros_like(w)), axis=-1)
-    return ops.moveaxis(y, -1, 1) if channels_first else y
+    return _as_given(layer, y)
 
 
 MAX_POOLING = Rule("max_pooling", _pooling_windows, _max_pooling)
@@ -139,14 +141,6 @@ def _few_channels(layer) -> bool:
         and layer.padding in ("valid", "same")
         and channels <= PATCH_CHANNELS
     )
-
-
-def _channels_last(layer, inputs):
-    return keras.ops.moveaxis(inputs, 1, -1) if layer.data_format == "channels_first" else inputs
-
-
-def _as_given(layer, y):
-    return keras.ops.moveaxis(y, -1, 1) if layer.data_format == "channels_first" else y
 
 
 def _conv_patches(layer, inputs, kernel):
