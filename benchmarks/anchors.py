@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -135,6 +136,33 @@ def denoiser():
     )
 
 
+def unet():
+    """A small U-Net, 32x32x1 -> 32x32x1: two max-pooling steps down, two bilinear up-sampling
+    steps up, skip connections by concatenation."""
+    conv = partial(keras.layers.Conv2D, kernel_size=3, padding="same", activation="relu")
+    up = partial(keras.layers.UpSampling2D, 2, interpolation="bilinear")
+    inputs = keras.Input((32, 32, 1))
+    c1 = conv(8)(inputs)
+    c2 = conv(16)(keras.layers.MaxPooling2D(2)(c1))
+    h = conv(16)(keras.layers.MaxPooling2D(2)(c2))
+    h = conv(16)(keras.layers.Concatenate()([up()(h), c2]))
+    h = conv(8)(keras.layers.Concatenate()([up()(h), c1]))
+    return keras.Model(inputs, keras.layers.Conv2D(1, 1)(h))
+
+
+def gru():
+    """A recurrent sequence classifier: a bidirectional GRU(16) over 20 steps of 8 features, a
+    GRU(16) on its sequence, 4 outputs."""
+    return keras.Sequential(
+        [
+            keras.Input((20, 8)),
+            keras.layers.Bidirectional(keras.layers.GRU(16, return_sequences=True)),
+            keras.layers.GRU(16),
+            keras.layers.Dense(4),
+        ]
+    )
+
+
 # name -> (builder, per-sample input shape, batch, input dtype)
 CASES = {
     "seed_mlp_b1": (seed_mlp, (5,), 1, "float32"),
@@ -160,11 +188,13 @@ for _name, _tag in [
 for _batch in (2, 16):
     CASES[f"vit_b{_batch}"] = (small_vit, (32, 32, 3), _batch, "float32")
     CASES[f"attention_b{_batch}"] = (attention, (16, 8), _batch, "float32")
+    CASES[f"gru_b{_batch}"] = (gru, (20, 8), _batch, "float32")
 for _batch in (1, 8):
     CASES[f"denoiser_b{_batch}"] = (denoiser, (32, 32, 1), _batch, "float32")
+    CASES[f"unet_b{_batch}"] = (unet, (32, 32, 1), _batch, "float32")
 REAL_CASES = [name for name in CASES if name.split("_b")[0] in (
     "resnet50", "mobilenetv3s", "efficientnetb0", "densenet121", "convnexttiny", "vit",
-    "attention", "denoiser",
+    "attention", "denoiser", "unet", "gru",
 )]  # fmt: skip
 DEFAULT_CASES = [n for n in CASES if n != "mobilenet_b8" and n not in REAL_CASES]
 
@@ -187,9 +217,10 @@ def forward_flops(model) -> int:
             total += 2 * k * int(inp[-1]) * int(np.prod(out))
         elif name == "DepthwiseConv2D":
             total += 2 * int(np.prod(layer.kernel_size)) * int(np.prod(out))
-        elif name == "LSTM":
+        elif name in ("LSTM", "GRU"):
             steps, features = int(inp[0]), int(inp[1])
-            total += 2 * steps * 4 * layer.units * (features + layer.units)
+            gates = 4 if name == "LSTM" else 3
+            total += 2 * steps * gates * layer.units * (features + layer.units)
     return total
 
 

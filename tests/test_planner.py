@@ -20,6 +20,7 @@ from scenarios import seed_cnn, seed_mlp
 import jacket
 from jacket import backends
 from jacket.engine import cache, plan
+from jacket.engine.rules import layers_with_rules
 
 
 @pytest.fixture
@@ -69,9 +70,10 @@ def test_the_first_call_runs_the_prior_and_later_calls_measure(cache_dir, rng):
     first = jac.plan(x)
     assert first.source == "prior"
     # a max pooling run through a layer rule batches as well as the rest (NOTE: [Layer rules])
-    kind = "conv" if backends.current().LAYER_RULES else "max_pooling"
+    ruled = bool(layers_with_rules(model, backends.current()))  # its max pooling, on JAX
+    kind = "conv" if ruled else "max_pooling"
     assert first.strategy == plan.prior(backends.current(), kind)[0]
-    assert first.plan.rules == bool(backends.current().LAYER_RULES)
+    assert first.plan.rules == ruled
     assert not first.timings  # nothing measured on the first call
     calls = _settle(jac, x)
     report = jac.plan(x)

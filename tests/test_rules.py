@@ -136,6 +136,80 @@ def test_convolution_rules_give_the_layers_values_and_jacobian(
     assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
 
 
+def _attention(causal):
+    class Attend(layers.Layer):  # self-attention in a Sequential-friendly wrapper
+        def __init__(self):
+            super().__init__()
+            self.mha = layers.MultiHeadAttention(2, 3)
+
+        def call(self, x):
+            return self.mha(x, x, use_causal_mask=causal)
+
+    return Attend()
+
+
+OTHER_LAYERS = [
+    ("bilinear x2", (5, 4, 3), lambda f: layers.UpSampling2D(2, f, interpolation="bilinear")),
+    ("bilinear 3x1", (4, 5, 2), lambda f: layers.UpSampling2D((3, 1), f, interpolation="bilinear")),
+    ("attention", (6, 5), lambda f: _attention(False)),
+    ("causal attention", (6, 5), lambda f: _attention(True)),
+    ("gru", (5, 3), lambda f: layers.GRU(4, return_sequences=True, go_backwards=True)),
+    ("gru reset before", (5, 3), lambda f: layers.GRU(4, reset_after=False)),
+    ("lstm", (5, 3), lambda f: layers.LSTM(3, return_sequences=True)),
+    ("simple rnn", (5, 3), lambda f: layers.SimpleRNN(4)),
+]  # fmt: skip
+
+
+def _random_weights(layer, rng):
+    """Random weights; variances (moving ones included) positive."""
+    for w in layer.weights:
+        value = rng.standard_normal(w.shape)
+        w.assign((np.abs(value) + 0.5 if "variance" in w.path else value).astype("float32"))
+
+
+@pytest.mark.parametrize("data_format", DATA_FORMATS)
+@pytest.mark.parametrize("name, shape, make", OTHER_LAYERS, ids=[c[0] for c in OTHER_LAYERS])
+def test_other_rules_give_the_layers_values_and_jacobian(
+    with_every_rule, name, shape, make, data_format
+):
+    if data_format == "channels_first":
+        if len(shape) != 3:
+            pytest.skip("no data format")
+        shape = _in_format(shape, data_format)
+    inputs = keras.Input(shape)
+    layer = make(data_format)
+    model = keras.Model(inputs, layers.Flatten()(layer(inputs)))
+    rng = np.random.default_rng(6)
+    _random_weights(layer, rng)
+    x = rng.standard_normal((2,) + shape).astype("float32")
+    call, pairs = _ruled(model)
+    assert len(pairs) == 1
+    assert_close(call(x), model(x), rtol=1e-5)
+    assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
+
+
+def test_recurrent_rules_keep_masks_and_long_sequences(with_every_rule, monkeypatch):
+    """A masked sequence runs through the unrolled recurrence with the mask; one longer than
+    `UNROLL_STEPS` runs as written."""
+    inputs = keras.Input((6, 3))
+    gru = layers.GRU(4, return_sequences=True)
+    model = keras.Model(inputs, layers.Flatten()(gru(layers.Masking(0.0)(inputs))))
+    _random_weights(gru, np.random.default_rng(7))
+    x = np.random.default_rng(8).standard_normal((3, 6, 3)).astype("float32")
+    x[0, 4:] = 0.0  # masked steps: their outputs repeat the last state
+    x[2, :2] = 0.0
+    call, pairs = _ruled(model)
+    assert [p for p, _ in pairs] == [gru]
+    assert_close(call(x), model(x), rtol=1e-5)
+    assert_close(jacket.jacobian(model, x), native_jacobian(model, x), rtol=1e-5)
+    monkeypatch.setattr(rules, "UNROLL_STEPS", 4)
+    ran = []
+    monkeypatch.setattr(layers.GRU, "inner_loop", lambda self, *a, **k: ran.append(1) or (
+        layers.RNN.inner_loop(self, *a, **k)))  # fmt: skip
+    assert_close(call(x), model(x), rtol=1e-5)
+    assert len(ran) == 2  # the plain call and the ruled one, too long to unroll
+
+
 def test_channels_first(with_every_rule):
     if BACKEND == "tensorflow":
         pytest.skip("TensorFlow's CPU kernels have no channels_first convolution or pooling")

@@ -21,9 +21,12 @@ EAGER = False  # kernels are traced and compiled once per signature
 # `jacket.engine.rules`, where XLA's batched pullbacks are slow (`benchmarks/layer_survey.py`,
 # batch 8, 16 cotangents): max pooling as windows and a one-hot mask (2D: 66 ms through
 # `lax.reduce_window`, 1.7 ms), depthwise convolutions as shifted slices (3x3: 157-481 ms, 1.6-2.0
-# ms), and a convolution of a few input channels as patches and a matmul (seed CNN, batch 32:
-# 27.8 ms, 2.9 ms)
-LAYER_RULES = ("max_pooling", "depthwise_slices", "conv_patches")
+# ms), a convolution of a few input channels as patches and a matmul (seed CNN, batch 32:
+# 27.8 ms, 2.9 ms), bilinear up-sampling as two matmuls (a U-Net at batch 1, forward mode: 338 ms,
+# 424 ms without) and attention through its explicit einsums (a ViT at batch 2: 16.4 ms, 18.8 ms)
+LAYER_RULES = (
+    "max_pooling", "depthwise_slices", "conv_patches", "bilinear_matrices", "explicit_attention",
+)  # fmt: skip
 PRIOR = {
     "other": ("vmap", "loop"),
     "max_pooling": ("loop", "vmap"),

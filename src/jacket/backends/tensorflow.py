@@ -16,7 +16,11 @@ EAGER = False  # kernels are traced and compiled once per signature
 # A recurrent layer's while_loop is slow to vectorise (GRU, batch 2: 9.4 s to compile against 4.1 s
 # for one pass over the replicated batch), so recurrent models start from that pass.
 PRIOR = {"other": ("vmap", "replicate", "loop"), "recurrent": ("replicate", "loop", "vmap")}
-LAYER_RULES = ()  # none measured to win here (`benchmarks/layer_survey.py`)
+# `jacket.engine.rules`: recurrent layers unrolled, whose batched pullbacks (pfor) beat the
+# while_loop's (`benchmarks/layer_survey.py`, GRU(32), batch 8, 16 cotangents: 6.5-7.9 ms through
+# the while_loop, 4.5-5.1 ms unrolled; LSTM(32) 6.1-6.6 ms, 3.6-3.8 ms); jacket's default on a
+# bidirectional GRU at batch 16: 8.6 ms, 11.5 ms with the rule off (`benchmarks/anchors.py`)
+LAYER_RULES = ("unrolled",)
 _ZERO = tf.UnconnectedGradients.ZERO
 # NOTE: [Unchecked forward mode on TensorFlow]
 # `ForwardAccumulator` builds a JVP from each op's gradient function, differentiated again; where

@@ -24,7 +24,7 @@ EAGER = True  # kernels run as written, not traced and compiled
 # replicated batch (one Python-level model call instead of one per seed), then autograd's batched
 # backward.
 PRIOR = {"other": ("replicate", "vmap", "loop")}
-LAYER_RULES = ()  # none measured to win here (`benchmarks/layer_survey.py`)
+LAYER_RULES = ()  # none measured to win here (`benchmarks/layer_survey.py`, `benchmarks/anchors.py`)
 
 
 def compile(kernel, model, training, make_call):

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 # ---------------------------------------------------------------------------------- the rules
 
@@ -46,6 +47,10 @@ class Rule:
     applies: Callable  # layer -> bool: the configurations the rule covers
     call: Callable  # (layer, *args, **kwargs) -> outputs, as the layer's `method`
     method: str = "call"  # the method of the layer the rule stands in for
+    # whether the layer still counts toward the model's kind (`jacket.engine.model.model_kind`,
+    # which picks the strategy a first call runs): a rule that removes what made the layer's
+    # pullback slow to batch says False; an unrolled recurrence still compiles as one
+    keeps_kind: bool = False
 
 
 def _pooling_windows(layer) -> bool:
@@ -210,11 +215,111 @@ def _depthwise_slices(layer, inputs):
     return layer.activation(y) if layer.activation is not None else y
 
 
+def _bilinear(layer) -> bool:
+    return layer.interpolation == "bilinear"
+
+
+def _bilinear_matrix(n: int, factor: int) -> np.ndarray:
+    """`(n * factor, n)`: up-sampling of `n` samples by `factor`, bilinear with half-pixel centres
+    and the edges clamped, as `ops.image.resize` samples on every backend (`jax.image.resize`,
+    `tf.image.resize`, `torch.nn.functional.interpolate(align_corners=False)`)."""
+    out = np.arange(n * factor)
+    src = np.clip((out + 0.5) / factor - 0.5, 0, n - 1)
+    low = np.floor(src).astype(int)
+    high = np.minimum(low + 1, n - 1)
+    matrix = np.zeros((n * factor, n))
+    np.add.at(matrix, (out, low), 1 - (src - low))
+    np.add.at(matrix, (out, high), src - low)
+    return matrix
+
+
+def _bilinear_matrices(layer, inputs):
+    """Bilinear `UpSampling2D` as two contractions with the interpolation matrices of the rows and
+    the columns. The values agree with `ops.image.resize`'s up to float32 rounding. On JAX the
+    batched pushforward and pullback of `jax.image.resize` are slow: a small U-Net at batch 1
+    (`benchmarks/anchors.py`, `unet_b1`), forward mode, 338 ms with this rule and 424 ms
+    without; the layer alone (`benchmarks/layer_survey.py`) 1.1-1.3x."""
+    ops = keras.ops
+    x = _channels_last(layer, inputs)
+    rows, cols = (
+        ops.convert_to_tensor(_bilinear_matrix(n, f), x.dtype)
+        for n, f in zip(x.shape[1:3], layer.size)
+    )
+    y = ops.einsum("jw,biwc->bijc", cols, ops.einsum("ih,bhwc->biwc", rows, x))
+    return _as_given(layer, y)
+
+
+def _unfused_attention(layer) -> bool:
+    """Attention that the user did not ask to run fused (`flash_attention=True` cannot return the
+    scores, which the layer's explicit path computes)."""
+    return not getattr(layer, "_flash_attention", False)
+
+
+def _explicit_attention(
+    layer, query, key, value, attention_mask=None, training=None,
+    return_attention_scores=False, **kwargs,
+):  # fmt: skip
+    """`MultiHeadAttention._compute_attention` through the layer's own explicit path (two
+    `einsum`s and its masked softmax, the path it takes when asked for the scores), not the fused
+    `ops.dot_product_attention`. The values agree up to float32 rounding. On JAX the batched
+    pullback of the fused kernel is slower: keras_hub's ViT at batch 2 (`vit_b2`), 16.4 ms with
+    this rule, 18.8 ms without; on PyTorch the rule lost (37.8 against 32.0 ms)."""
+    output, scores = type(layer)._compute_attention(
+        layer, query, key, value, attention_mask, training, True, **kwargs
+    )
+    return output, (scores if return_attention_scores else None)
+
+
+UNROLL_STEPS = 64  # the longest sequence a recurrent layer is unrolled for (one copy per step)
+
+
+def _rolled(layer) -> bool:
+    return not layer.unroll
+
+
+def _unrolled(layer, sequences, initial_state, mask, training=False):
+    """A recurrent layer's `inner_loop` as Keras runs it with `unroll=True` (the cell called once
+    per step, in a Python loop), for sequences of at most `UNROLL_STEPS` steps. The same values.
+    On TensorFlow the batched pullback of the `while_loop` is slow (`GRU(32)`, 16 steps, batch 8,
+    16 cotangents: 6.6-11.8 ms, against 3.7-5.8 ms unrolled)."""
+    steps = sequences.shape[1]
+    if steps is None or steps > UNROLL_STEPS:
+        return type(layer).inner_loop(layer, sequences, initial_state, mask, training=training)
+    from keras.src import backend  # Keras's own recurrence, which `RNN.inner_loop` runs
+
+    tree = keras.tree
+    if tree.is_nested(mask):
+        mask = mask[0]
+    cell = layer.cell
+    kwargs = {"training": training} if getattr(cell, "_call_has_training_arg", False) else {}
+
+    def step(inputs, states):
+        output, new_states = cell(inputs, states, **kwargs)
+        return output, new_states if tree.is_nested(new_states) else [new_states]
+
+    return backend.rnn(
+        step,
+        sequences,
+        initial_state if tree.is_nested(initial_state) else [initial_state],
+        go_backwards=layer.go_backwards,
+        mask=mask,
+        unroll=True,
+        input_length=steps,
+        zero_output_for_mask=layer.zero_output_for_mask,
+        return_all_outputs=layer.return_sequences,
+    )
+
+
 CONV_PATCHES = Rule("conv_patches", _few_channels, _conv_patches, method="convolution_op")
 GROUPED_SLICES = Rule(
     "depthwise_slices", _grouped_depthwise, _grouped_slices, method="convolution_op"
 )
 DEPTHWISE_SLICES = Rule("depthwise_slices", _plain_depthwise, _depthwise_slices)
+BILINEAR_MATRICES = Rule("bilinear_matrices", _bilinear, _bilinear_matrices)
+EXPLICIT_ATTENTION = Rule(
+    "explicit_attention", _unfused_attention, _explicit_attention, method="_compute_attention"
+)
+UNROLLED = Rule("unrolled", _rolled, _unrolled, method="inner_loop", keeps_kind=True)
 
 RULES: dict[type, tuple[Rule, ...]] = {
     keras.layers.MaxPooling1D: (MAX_POOLING,),
@@ -225,6 +330,11 @@ RULES: dict[type, tuple[Rule, ...]] = {
     keras.layers.Conv3D: (CONV_PATCHES,),
     keras.layers.DepthwiseConv1D: (DEPTHWISE_SLICES,),
     keras.layers.DepthwiseConv2D: (DEPTHWISE_SLICES,),
+    keras.layers.UpSampling2D: (BILINEAR_MATRICES,),
+    keras.layers.MultiHeadAttention: (EXPLICIT_ATTENTION,),
+    keras.layers.GRU: (UNROLLED,),
+    keras.layers.LSTM: (UNROLLED,),
+    keras.layers.SimpleRNN: (UNROLLED,),
 }  # by exact class: the first rule the backend names that covers the layer's configuration
 
 # ------------------------------------------------------------------------------ which layers

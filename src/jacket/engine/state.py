@@ -129,7 +129,12 @@ class ModelState:
                 skeleton(y),
                 output_leaves(fn_name, y, inputs.batch),
                 activation_size(self.model),
-                model_kind(self.model, frozenset(id(layer) for layer, _ in self.rule_layers())),
+                model_kind(
+                    self.model,
+                    frozenset(
+                        id(layer) for layer, rule in self.rule_layers() if not rule.keeps_kind
+                    ),
+                ),
             )
             self.entries[inputs.signature] = entry
             if not self.cuts_checked:  # once per model: see NOTE [Non-differentiable paths]
