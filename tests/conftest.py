@@ -30,12 +30,21 @@ BACKEND = keras.backend.backend()
 # check the Jacobian jacket gives a user (see NOTE [Keras and float64] in jacket.engine.dtypes).
 
 
+# What runs the same code whichever backend computes (the docs' examples, the command line in a
+# subprocess, the demo) runs on one backend in the default run, and on every backend in the slow
+# run (`make test-jax`): the fastest suite carries it, the others save about 3 minutes each.
+ONE_BACKEND = "torch"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         marks = {mark.name for mark in item.iter_markers()}
         for name in ("tensorflow", "jax", "torch"):
             if name in marks and BACKEND != name:
                 item.add_marker(pytest.mark.skip(reason=f"{name} only (backend is {BACKEND})"))
+        if marks & {"one_backend", "cli"} and BACKEND != ONE_BACKEND:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

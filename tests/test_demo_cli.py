@@ -36,6 +36,7 @@ def test_bundled_classifier_is_accurate():
     assert (logits.argmax(axis=1) == y_test).mean() > 0.95
 
 
+@pytest.mark.one_backend
 def test_run_demo_writes_jacobians_and_a_figure(tmp_path):
     result = demo.run_demo(tmp_path / "out", batch=6, repeats=1)
     assert result.jacobian_shape == (6, 10, 8, 8, 1)

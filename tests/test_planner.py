@@ -221,6 +221,7 @@ def test_an_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch, rn
     assert report.source == "calibrated"
 
 
+@pytest.mark.one_backend
 def test_concurrent_writers_leave_one_whole_entry(cache_dir, tmp_path):
     """Four processes write the same key 25 times each (the cache module alone: no framework)."""
     script = f"""

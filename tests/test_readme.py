@@ -73,6 +73,7 @@ def _run_page(path: Path, tmp_path: Path, monkeypatch) -> int:
     return ran
 
 
+@pytest.mark.one_backend
 def test_readme_python_examples(tmp_path, monkeypatch):
     blocks = _blocks(README, "python")
     assert blocks, "README.md has no Python example"
@@ -81,6 +82,7 @@ def test_readme_python_examples(tmp_path, monkeypatch):
     assert _run_page(README, tmp_path, monkeypatch) == len(blocks)
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_docs_python_examples(page, tmp_path, monkeypatch):
     _run_page(page, tmp_path, monkeypatch)
