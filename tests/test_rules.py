@@ -188,6 +188,18 @@ def test_other_rules_give_the_layers_values_and_jacobian(
     assert_close(native_jacobian(call, x), native_jacobian(model, x), rtol=1e-5)
 
 
+def test_bilinear_upsampling_of_any_size(with_every_rule):
+    """Spatial sizes unknown to the model: the rule builds its matrices from the sizes it is run at."""
+    inputs = keras.Input((None, None, 2))
+    model = keras.Model(inputs, layers.UpSampling2D(2, interpolation="bilinear")(inputs))
+    x = np.random.default_rng(11).standard_normal((2, 3, 4, 2)).astype("float32")
+    call, pairs = _ruled(model)
+    assert len(pairs) == 1
+    assert_close(call(x), model(x), rtol=1e-5)
+    J = jacket.jacobian(model, x)
+    assert_close(J, native_jacobian(model, x), rtol=1e-5)
+
+
 def test_recurrent_rules_keep_masks_and_long_sequences(with_every_rule, monkeypatch):
     """A masked sequence runs through the unrolled recurrence with the mask; one longer than
     `UNROLL_STEPS` runs as written."""

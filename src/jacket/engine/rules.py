@@ -27,6 +27,7 @@ pullback is a select that batches as well as any elementwise op.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import os
@@ -241,6 +242,8 @@ def _bilinear_matrices(layer, inputs):
     without; the layer alone (`benchmarks/layer_survey.py`) 1.1-1.3x."""
     ops = keras.ops
     x = _channels_last(layer, inputs)
+    if None in x.shape[1:3]:  # sizes known only when run: the layer as written
+        return type(layer).call(layer, inputs)
     rows, cols = (
         ops.convert_to_tensor(_bilinear_matrix(n, f), x.dtype)
         for n, f in zip(x.shape[1:3], layer.size)
@@ -252,7 +255,12 @@ def _bilinear_matrices(layer, inputs):
 def _unfused_attention(layer) -> bool:
     """Attention that the user did not ask to run fused (`flash_attention=True` cannot return the
     scores, which the layer's explicit path computes)."""
-    return not getattr(layer, "_flash_attention", False)
+    method = getattr(type(layer), "_compute_attention", None)
+    return (
+        not getattr(layer, "_flash_attention", False)
+        and method is not None
+        and "return_attention_scores" in inspect.signature(method).parameters
+    )
 
 
 def _explicit_attention(
