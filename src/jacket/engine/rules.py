@@ -289,7 +289,8 @@ def _unrolled(layer, sequences, initial_state, mask, training=False):
     """A recurrent layer's `inner_loop` as Keras runs it with `unroll=True` (the cell called once
     per step, in a Python loop), for sequences of at most `UNROLL_STEPS` steps. The same values.
     On TensorFlow the batched pullback of the `while_loop` is slow (`GRU(32)`, 16 steps, batch 8,
-    16 cotangents: 6.6-11.8 ms, against 3.7-5.8 ms unrolled)."""
+    16 cotangents: 6.5-7.9 ms, against 4.5-5.1 ms unrolled; a bidirectional GRU classifier at
+    batch 16, jacket's default: 11.5 ms, 8.6 ms unrolled)."""
     steps = sequences.shape[1]
     if steps is None or steps > UNROLL_STEPS:
         return type(layer).inner_loop(layer, sequences, initial_state, mask, training=training)
@@ -303,7 +304,7 @@ def _unrolled(layer, sequences, initial_state, mask, training=False):
 
     def step(inputs, states):
         output, new_states = cell(inputs, states, **kwargs)
-        return output, new_states if tree.is_nested(new_states) else [new_states]
+        return output, (new_states if tree.is_nested(new_states) else [new_states])
 
     return backend.rnn(
         step,
