@@ -352,25 +352,27 @@ class _Diagonal:
         return total
 
 
-def _first_strategy(state: ModelState, inputs: Inputs, entry: Entry) -> str:
-    """The backend's first strategy for this kind of model (NOTE: [How the plan decides]), not
-    "replicate" where tiling the batch would change the model's output."""
+def _usable(state: ModelState, inputs: Inputs, entry: Entry):
+    """The backend's strategies for this kind of model, in order (NOTE: [How the plan decides]),
+    without "replicate" where tiling the batch would change the model's output (probed only when
+    "replicate" is reached)."""
     for strategy in prior(state.backend, entry.kind):
         if strategy != "replicate" or probes.tiling_is_safe(state, "divergence", inputs):
-            return strategy
-    return "vmap"
+            yield strategy
+
+
+def _first_strategy(state: ModelState, inputs: Inputs, entry: Entry) -> str:
+    return next(_usable(state, inputs, entry), "vmap")
 
 
 def _strategies(state: ModelState, inputs: Inputs, entry: Entry) -> list[str]:
     """The strategies the exact divergence measures on its first call: on an eager backend, where
-    a candidate costs one pass, every one of the backend's order for this kind of model (PyTorch,
-    `div_d64` of `benchmarks/second_order.py`: 185 ms replicated, 75 ms mapped, 50 ms looped, 105
-    ms for `torch.func.vmap(jacfwd)`); elsewhere, where each costs a compile, the first."""
+    a candidate costs one pass, every usable one (PyTorch, `div_d64` of
+    `benchmarks/second_order.py`: 185 ms replicated, 75 ms mapped, 50 ms looped, 105 ms for
+    `torch.func.vmap(jacfwd)`); elsewhere, where each costs a compile, the first."""
     if not state.backend.EAGER:
         return [_first_strategy(state, inputs, entry)]
-    safe = probes.tiling_is_safe(state, "divergence", inputs)
-    found = [s for s in prior(state.backend, entry.kind) if s != "replicate" or safe]
-    return found or ["vmap"]
+    return list(_usable(state, inputs, entry)) or ["vmap"]
 
 
 def _scalars(state: ModelState, *values: int) -> tuple:
