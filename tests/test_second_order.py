@@ -428,6 +428,122 @@ def test_hutchinson_divergence_covers_the_exact_value(rng):
     assert inside / (40 * 6) >= 0.85  # 2 standard errors: about 93% for 16 vectors
 
 
+# ------------------------------------------------------------------------------ wrt and of
+
+
+def residual_block(dtype="float64"):
+    """A hidden layer `h` and, after it, a block whose sum `res` also takes a path from the
+    input (held constant in a cut `wrt="h"`)."""
+    inputs = keras.Input((3,), dtype=dtype, name="x")
+    h = layers.Dense(4, activation="tanh", name="h", dtype=dtype)(inputs)
+    g = layers.Dense(4, activation="softplus", name="g", dtype=dtype)(h)
+    skip = layers.Dense(4, name="skip", dtype=dtype)(inputs)
+    res = layers.Add(name="res", dtype=dtype)([g, skip])
+    out = layers.Dense(2, activation="tanh", name="out", dtype=dtype)(res)
+    return keras.Model(inputs, out)
+
+
+def _tail(model, x: np.ndarray, of: str):
+    """The model from `h` to `of` with `x` fixed, written with its layers (no jacket): a function
+    of a batch of `h` values, `len(h) // len(x)` copies of the batch at a time."""
+
+    def f(h):
+        xs = np.tile(x, (len(h) // len(x), 1))
+        res = model.get_layer("g")(h) + model.get_layer("skip")(xs)
+        return res if of == "res" else model.get_layer("out")(res)
+
+    return f
+
+
+def test_second_order_with_respect_to_a_layer(rng):
+    model = residual_block()
+    x = rng.uniform(-1, 1, size=(3, 3))
+    h = to_numpy(model.get_layer("h")(x))
+    tail = _tail(model, x, "out")
+    H_fd = second_differences(tail, h)
+    H = jacket.hessian(model, x, wrt="h", of="out")
+    assert tuple(H.shape) == (3, 2, 4, 4)
+    assert_close(H, H_fd, rtol=1e-5, atol=1e-7)
+    for mode in ("forward", "reverse"):
+        assert_close(jacket.hessian(model, x, wrt="h", of="out", mode=mode), H_fd, rtol=1e-5)
+    trace = np.trace(H_fd, axis1=2, axis2=3)
+    for method in ("auto", "forward", "hessian"):
+        L = jacket.laplacian(model, x, wrt="h", of="out", method=method)
+        assert_close(L, trace, rtol=1e-5, atol=1e-7)
+    assert_close(laplacian_differences(tail, h), trace, rtol=1e-4, atol=1e-6)
+    v, u = rng.normal(size=(3, 4)), rng.normal(size=(3, 2))
+    expected = np.einsum("bi,bijk,bk->bj", u, H_fd, v)
+    assert_close(jacket.hvp(model, x, v, u=u, wrt="h", of="out"), expected, rtol=1e-5)
+    # the divergence of the block's sum in `h` (both of 4 values)
+    step, field = 1e-6, _tail(model, x, "res")
+    moved = np.stack(
+        [h + step * np.eye(4)[j] for j in range(4)] + [h - step * np.eye(4)[j] for j in range(4)]
+    )  # (8, B, 4)
+    y = _forward(field, moved.reshape(-1, 4)).reshape(2, 4, 3, 4)
+    fd = sum((y[0, j, :, j] - y[1, j, :, j]) / (2 * step) for j in range(4))
+    div = jacket.divergence(model, x, wrt="h", of="res")
+    assert_close(div, fd, rtol=1e-8)
+    report = jacket.check(model, x, wrt="h", of="out", order=2)
+    assert report.ok and report.reference == "float64 copy of the model's cut", str(report)
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "vmap", "loop"])
+def test_second_order_of_a_cut_in_every_strategy(strategy, monkeypatch, rng):
+    """The cut's constant (the path from the input) follows the batch where it is repeated."""
+    from jacket import backends
+
+    monkeypatch.setattr(backends.current(), "SECOND_ORDER_STRATEGY", strategy)
+    model = residual_block()
+    x = rng.uniform(-1, 1, size=(2, 3))
+    h = to_numpy(model.get_layer("h")(x))
+    H_fd = second_differences(_tail(model, x, "out"), h)
+    assert_close(jacket.hessian(model, x, wrt="h", of="out"), H_fd, rtol=1e-5, atol=1e-7)
+    L = jacket.laplacian(model, x, wrt="h", of="out", method="hessian")
+    assert_close(L, np.trace(H_fd, axis1=2, axis2=3), rtol=1e-5, atol=1e-7)
+    estimate = jacket.laplacian(model, x, wrt="h", of="out", method="hutchinson", n_samples=8)
+    assert tuple(estimate.value.shape) == (2, 2)
+
+
+def test_second_order_at_a_token_model_s_embeddings(rng):
+    """Integer token ids and an integer input held constant; a mask from the ids."""
+    ids = keras.Input((5,), dtype="int32", name="ids")
+    weights = keras.Input((1,), dtype="float32", name="weight")
+    e = layers.Embedding(7, 3, mask_zero=True, name="embedding")(ids)
+    h = layers.Dense(4, activation="tanh", name="mix")(e)
+    pooled = layers.GlobalAveragePooling1D(name="pool")(h)
+    out = layers.Dense(2, activation="sigmoid", name="out")(pooled)
+    scale = layers.Dense(2, activation="tanh", name="scale")(weights)
+    model = keras.Model([ids, weights], layers.Multiply()([out, scale]))
+    tokens = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 6, 1]], "int32")
+    x = [tokens, rng.uniform(0.5, 1.5, size=(2, 1)).astype("float32")]
+    H = to_numpy(jacket.hessian(model, x, wrt="embedding", flatten=True))
+    assert H.shape == (2, 2, 15, 15)
+    np.testing.assert_array_equal(H[0, :, 9:], 0)  # padded positions are masked out
+    report = jacket.check(model, x, wrt="embedding", order=2)
+    assert report.ok, str(report)
+    trace = np.trace(H, axis1=2, axis2=3)
+    for method in ("forward", "hessian"):
+        L = jacket.laplacian(model, x, wrt="embedding", method=method)
+        assert_close(L, trace, rtol=1e-4, atol=1e-6)
+    # without `wrt`: the float input is differentiated, the integer ids held constant
+    H_w = jacket.hessian(model, x)
+    assert set(H_w) == {"weight"} and tuple(H_w["weight"]["weight"].shape) == (2, 2, 1, 1)
+    assert np.abs(to_numpy(H_w["weight"]["weight"])).max() > 1e-3
+    report = jacket.check(model, x, order=2)
+    assert report.ok and report.shape == (2, 2, 1, 1), str(report)
+
+
+def test_second_order_wrt_errors_name_the_fix(rng):
+    model = residual_block("float32")
+    x = rng.uniform(-1, 1, size=(2, 3)).astype("float32")
+    with pytest.raises(jacket.JacketValueError, match=r"hessian: .*no layer|hessian: .*nope"):
+        jacket.hessian(model, x, wrt="nope")
+    with pytest.raises(jacket.JacketValueError, match=r"divergence: the model's outputs \(of"):
+        jacket.divergence(model, x, wrt="h", of="out")
+    with pytest.raises(jacket.JacketTypeError, match=r"laplacian: .*Functional or Sequential"):
+        jacket.laplacian(Subclassed(), rng.normal(size=(2, 5)), of="dense")
+
+
 # -------------------------------------------------------------------------------------- check
 
 
@@ -516,7 +632,7 @@ def test_errors_name_the_function_and_the_fix(rng):
         jacket.laplacian(tanh_mlp(), x, method="hutchinson", n_samples=1)
     with pytest.raises(jacket.JacketValueError, match=r"Pass method='hutchinson'"):
         jacket.divergence(square_mlp(), rng.normal(size=(2, 5)), n_samples=8)
-    with pytest.raises(jacket.JacketValueError, match=r"divergence: the model's outputs must"):
+    with pytest.raises(jacket.JacketValueError, match=r"divergence: the model's outputs \(of"):
         jacket.divergence(tanh_mlp(), x)
     with pytest.raises(jacket.JacketValueError, match=r"hvp: `u` must be given.*Received: u=None"):
         jacket.hvp(tanh_mlp(), x, x)

@@ -20,7 +20,7 @@ from .inputs import FLOAT_DTYPES, prepare_inputs
 from .jacobian import jacobian
 from .kernels import tile
 from .model import eager_call
-from .point import resolve
+from .point import Point, resolve
 
 # Default tolerance on `max_rel_error`, by the dtype the model computes in.
 RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
@@ -101,9 +101,10 @@ def check(
     `order=2`, the differences are of the float64 copy's gradients (`jacket.jacobian` of the
     copy), `2 * in_size` batched Jacobians.
 
-    With `wrt` or `of`, the Jacobian of the model's cut between them (`jacket.jacobian`'s `wrt`,
-    `of`) is compared with differences of the cut of the float64 copy: its `wrt` values moved
-    one at a time, the constants (integer inputs, other outputs of the `wrt` layers) held.
+    With `wrt` or `of`, the Jacobian (or Hessian) of the model's cut between them
+    (`jacket.jacobian`'s `wrt`, `of`) is compared with differences of the cut of the float64
+    copy: its `wrt` values moved one at a time, the constants (integer inputs, other outputs of
+    the `wrt` layers) held.
 
     Args:
       model, x: as in `jacket.jacobian` (per-sample).
@@ -136,19 +137,13 @@ def check(
             "check: `order=2` checks `jacket.hessian`, which runs the model in inference. "
             "Received: order=2 with training=True. Pass training=False."
         )
-    if order == 2 and (wrt is not None or of is not None):
-        raise JacketValueError(
-            "check: `order=2` checks `jacket.hessian`, which takes the model's own inputs and "
-            f"outputs. Received: order=2 with wrt={wrt!r}, of={of!r}. Check the Jacobian of the "
-            "cut (order=1), or the Hessian of the whole model."
-        )
     if order == 1:
         J = jacobian(
             model, x, wrt=wrt, of=of, mode=mode, chunk_size=chunk_size, flatten=True,
             training=training,
         )  # fmt: skip
     else:
-        J = hessian(model, x, mode=mode, chunk_size=chunk_size, flatten=True)
+        J = hessian(model, x, wrt=wrt, of=of, mode=mode, chunk_size=chunk_size, flatten=True)
     target, inputs = resolve("check", model, x, wrt, of, training, check_finite=True)
     J = _flat_numpy(J, inputs, order)
     dtype = inputs.leaves[0].dtype
@@ -348,10 +343,14 @@ def _gradient_differences(model, inputs, eps: float, training: bool, fd_dtype: s
     output `i` and input column `j`, `g_i` the gradient of output `i` (a row of the Jacobian, by
     `jacket.jacobian` of `model`): every sample moved at once, many columns per call."""
     B = inputs.batch
-    xs = [np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors]
+    n_in = len(inputs.leaves)
+    xs = [
+        np.asarray(keras.ops.convert_to_numpy(t)).astype(np.float64) for t in inputs.tensors[:n_in]
+    ]
     flat = np.concatenate([x.reshape(B, -1) for x in xs], axis=1)  # (B, N)
     N = flat.shape[1]
     np_dtype = "float32" if fd_dtype == "bfloat16" else fd_dtype
+    cut = isinstance(model, Cut)
 
     def gradients(flat_batch):  # (n, N) float64 -> (n, M, N) float64
         parts, offset = [], 0
@@ -359,7 +358,12 @@ def _gradient_differences(model, inputs, eps: float, training: bool, fd_dtype: s
             part = flat_batch[:, offset : offset + leaf.size].reshape((-1,) + leaf.shape)
             parts.append(keras.ops.convert_to_tensor(part.astype(np_dtype), dtype=fd_dtype))
             offset += leaf.size
-        J = jacobian(model, inputs.pack(parts), flatten=True)
+        if cut:  # Jacobians at points of the cut, its constants repeated with the batch
+            moved = Point(model, inputs).with_values(inputs.pack(parts), len(flat_batch) // B)
+            wrt, of = model.spec
+            J = jacobian(model.model, moved, wrt=wrt, of=of, flatten=True)
+        else:
+            J = jacobian(model, inputs.pack(parts), flatten=True)
         return _flat_numpy(J, inputs)
 
     step = eps * np.maximum(1.0, np.abs(flat))  # (B, N)

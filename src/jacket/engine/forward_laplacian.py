@@ -37,9 +37,11 @@ import math
 import keras
 import numpy as np
 
+from .cut import Cut
 from .dtypes import keep_float64
 from .inputs import Inputs, Leaf, numpy_dtype, result_dtype
 from .jet_rules import CLOSED_FORMS, ELEMENTWISE, LINEAR, RULES, Jet
+from .kernels import split_arguments
 from .model import lifts_float64, make_call
 from .state import Entry, ModelState
 
@@ -67,7 +69,7 @@ class ScopedCall:
         stack = contextlib.ExitStack()
         if self.mapping is not None:
             stack.enter_context(keras.StatelessScope(state_mapping=self.mapping))
-        if lifts_float64(self.model):
+        if lifts_float64(self.model.model if isinstance(self.model, Cut) else self.model):
             stack.enter_context(keep_float64())
         return stack
 
@@ -106,6 +108,7 @@ def laplacian_kernel(backend, in_structure, in_leaves: list[Leaf], out_leaves: l
 
     def kernel(call, xs, start):
         walker = Walker(backend, k, B)
+        xs, constants = split_arguments(xs, len(in_leaves))
         coordinates = ops.arange(k, dtype="int32") + start
         jets, offset = [], 0
         for x, leaf in zip(xs, in_leaves):
@@ -118,6 +121,10 @@ def laplacian_kernel(backend, in_structure, in_leaves: list[Leaf], out_leaves: l
         with call.scope() if isinstance(call, ScopedCall) else contextlib.nullcontext():
             if model is not None and _walkable(model):
                 outs = walker.model(model, jets)
+            elif isinstance(model, Cut) and not _has_masks(model.program.root):
+                outs = walker.cut(model, jets, constants)
+            elif constants:  # the cut as one operation, its constants beside the jets
+                outs = walker.fallback(call, ((_pack(in_structure, jets), constants),), {})
             else:
                 outs = walker.fallback(call, (_pack(in_structure, jets),), {})
         laps = []
@@ -141,6 +148,12 @@ def _pack(structure, flat):
 
 
 # ------------------------------------------------------------------------------------- the walk
+
+
+def _has_masks(plan) -> bool:
+    """Whether a cut attaches Keras masks to its `wrt` values (NOTE: [How a model is cut]): its
+    program then runs as one operation, where Keras's layers read the masks."""
+    return bool(plan.masks) or any(_has_masks(child) for _, child in plan.children.values())
 
 
 def _walkable(model) -> bool:
@@ -174,9 +187,23 @@ class Walker:
         )
         return keras.tree.flatten(outs)
 
+    def cut(self, cut, jets: list, constants: list):
+        """A model's cut (NOTE: [How a model is cut]), node by node: the `Jet`s of its `wrt`
+        values given, its constants (other outputs of the `wrt` calls, model inputs) as they
+        are."""
+        n = len(cut.extras)
+        given = list(jets) + list(constants[:n])
+
+        def step(op, args, kwargs, node):
+            out = self.apply(op, args, kwargs)
+            return [out] if isinstance(out, Jet) or ops.is_tensor(out) else keras.tree.flatten(out)
+
+        return cut.program(given, list(constants[n:]), False, call_fn=step)
+
     def apply(self, op, args, kwargs):
         """`op(*args, **kwargs)` where some arguments are `Jet`s."""
-        jets = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Jet)]
+        leaves = keras.tree.flatten((args, kwargs))
+        jets = [leaf for leaf in leaves if isinstance(leaf, Jet)]
         if not jets:
             return op(*args, **kwargs)
         if _walkable(op):
@@ -184,7 +211,9 @@ class Walker:
             outs = self.model(op, keras.tree.flatten(inputs))
             return outs[0] if len(outs) == 1 else outs
         rule = RULES.get(type(op))
-        if rule is not None and _same_dtypes(op, jets):
+        # a rule takes `Jet`s only: a tensor beside them (a cut's constant) goes to the fallback
+        plain = any(ops.is_tensor(leaf) and not isinstance(leaf, Jet) for leaf in leaves)
+        if rule is not None and not plain and _same_dtypes(op, jets):
             out = rule(self, op, args, kwargs)
             if out is not NotImplemented:
                 return out
@@ -278,11 +307,20 @@ class Walker:
             grad = ops.reshape(self.full(jet.grad), (d * B,) + shape)
             tangents.append(ops.concatenate([lap, ops.cast(grad, lap.dtype)], axis=0))
         structure = []
+        # tensors beside the jets with a batch axis (a cut's constants) follow the tiled batch
+        held = keras.tree.map_structure(
+            lambda leaf: (
+                _tile(leaf, d + 1)
+                if ops.is_tensor(leaf) and not isinstance(leaf, Jet) and _batched(leaf, B)
+                else leaf
+            ),
+            (args, kwargs),
+        )
 
         def f(zs):
             it = iter(zs)
             a, k = keras.tree.map_structure(
-                lambda leaf: next(it) if isinstance(leaf, Jet) else leaf, (args, kwargs)
+                lambda leaf: next(it) if isinstance(leaf, Jet) else leaf, held
             )
             out = op(*a, **k)
             structure[:] = [out]
@@ -303,6 +341,10 @@ class Walker:
         if ops.is_tensor(structure[0]):
             return outs[0]
         return keras.tree.pack_sequence_as(structure[0], outs)
+
+
+def _batched(tensor, B: int) -> bool:
+    return len(tensor.shape) > 0 and tensor.shape[0] == B
 
 
 def _tile(x, k: int):

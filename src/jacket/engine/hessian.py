@@ -40,17 +40,11 @@ from ..trees import pack
 from . import probes
 from .executor import fast_key
 from .hessian_kernels import hessian_blocks, hessian_kernel, hvp_kernel
-from .inputs import (
-    Inputs,
-    Leaf,
-    dtype_name,
-    numpy_dtype,
-    prepare_inputs,
-    result_dtype,
-)
+from .inputs import Inputs, Leaf, dtype_name, numpy_dtype, result_dtype
 from .measured import Measured, Prepared
 from .memory import available_memory
 from .options import Options
+from .point import resolve
 from .products import like_leaves
 from .state import Entry, ModelState, state_of
 
@@ -65,6 +59,8 @@ def hessian(
     model,
     x,
     *,
+    wrt=None,
+    of=None,
     mode: str = "auto",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
@@ -75,7 +71,13 @@ def hessian(
     Args:
       model: As in `jacket.jacobian`: a Keras model or layer, or a callable mapping a batch to a
         batch (called in inference).
-      x: Input of shape `(batch, *in_shape)` (or a list/dict of them for several inputs).
+      x: Input of shape `(batch, *in_shape)` (or a list/dict of them for several inputs), or a
+        `jacket.engine.Point`.
+      wrt, of: As in `jacket.jacobian`: the Hessian of the outputs of the layers `of` with
+        respect to the outputs of the layers `wrt` (a layer name, a layer, a model input name, or
+        a structure of them), at the values `x` produces there; the other inputs of the cut
+        (integer inputs, a residual path from the input) are held constant. Default: the model's
+        own inputs and outputs.
       mode: "forward" (forward-over-reverse: a JVP of the gradient), "reverse"
         (reverse-over-reverse: a VJP of the gradient) or "auto" (the backend's faster form; see
         NOTE [Hessians by the batch-sum trick]). The result does not depend on it.
@@ -90,7 +92,8 @@ def hessian(
       A tensor of shape `(batch, *out_shape, *in_shape, *in_shape)`, symmetric in its two input
       groups, where `H[b, i..., j..., k...] = d^2 model(x)[b, i...] / d x[b, j...] d x[b, k...]`.
       For several inputs or outputs, the model's output structure of its input structure of its
-      input structure: `H["score"]["image"]["meta"]`. The dtype is that of `jacket.jacobian`.
+      input structure: `H["score"]["image"]["meta"]` (with `wrt`/`of`, their structures and
+      the shapes of their layers' outputs). The dtype is that of `jacket.jacobian`.
 
     Raises:
       CouplingError: if one sample's outputs depend on another sample's inputs.
@@ -106,13 +109,13 @@ def hessian(
     """
     options = Options.checked("hessian", mode, chunk_size, flatten, True, False, memory_budget)
     check_model("hessian", model)
-    state = state_of(model, False)
-    fast = fast_key(x)
+    fast = fast_key(x) if wrt is None and of is None else None
     if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state.wrappers.get(("second_order", "hessian", fast, options))
+        runner = state_of(model, False).wrappers.get(("second_order", "hessian", fast, options))
         if runner is not None:
             return runner(runner.fast_tensors("hessian", x))
-    inputs = prepare_inputs("hessian", model, x)
+    state, inputs = resolved("hessian", model, x, wrt, of)
+    fast = fast if state.model is model else None  # (the fast path is the model's own)
     entry = state.entry("hessian", inputs)
     check_apart(state, "hessian", inputs, entry)
     key = ("second_order", "hessian", inputs.signature, options)
@@ -131,19 +134,21 @@ def hessian(
     return runner(inputs.tensors)
 
 
-def hvp(model, x, v, *, u=None):
+def hvp(model, x, v, *, u=None, wrt=None, of=None):
     """Per-sample Hessian-vector products `H v`, without building `H`.
 
     Args:
       model: As in `jacket.hessian`.
       x: Input `(batch, *in_shape)` (or a structure of them).
-      v: Tangent with the structure and shapes of `x`.
+      v: Tangent with the structure and shapes of `x` (of the `wrt` values, with `wrt`).
       u: Weights of the outputs, with the structure and shapes of the model's output `(batch,
-        *out_shape)`: the product is `sum_i u[b, i] H_i[b] v[b]`. May be left out only when the
-        model has one output value per sample.
+        *out_shape)` (of `of`'s values, with `of`): the product is `sum_i u[b, i] H_i[b] v[b]`.
+        May be left out only when the model has one output value per sample.
+      wrt, of: As in `jacket.hessian`.
 
     Returns:
-      `(batch, *in_shape)` (the structure of `x`): `out[b] = sum_i u[b, i] H_i[b] @ v[b]`.
+      `(batch, *in_shape)` (the structure of `x`, or of `wrt`'s values):
+      `out[b] = sum_i u[b, i] H_i[b] @ v[b]`.
 
     Example:
       >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="tanh")])
@@ -152,8 +157,7 @@ def hvp(model, x, v, *, u=None):
       (4, 3)
     """
     check_model("hvp", model)
-    state = state_of(model, False)
-    inputs = prepare_inputs("hvp", model, x)
+    state, inputs = resolved("hvp", model, x, wrt, of)
     tangents = like_leaves("hvp", "v", v, inputs.structure, inputs.leaves, inputs.batch)
     entry = state.entry("hvp", inputs)
     if u is None:
@@ -174,12 +178,21 @@ def hvp(model, x, v, *, u=None):
     kernel = second_order_kernel(
         state,
         ("hvp", inputs.signature, mode, method),
-        lambda: hvp_kernel(state.backend, inputs.structure, mode, jvp_form(state, method)),
+        lambda: hvp_kernel(
+            state.backend, inputs.structure, len(inputs.leaves), mode, jvp_form(state, method)
+        ),
     )
     return inputs.pack(list(kernel(inputs.tensors, cotangents, tangents)))
 
 
 # ------------------------------------------------------------------------------------ the plan
+
+
+def resolved(fn_name: str, model, x, wrt, of) -> tuple[ModelState, Inputs]:
+    """The state of what is differentiated (the model, or its cut between `wrt` and `of`:
+    `jacket.engine.point.resolve`) and its inputs at `x`, checked for NaN and inf."""
+    target, inputs = resolve(fn_name, model, x, wrt, of, False, check_finite=True)
+    return state_of(target, False), inputs
 
 
 def check_apart(state: ModelState, fn_name: str, inputs: Inputs, entry: Entry) -> None:

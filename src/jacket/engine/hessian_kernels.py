@@ -12,10 +12,13 @@ from .inputs import Leaf, result_dtype
 ops = keras.ops
 
 
-def push_hvps(backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int):
+def push_hvps(
+    backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int, tiled=None
+):
     """`sum_i u_i H_i t` for one set of cotangents `us` (`(B, *out_leaf)`) and `k` tangents `ts`
     (`(k, B, *in_leaf)`); returns `(k, B, *in_leaf)` per input leaf (NOTE: [Hessians by the
-    batch-sum trick]).
+    batch-sum trick]). `tiled(k)`: `f` on the batch repeated `k` times (`kernels.functions`; by
+    default `f` itself, for a model without constants).
 
     With the cotangents fixed, "vmap" and "loop" run the forward and backward passes once and map
     only the outer derivative over the tangents; "replicate" tiles the batch `k` times and runs
@@ -23,17 +26,18 @@ def push_hvps(backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list,
     """
     jvp = jvp or backend.jvp
     if strategy == "replicate":
-        tiled = [kernels.tile(x, k) for x in xs]
+        f_tiled = f if tiled is None else tiled(k)
+        tiled_xs = [kernels.tile(x, k) for x in xs]
         tiled_us = [kernels.tile(u, k) for u in us]
         flat_ts = [ops.reshape(t, (k * B,) + tuple(t.shape[2:])) for t in ts]
 
         def tiled_gradient(zs):
-            return backend.vjp_differentiable(f, zs, tiled_us)
+            return backend.vjp_differentiable(f_tiled, zs, tiled_us)
 
         if mode == "forward":
-            outs = jvp(tiled_gradient, tiled, flat_ts)
+            outs = jvp(tiled_gradient, tiled_xs, flat_ts)
         else:
-            outs = backend.vjp(tiled_gradient, tiled, flat_ts)
+            outs = backend.vjp(tiled_gradient, tiled_xs, flat_ts)
         return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
 
     def gradient(zs):
@@ -85,19 +89,19 @@ def hessian_kernel(
     n = sum(leaf.size for leaf in in_leaves)
     dtype = result_dtype(in_leaves + out_leaves)
 
-    def columns(f, xs, i, start):
+    def columns(f, tiled, xs, i, start):
         us = kernels.split(ops.broadcast_to(one_hot(i, m, dtype)[None], (B, m)), (B,), out_leaves)
         T = directions(start, k, n, B, dtype)
-        outs = push_hvps(
-            backend, strategy, mode, jvp, f, xs, us, kernels.split(T, (k, B), in_leaves), k, B
-        )
+        ts = kernels.split(T, (k, B), in_leaves)
+        outs = push_hvps(backend, strategy, mode, jvp, f, xs, us, ts, k, B, tiled)
         block = kernels.flat(outs, (k, B), in_leaves, dtype)  # (k, B, n)
         return ops.sum(block * T, axis=-1) if what == "diagonal" else block
 
     if not whole:
 
         def kernel(call, xs, i, start):
-            return columns(kernels.model_function(call, in_structure), xs, i, start)
+            xs, f, tiled = kernels.functions(call, in_structure, xs, len(in_leaves))
+            return columns(f, tiled, xs, i, start)
 
         return kernel
 
@@ -126,7 +130,7 @@ def hessian_kernel(
         block = kernels.flat(outs, (n, m, B), in_leaves, dtype)
         return ops.transpose(block, (1, 0, 2, 3))
 
-    def replicated(f, xs):
+    def replicated(tiled, xs):
         """Every `(output, input)` pair at once: the batch tiled `m * n` times, copy `i * n + j`
         with the cotangent `e_i` and the tangent `e_j`, one HVP over it: `(m, n, B, n)`."""
         rows = ops.arange(m * n, dtype="int32")
@@ -134,30 +138,32 @@ def hessian_kernel(
         T = ops.cast(ops.equal((rows % n)[:, None], ops.arange(n, dtype="int32")[None]), dtype)
         us = kernels.split(ops.broadcast_to(U[:, None], (m * n, B, m)), (m * n, B), out_leaves)
         ts = kernels.split(ops.broadcast_to(T[:, None], (m * n, B, n)), (m * n, B), in_leaves)
-        tiled = [kernels.tile(x, m * n) for x in xs]
+        tiled_xs = [kernels.tile(x, m * n) for x in xs]
         flat_us = [ops.reshape(u, (m * n * B,) + tuple(u.shape[2:])) for u in us]
         flat_ts = [ops.reshape(t, (m * n * B,) + tuple(t.shape[2:])) for t in ts]
+
+        f = tiled(m * n)
 
         def gradient(zs):
             return backend.vjp_differentiable(f, zs, flat_us)
 
         if mode == "forward":
-            outs = (jvp or backend.jvp)(gradient, tiled, flat_ts)
+            outs = (jvp or backend.jvp)(gradient, tiled_xs, flat_ts)
         else:
-            outs = backend.vjp(gradient, tiled, flat_ts)
+            outs = backend.vjp(gradient, tiled_xs, flat_ts)
         block = kernels.flat(outs, (m * n * B,), in_leaves, dtype)
         return ops.reshape(block, (m, n, B, n))
 
     def whole_kernel(call, xs):
-        f = kernels.model_function(call, in_structure)
+        xs, f, tiled = kernels.functions(call, in_structure, xs, len(in_leaves))
         if strategy == "replicate" or (m > 1 and strategy == "vmap"):
-            H = replicated(f, xs) if strategy == "replicate" else vectorised(f, xs)
+            H = replicated(tiled, xs) if strategy == "replicate" else vectorised(f, xs)
             blocks = [H[i] for i in range(m)]
             if what == "diagonal":
                 T = directions(0, n, n, B, dtype)
                 blocks = [ops.sum(b * T, axis=-1) for b in blocks]
         else:
-            blocks = [columns(f, xs, i, 0) for i in range(m)]  # each (n, B, n) or (n, B)
+            blocks = [columns(f, tiled, xs, i, 0) for i in range(m)]  # each (n, B, n) or (n, B)
         if what == "diagonal":
             traces = ops.transpose(ops.stack([ops.sum(b, axis=0) for b in blocks]))  # (B, m)
             return kernels.split(traces, (B,), out_leaves)
@@ -168,11 +174,12 @@ def hessian_kernel(
     return whole_kernel
 
 
-def hvp_kernel(backend, in_structure, mode: str, jvp):
-    """`kernel(call, xs, us, vs) -> sum_i u_i H_i v`: one HVP of the batched model."""
+def hvp_kernel(backend, in_structure, n_in: int, mode: str, jvp):
+    """`kernel(call, xs, us, vs) -> sum_i u_i H_i v`: one HVP of the batched model (`xs`: its
+    `n_in` differentiated inputs, then a cut's constants)."""
 
     def kernel(call, xs, us, vs):
-        f = kernels.model_function(call, in_structure)
+        xs, f, _ = kernels.functions(call, in_structure, xs, n_in)
 
         def gradient(zs):
             return backend.vjp_differentiable(f, zs, us)

@@ -40,6 +40,21 @@ def split_arguments(xs, n: int):
     return xs[:n], xs[n:]
 
 
+def functions(call, in_structure, xs, n: int):
+    """`(xs, f, tiled)` for a kernel's tensors: the `n` differentiated inputs, the model as a
+    function of them with the constants after them held (`model_function`), and `tiled(k)`, the
+    same for the batch repeated `k` times (`tile`), its constants repeated with it."""
+    xs, constants = split_arguments(xs, n)
+    f = model_function(call, in_structure, constants)
+
+    def tiled(k: int):
+        if k == 1 or not constants:
+            return f
+        return model_function(call, in_structure, [tile(c, k) for c in constants])
+
+    return xs, f, tiled
+
+
 def flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
     """Concatenate tensors `(*leading, *leaf.shape)` into one `(*leading, sum of sizes)`."""
     parts = [

@@ -45,11 +45,12 @@ from .hessian import (
     outer_modes,
     pair_chunk,
     plan_passes,
+    resolved,
     second_order_kernel,
     strategy_for,
 )
 from .hessian_kernels import hessian_kernel, one_hot, push_hvps
-from .inputs import Inputs, Leaf, numpy_dtype, prepare_inputs, result_dtype
+from .inputs import Inputs, Leaf, numpy_dtype, result_dtype
 from .measured import Measured, Prepared, to_numpy
 from .memory import default_memory_budget
 from .plan import prior
@@ -71,13 +72,24 @@ class Estimate(NamedTuple):
     stderr: object
 
 
-def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, seed: int = 0):
+def laplacian(
+    model,
+    x,
+    *,
+    wrt=None,
+    of=None,
+    method: str = "auto",
+    n_samples: int | None = None,
+    seed: int = 0,
+):
     """Per-sample Laplacian of each output of `model` at `x`: the trace of its input Hessian.
 
     Args:
       model: As in `jacket.hessian`.
       x: Input of shape `(batch, *in_shape)` (or a structure of them: the Laplacian is then taken
-        over all their values together).
+        over all their values together), or a `jacket.engine.Point`.
+      wrt, of: As in `jacket.hessian`: the Laplacian of the outputs of the layers `of` in the
+        outputs of the layers `wrt` (over all their values together).
       method: "forward" (the forward Laplacian: value, gradient and Laplacian carried through the
         model in one pass), "hessian" (the trace of the Hessian, `in_size` HVPs per output),
         "hutchinson" (a stochastic estimate with its standard error, for very wide inputs) or
@@ -101,13 +113,13 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
     samples = _samples("laplacian", method == "hutchinson", n_samples)
     seed = _seed("laplacian", seed)
     check_model("laplacian", model)
-    state = state_of(model, False)
-    fast = fast_key(x) if method != "hutchinson" else None
+    fast = fast_key(x) if method != "hutchinson" and wrt is None and of is None else None
     if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state.wrappers.get(("second_order", "laplacian", fast, method))
+        runner = state_of(model, False).wrappers.get(("second_order", "laplacian", fast, method))
         if runner is not None:
             return runner(runner.fast_tensors("laplacian", x))
-    inputs, entry = _prepared(state, "laplacian", model, x)
+    state, inputs, entry = _prepared("laplacian", model, x, wrt, of)
+    fast = fast if state.model is model else None
     if method == "hutchinson":
         value, stderr = _hutchinson(state, inputs, entry, samples, seed, order=2)
         return Estimate(_unflat(value, entry), _unflat(stderr, entry))
@@ -138,13 +150,25 @@ def laplacian(model, x, *, method: str = "auto", n_samples: int | None = None, s
     return runner(inputs.tensors)
 
 
-def divergence(model, x, *, method: str = "exact", n_samples: int | None = None, seed: int = 0):
+def divergence(
+    model,
+    x,
+    *,
+    wrt=None,
+    of=None,
+    method: str = "exact",
+    n_samples: int | None = None,
+    seed: int = 0,
+):
     """Per-sample divergence of `model` at `x`: the trace of each sample's Jacobian.
 
     Args:
       model: As in `jacket.jacobian`, with outputs of the shape of its inputs (a vector field:
         a flow's velocity, a score model).
-      x: Input of shape `(batch, *in_shape)`.
+      x: Input of shape `(batch, *in_shape)`, or a `jacket.engine.Point`.
+      wrt, of: As in `jacket.jacobian`: the divergence of the outputs of the layers `of` in the
+        outputs of the layers `wrt`, which must have the same shapes (a residual block's
+        update `of` its input `wrt`).
       method: "exact" (the Jacobian's diagonal by `in_size` JVPs or VJPs, the faster measured on
         the first call) or "hutchinson" (`mean_s v_s^T J v_s` over Rademacher vectors, with its
         standard error; see NOTE [Which divergence]).
@@ -164,13 +188,13 @@ def divergence(model, x, *, method: str = "exact", n_samples: int | None = None,
     samples = _samples("divergence", method == "hutchinson", n_samples)
     seed = _seed("divergence", seed)
     check_model("divergence", model)
-    state = state_of(model, False)
-    fast = fast_key(x) if method == "exact" else None
+    fast = fast_key(x) if method == "exact" and wrt is None and of is None else None
     if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state.wrappers.get(("second_order", "divergence", fast))
+        runner = state_of(model, False).wrappers.get(("second_order", "divergence", fast))
         if runner is not None:
             return runner(runner.fast_tensors("divergence", x))
-    inputs, entry = _prepared(state, "divergence", model, x)
+    state, inputs, entry = _prepared("divergence", model, x, wrt, of)
+    fast = fast if state.model is model else None
     _check_square(inputs, entry)
     if method == "hutchinson":
         value, stderr = _hutchinson(state, inputs, entry, samples, seed, order=1)
@@ -223,11 +247,11 @@ def _seed(fn_name: str, seed) -> int:
     return int(seed)
 
 
-def _prepared(state: ModelState, fn_name: str, model, x) -> tuple[Inputs, Entry]:
-    inputs = prepare_inputs(fn_name, model, x)
+def _prepared(fn_name: str, model, x, wrt, of) -> tuple[ModelState, Inputs, Entry]:
+    state, inputs = resolved(fn_name, model, x, wrt, of)
     entry = state.entry(fn_name, inputs)
     check_apart(state, fn_name, inputs, entry)
-    return inputs, entry
+    return state, inputs, entry
 
 
 def _check_square(inputs: Inputs, entry: Entry) -> None:
@@ -237,9 +261,10 @@ def _check_square(inputs: Inputs, entry: Entry) -> None:
         shown_in = ", ".join(f"{leaf.label}: {leaf.shape}" for leaf in inputs.leaves)
         shown_out = ", ".join(f"{leaf.label}: {leaf.shape}" for leaf in entry.out_leaves)
         raise JacketValueError(
-            "divergence: the model's outputs must have the shapes of its inputs (a vector field), "
-            f"so that its Jacobian is square. Received: inputs {shown_in}; outputs {shown_out}. "
-            "Pass a model whose output has its input's shape, or use `jacket.jacobian`."
+            "divergence: the model's outputs (of `of`) must have the shapes of its inputs (of "
+            "`wrt`), a vector field, so that its Jacobian is square. Received: inputs "
+            f"{shown_in}; outputs {shown_out}. Pass a model whose output has its input's shape "
+            "(or `wrt` and `of` layers of one shape), or use `jacket.jacobian`."
         )
 
 
@@ -388,15 +413,19 @@ def _starts(state: ModelState, rows: int, chunk: int) -> list:
     return starts
 
 
-def push_seeds(backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: int, B: int):
+def push_seeds(
+    backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: int, B: int, tiled=None
+):
     """`k` JVPs (forward) or VJPs (reverse) of the batched model: `seeds` are `(k, B, *leaf)`;
-    returns `(k, B, *leaf)` per output (forward) or input (reverse) leaf."""
+    returns `(k, B, *leaf)` per output (forward) or input (reverse) leaf. `tiled(k)`: `f` on the
+    batch repeated `k` times (`kernels.functions`), for "replicate"."""
     if strategy == "replicate":
-        tiled = [kernels.tile(x, k) for x in xs]
+        f_tiled = f if tiled is None else tiled(k)
+        tiled_xs = [kernels.tile(x, k) for x in xs]
         flat = [ops.reshape(s, (k * B,) + tuple(s.shape[2:])) for s in seeds]
-        outs = (jvp or backend.jvp)(f, tiled, flat) if mode == "forward" else None
+        outs = (jvp or backend.jvp)(f_tiled, tiled_xs, flat) if mode == "forward" else None
         if outs is None:
-            outs = backend.vjp(f, tiled, flat)
+            outs = backend.vjp(f_tiled, tiled_xs, flat)
         return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
     over = backend.vmap if strategy == "vmap" else backend.loop
     if mode == "reverse":
@@ -412,13 +441,12 @@ def _diagonal_kernel(backend, mode, strategy, jvp, in_structure, in_leaves: list
     dtype = result_dtype(in_leaves)
 
     def kernel(call, xs, start):
-        f = kernels.model_function(call, in_structure)
+        xs, f, tiled = kernels.functions(call, in_structure, xs, len(in_leaves))
         j = ops.arange(k, dtype="int32") + start
         T = ops.cast(ops.equal(j[:, None], ops.arange(n, dtype="int32")[None]), dtype)
         T = ops.broadcast_to(T[:, None], (k, B, n))
-        outs = push_seeds(
-            backend, strategy, mode, jvp, f, xs, kernels.split(T, (k, B), in_leaves), k, B
-        )
+        seeds = kernels.split(T, (k, B), in_leaves)
+        outs = push_seeds(backend, strategy, mode, jvp, f, xs, seeds, k, B, tiled)
         block = kernels.flat(outs, (k, B), in_leaves, dtype)
         return ops.sum(block * T, axis=(0, 2))
 
@@ -478,14 +506,14 @@ def _probe_kernel(backend, strategy, mode, jvp, in_structure, in_leaves, out_lea
     dtype = result_dtype(in_leaves + out_leaves)
 
     def kernel(call, xs, i, V):
-        f = kernels.model_function(call, in_structure)
+        xs, f, tiled = kernels.functions(call, in_structure, xs, len(in_leaves))
         ts = kernels.split(V, (k, B), in_leaves)
         if order == 2:
             U = ops.broadcast_to(one_hot(i, m, dtype)[None], (B, m))
             us = kernels.split(U, (B,), out_leaves)
-            outs = push_hvps(backend, strategy, mode, jvp, f, xs, us, ts, k, B)
+            outs = push_hvps(backend, strategy, mode, jvp, f, xs, us, ts, k, B, tiled)
         else:
-            outs = push_seeds(backend, strategy, mode, jvp, f, xs, ts, k, B)
+            outs = push_seeds(backend, strategy, mode, jvp, f, xs, ts, k, B, tiled)
         block = kernels.flat(outs, (k, B), in_leaves, dtype)
         return ops.sum(block * V, axis=-1)
 
