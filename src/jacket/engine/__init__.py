@@ -8,14 +8,14 @@ and `divergence`. How one call flows through the modules: `jacket.engine.jacobia
 from .check import CheckReport as CheckReport
 from .check import check as check
 from .cut import graph_layers as graph_layers
+from .divergence import divergence as divergence
+from .estimates import Estimate as Estimate
 from .hessian import hessian as hessian
 from .hessian import hvp as hvp
 from .jacobian import JacobianFn as JacobianFn
 from .jacobian import jacobian as jacobian
 from .jacobian import jacobian_fn as jacobian_fn
 from .jacobian import tune as tune
-from .laplacian import Estimate as Estimate
-from .laplacian import divergence as divergence
 from .laplacian import laplacian as laplacian
 from .options import Options as Options
 from .point import Point as Point

@@ -44,6 +44,7 @@ from .inputs import Inputs, Leaf, dtype_name, numpy_dtype, result_dtype
 from .measured import Measured, Prepared
 from .memory import available_memory
 from .options import Options
+from .plan import prior
 from .point import resolve
 from .products import like_leaves
 from .state import Entry, ModelState, state_of
@@ -195,6 +196,14 @@ def resolved(fn_name: str, model, x, wrt, of) -> tuple[ModelState, Inputs]:
     return state_of(target, False), inputs
 
 
+def prepared(fn_name: str, model, x, wrt, of) -> tuple[ModelState, Inputs, Entry]:
+    """`resolved`, the outputs read (`state.entry`) and the samples probed for coupling."""
+    state, inputs = resolved(fn_name, model, x, wrt, of)
+    entry = state.entry(fn_name, inputs)
+    check_apart(state, fn_name, inputs, entry)
+    return state, inputs, entry
+
+
 def check_apart(state: ModelState, fn_name: str, inputs: Inputs, entry: Entry) -> None:
     """The coupling probe (NOTE: [The coupling probe]), with the way around it for second order."""
     try:
@@ -246,6 +255,20 @@ def strategy_for(state: ModelState, fn_name: str, inputs: Inputs) -> str:
     if strategy == "replicate" and not probes.tiling_is_safe(state, fn_name, inputs):
         return "vmap"
     return strategy
+
+
+def usable_strategies(state: ModelState, inputs: Inputs, entry: Entry):
+    """The backend's strategies for this kind of model, in order (NOTE: [How the plan decides]),
+    without "replicate" where tiling the batch would change the model's output (probed only when
+    "replicate" is reached)."""
+    for strategy in prior(state.backend, entry.kind):
+        if strategy != "replicate" or probes.tiling_is_safe(state, "divergence", inputs):
+            yield strategy
+
+
+def first_strategy(state: ModelState, inputs: Inputs, entry: Entry) -> str:
+    """The first of `usable_strategies` ("vmap" where none is)."""
+    return next(usable_strategies(state, inputs, entry), "vmap")
 
 
 def pair_chunk(
@@ -366,7 +389,7 @@ class HessianRunner:
             lambda: hessian_kernel(*args),
         )
         self.passes = [(i, start) for i in range(self.m) for start in range(0, self.n, self.chunk)]
-        self.arguments = [_scalars(state, i, start) for i, start in self.passes]
+        self.arguments = [scalars(state, i, start) for i, start in self.passes]
 
     def describe(self) -> str:
         return (
@@ -395,12 +418,17 @@ class HessianRunner:
             return pack_hessian(blocks, self.entry.y_structure, self.structure, self.leaves)
 
 
-def _scalars(state: ModelState, *values: int) -> tuple:
+def scalars(state: ModelState, *values: int) -> tuple:
     """Python ints as kernel arguments: backend scalars on compiled backends (one trace for every
     pass), plain ints on eager ones."""
     if state.backend.EAGER:
         return values
     return tuple(ops.convert_to_tensor(v, dtype="int32") for v in values)
+
+
+def starts(state: ModelState, rows: int, chunk: int) -> list:
+    """The first row of each pass of `chunk` rows, as kernel arguments (`scalars`)."""
+    return list(scalars(state, *range(0, rows, chunk)))
 
 
 def pack_hessian(blocks: list, y_structure, in_structure, in_leaves: list[Leaf]):

@@ -50,6 +50,27 @@ def push_hvps(
     return list(over(lambda tangents: list(jvp(gradient, xs, tangents)), list(ts)))
 
 
+def push_seeds(
+    backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: int, B: int, tiled=None
+):
+    """`k` JVPs (forward) or VJPs (reverse) of the batched model: `seeds` are `(k, B, *leaf)`;
+    returns `(k, B, *leaf)` per output (forward) or input (reverse) leaf. `tiled(k)`: `f` on the
+    batch repeated `k` times (`kernels.functions`), for "replicate"."""
+    if strategy == "replicate":
+        f_tiled = f if tiled is None else tiled(k)
+        tiled_xs = [kernels.tile(x, k) for x in xs]
+        flat = [ops.reshape(s, (k * B,) + tuple(s.shape[2:])) for s in seeds]
+        outs = (jvp or backend.jvp)(f_tiled, tiled_xs, flat) if mode == "forward" else None
+        if outs is None:
+            outs = backend.vjp(f_tiled, tiled_xs, flat)
+        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
+    over = backend.vmap if strategy == "vmap" else backend.loop
+    if mode == "reverse":
+        _, pullback = backend.linearize_vjp(f, xs)
+        return list(over(pullback, seeds))
+    return list(over(lambda ts: (jvp or backend.jvp)(f, xs, ts), seeds))
+
+
 def one_hot(index, size: int, dtype: str):
     """`(size,)`: 1 at `index` (a scalar, or past `size` for none), 0 elsewhere."""
     return ops.cast(ops.equal(ops.arange(size, dtype="int32"), index), dtype)
