@@ -16,7 +16,12 @@ import numpy as np
 
 def is_leaf_structure(value) -> bool:
     """True when `value` is a single array, not a list/tuple/dict of arrays."""
+    if value is None or type(value) in _CONTAINERS:  # (the common cases, without ABC checks)
+        return value is None
     return not isinstance(value, (Mapping, list, tuple))
+
+
+_CONTAINERS = frozenset((list, tuple, dict))
 
 
 def flatten_with_labels(structure, root: str) -> list[tuple[str, Any]]:

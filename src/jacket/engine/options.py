@@ -44,8 +44,9 @@ class Options:
         args = (mode, chunk_size, flatten, per_sample, training, memory_budget, strategy)
         # repeated calls with the same plain arguments (the usual case) skip the checks; the
         # types are part of the key, as `True == 1` and `1 == 1.0` would otherwise collide
-        key = tuple((type(a), a) for a in args)
-        if all(type(a) in _PLAIN for a in args):
+        types = tuple(map(type, args))
+        if _PLAIN.issuperset(types):
+            key = (args, types)
             options = _CHECKED.get(key)
             if options is None:
                 options = cls._check(fn_name, *args)
@@ -117,5 +118,5 @@ class Options:
         )
 
 
-_PLAIN = (str, int, bool, type(None))
+_PLAIN = frozenset((str, int, bool, type(None)))
 _CHECKED: dict = {}  # plain arguments -> their checked `Options`
