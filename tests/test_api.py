@@ -209,6 +209,34 @@ def test_the_fast_path_still_checks_its_inputs(rng):
     assert_close(jac(np.asfortranarray(x)), first, rtol=1e-6)  # (summation order may differ)
 
 
+def test_backend_tensors_take_a_fast_path_that_still_checks(monkeypatch, rng):
+    import importlib
+
+    engine_jacobian = importlib.import_module("jacket.engine.jacobian")
+    model = seed_mlp()
+    x = rng.random((3, 5)).astype("float32")
+    xt = keras.ops.convert_to_tensor(x)
+    first = to_numpy(jacket.jacobian(model, xt))
+    assert_close(first, to_numpy(jacket.jacobian(model, x)), rtol=1e-6)
+
+    def no_slow_path(*args, **kwargs):
+        raise AssertionError("the second call of a signature took the slow path")
+
+    monkeypatch.setattr(engine_jacobian, "resolve", no_slow_path)
+    values = rng.random((3, 5)).astype("float32")
+    other = keras.ops.convert_to_tensor(values)  # same signature, other values
+    assert_close(jacket.jacobian(model, other), jacket.jacobian(model, values), rtol=1e-6)
+    bad = x.copy()
+    bad[2, 0] = np.nan
+    with pytest.raises(jacket.JacketValueError, match=r"sample\(s\) 2 \(1 of 3\)"):
+        jacket.jacobian(model, keras.ops.convert_to_tensor(bad))
+    monkeypatch.undo()
+    with pytest.raises(jacket.JacketValueError, match="does not fit the model"):
+        jacket.jacobian(model, keras.ops.convert_to_tensor(rng.random((3, 4)).astype("float32")))
+    as64 = keras.ops.convert_to_tensor(x.astype("float64"))  # cast: not the fast path's
+    assert_close(jacket.jacobian(model, as64), first, rtol=1e-6)
+
+
 def test_long_loop_passes_agree_in_both_modes(rng):
     # more seeds per pass than the TensorFlow backend unrolls (a while_loop runs them there)
     model = keras.Sequential(

@@ -144,6 +144,28 @@ def fast_key(x):
     return None
 
 
+def tensor_key(x):
+    """A key for one backend tensor of a type seen to need no normalising (`remember_tensor`):
+    the call passes it to the kernel as it is, which checks its values (the kernel's `finite`,
+    `Executor.blocks`)."""
+    kind = type(x)
+    if kind in _TENSOR_TYPES:
+        return (kind, tuple(x.shape), x.dtype)
+    return None
+
+
+def remember_tensor(x, tensors: list) -> bool:
+    """Whether `x` went through the input checks unchanged (one tensor, already of the model's
+    dtype): then its type takes the fast path (`tensor_key`)."""
+    if len(tensors) == 1 and tensors[0] is x:
+        _TENSOR_TYPES.add(type(x))
+        return True
+    return False
+
+
+_TENSOR_TYPES: set = set()
+
+
 def wait(result) -> None:
     """Block until a (possibly asynchronous) result is computed: JAX dispatches asynchronously."""
     for leaf in keras.tree.flatten(result):

@@ -11,7 +11,7 @@ calls here and sparse ones to `jacket.sparse`.
 from __future__ import annotations
 
 from ..checks import check_model, positive_int
-from .executor import fast_key
+from .executor import fast_key, remember_tensor, tensor_key
 from .inputs import example_inputs
 from .memory import check_result_fits
 from .options import Options
@@ -164,9 +164,9 @@ def tuning_for(state, fn_name: str, inputs, entry, options: Options) -> Tuning:
 
 
 def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
-    """One dense Jacobian call: the fast path for a NumPy array of a signature seen before, else
-    the inputs checked (and the model cut between `wrt` and `of`), the outputs read, the samples
-    probed, the planner's record made."""
+    """One dense Jacobian call: the fast path for a NumPy array (or a backend tensor) of a
+    signature seen before, else the inputs checked (and the model cut between `wrt` and `of`),
+    the outputs read, the samples probed, the planner's record made."""
     check_model(fn_name, model)
     key = None
     if wrt is None and of is None and not isinstance(x, Point):
@@ -176,6 +176,12 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
             tuning = state.executors.get((key, options))
             if tuning is not None:
                 return tuning.call_array(fn_name, x)
+        else:  # a backend tensor of a signature seen before: to the kernel as it is
+            key = tensor_key(x)
+            tuning = state.executors.get((key, options)) if key is not None else None
+            if tuning is not None:
+                return tuning(fn_name, [x])
+            key = ("tensor", type(x))
     # the model's inputs are checked inside the kernel; a cut's, before its forward pass to `wrt`
     target, inputs = resolve(fn_name, model, x, wrt, of, options.training)
     if target is not model:
@@ -187,6 +193,8 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
     tuning = tuning_for(state, fn_name, inputs, entry, options)
     result = tuning(fn_name, inputs.tensors)
+    if key is not None and key[0] == "tensor":  # kept where `x` went through unchanged
+        key = tensor_key(x) if remember_tensor(x, inputs.tensors) else None
     if key is not None:
         state.executors[(key, options)] = tuning
     return result
