@@ -342,11 +342,11 @@ def print_tables(results: list[dict]) -> None:
                 dx_err = _median_range([run["error"] for run in dx["runs"]])
                 dx_ms = statistics.median(run["ms_per_step"] for run in dx["runs"])
                 ratio = f"{fast / dx_ms:.2f}x"
-                dx_cells = f"{dx_err:>22}{dx_ms:>8.2f}{ratio:>12}"
+                dx_cells = f"{' ' + dx_err:>22}{dx_ms:>8.2f}{ratio:>12}"  # (a space: 22 wide)
             else:
                 dx_cells = f"  {dx.get('error', '-')[:60]}"
             print(
-                f"{r['backend']:<11}{_median_range([run['error'] for run in main]):>22}"
+                f"{r['backend']:<11}{' ' + _median_range([run['error'] for run in main]):>22}"
                 f"{(f'{fast:.2f}' if spe > 1 else '-'):>13}"
                 f"{(f'{statistics.median(one):.2f}' if one else '-'):>12}"
                 f"{p['jacket']['keras_alone_ms']:>11.2f}{dx_cells}"
