@@ -21,13 +21,12 @@ from ..checks import check_model, choice
 from ..errors import JacketValueError
 from . import kernels, probes
 from .estimates import Estimate, hutchinson, samples_option, seed_option
-from .executor import fast_key
 from .hessian import first_strategy, jvp_form, prepared, starts, usable_strategies
-from .hessian_kernels import push_seeds
 from .inputs import Inputs, Leaf, numpy_dtype, result_dtype
-from .measured import Measured, Prepared
+from .kernels import push_seeds
+from .measured import Measured, Prepared, fast_runner, keep_fast
 from .memory import default_memory_budget
-from .state import Entry, ModelState, state_of
+from .state import Entry, ModelState
 
 __all__ = ["divergence"]
 
@@ -73,13 +72,11 @@ def divergence(
     samples = samples_option("divergence", method == "hutchinson", n_samples)
     seed = seed_option("divergence", seed)
     check_model("divergence", model)
-    fast = fast_key(x) if method == "exact" and wrt is None and of is None else None
-    if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state_of(model, False).wrappers.get(("second_order", "divergence", fast))
-        if runner is not None:
-            return runner(runner.fast_tensors("divergence", x))
+    used = method == "exact" and wrt is None and of is None
+    runner, fast = fast_runner(model, x, ("divergence",), used)
+    if runner is not None:  # a NumPy array of a signature seen before: straight to its runner
+        return runner(runner.fast_tensors("divergence", x))
     state, inputs, entry = prepared("divergence", model, x, wrt, of)
-    fast = fast if state.model is model else None
     _check_square(inputs, entry)
     if method == "hutchinson":
         value, stderr = hutchinson(state, inputs, entry, samples, seed, order=1)
@@ -98,8 +95,7 @@ def divergence(
         runner = state.wrappers[key] = Prepared(
             state, inputs, Measured("divergence", candidates, option=None)
         )
-    if fast is not None:
-        state.wrappers[("second_order", "divergence", fast)] = runner
+    keep_fast(state, model, fast, runner)
     return runner(inputs.tensors)
 
 

@@ -28,8 +28,9 @@ from .hessian import (
     second_order_kernel,
     strategy_for,
 )
-from .hessian_kernels import one_hot, push_hvps, push_seeds
+from .hessian_kernels import one_hot, push_hvps
 from .inputs import Inputs, numpy_dtype, result_dtype
+from .kernels import push_seeds
 from .measured import to_numpy
 from .memory import default_memory_budget
 from .state import Entry, ModelState

@@ -38,10 +38,9 @@ from ..checks import check_model, format_bytes
 from ..errors import CouplingError, JacketMemoryError, JacketValueError
 from ..trees import pack
 from . import probes
-from .executor import fast_key
 from .hessian_kernels import hessian_blocks, hessian_kernel, hvp_kernel
 from .inputs import Inputs, Leaf, dtype_name, numpy_dtype, result_dtype
-from .measured import Measured, Prepared
+from .measured import Measured, Prepared, fast_runner, keep_fast
 from .memory import available_memory
 from .options import Options
 from .plan import prior
@@ -110,13 +109,10 @@ def hessian(
     """
     options = Options.checked("hessian", mode, chunk_size, flatten, True, False, memory_budget)
     check_model("hessian", model)
-    fast = fast_key(x) if wrt is None and of is None else None
-    if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state_of(model, False).wrappers.get(("second_order", "hessian", fast, options))
-        if runner is not None:
-            return runner(runner.fast_tensors("hessian", x))
+    runner, fast = fast_runner(model, x, ("hessian", options), wrt is None and of is None)
+    if runner is not None:  # a NumPy array of a signature seen before: straight to its runner
+        return runner(runner.fast_tensors("hessian", x))
     state, inputs = resolved("hessian", model, x, wrt, of)
-    fast = fast if state.model is model else None  # (the fast path is the model's own)
     entry = state.entry("hessian", inputs)
     check_apart(state, "hessian", inputs, entry)
     key = ("second_order", "hessian", inputs.signature, options)
@@ -130,8 +126,7 @@ def hessian(
         runner = state.wrappers[key] = Prepared(
             state, inputs, Measured("hessian", candidates, option="mode")
         )
-    if fast is not None:
-        state.wrappers[("second_order", "hessian", fast, options)] = runner
+    keep_fast(state, model, fast, runner)
     return runner(inputs.tensors)
 
 

@@ -13,12 +13,11 @@ ops = keras.ops
 
 
 def push_hvps(
-    backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int, tiled=None
+    backend, strategy: str, mode: str, jvp, f, xs, us: list, ts: list, k: int, B: int, tiled
 ):
     """`sum_i u_i H_i t` for one set of cotangents `us` (`(B, *out_leaf)`) and `k` tangents `ts`
     (`(k, B, *in_leaf)`); returns `(k, B, *in_leaf)` per input leaf (NOTE: [Hessians by the
-    batch-sum trick]). `tiled(k)`: `f` on the batch repeated `k` times (`kernels.functions`; by
-    default `f` itself, for a model without constants).
+    batch-sum trick]). `tiled(k)`: `f` on the batch repeated `k` times (`kernels.functions`).
 
     With the cotangents fixed, "vmap" and "loop" run the forward and backward passes once and map
     only the outer derivative over the tangents; "replicate" tiles the batch `k` times and runs
@@ -26,7 +25,7 @@ def push_hvps(
     """
     jvp = jvp or backend.jvp
     if strategy == "replicate":
-        f_tiled = f if tiled is None else tiled(k)
+        f_tiled = tiled(k)
         tiled_xs = [kernels.tile(x, k) for x in xs]
         tiled_us = [kernels.tile(u, k) for u in us]
         flat_ts = [ops.reshape(t, (k * B,) + tuple(t.shape[2:])) for t in ts]
@@ -48,27 +47,6 @@ def push_hvps(
         _, pullback = backend.linearize_vjp(gradient, xs)
         return list(over(pullback, list(ts)))
     return list(over(lambda tangents: list(jvp(gradient, xs, tangents)), list(ts)))
-
-
-def push_seeds(
-    backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: int, B: int, tiled=None
-):
-    """`k` JVPs (forward) or VJPs (reverse) of the batched model: `seeds` are `(k, B, *leaf)`;
-    returns `(k, B, *leaf)` per output (forward) or input (reverse) leaf. `tiled(k)`: `f` on the
-    batch repeated `k` times (`kernels.functions`), for "replicate"."""
-    if strategy == "replicate":
-        f_tiled = f if tiled is None else tiled(k)
-        tiled_xs = [kernels.tile(x, k) for x in xs]
-        flat = [ops.reshape(s, (k * B,) + tuple(s.shape[2:])) for s in seeds]
-        outs = (jvp or backend.jvp)(f_tiled, tiled_xs, flat) if mode == "forward" else None
-        if outs is None:
-            outs = backend.vjp(f_tiled, tiled_xs, flat)
-        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
-    over = backend.vmap if strategy == "vmap" else backend.loop
-    if mode == "reverse":
-        _, pullback = backend.linearize_vjp(f, xs)
-        return list(over(pullback, seeds))
-    return list(over(lambda ts: (jvp or backend.jvp)(f, xs, ts), seeds))
 
 
 def one_hot(index, size: int, dtype: str):

@@ -168,8 +168,9 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     signature seen before, else the inputs checked (and the model cut between `wrt` and `of`),
     the outputs read, the samples probed, the planner's record made."""
     check_model(fn_name, model)
+    own = wrt is None and of is None and not isinstance(x, Point)  # (the fast path's calls)
     key = None
-    if wrt is None and of is None and not isinstance(x, Point):
+    if own:
         state = state_of(model, options.training)
         key = fast_key(x)
         if key is not None:
@@ -177,15 +178,12 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
             if tuning is not None:
                 return tuning.call_array(fn_name, x)
         else:  # a backend tensor of a signature seen before: to the kernel as it is
-            key = tensor_key(x)
-            tuning = state.executors.get((key, options)) if key is not None else None
+            tuning = state.executors.get((tensor_key(x), options))
             if tuning is not None:
                 return tuning(fn_name, [x])
-            key = ("tensor", type(x))
     # the model's inputs are checked inside the kernel; a cut's, before its forward pass to `wrt`
     target, inputs = resolve(fn_name, model, x, wrt, of, options.training)
-    if target is not model:
-        key = None  # (the fast path is the model's own)
+    own = own and target is model
     state = state_of(target, options.training)
     entry = state.entry(fn_name, inputs)
     if options.per_sample is True:
@@ -193,8 +191,8 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
     tuning = tuning_for(state, fn_name, inputs, entry, options)
     result = tuning(fn_name, inputs.tensors)
-    if key is not None and key[0] == "tensor":  # kept where `x` went through unchanged
-        key = tensor_key(x) if remember_tensor(x, inputs.tensors) else None
-    if key is not None:
+    if own and key is None and remember_tensor(x, inputs.tensors):  # `x` went through unchanged
+        key = tensor_key(x)
+    if own and key is not None:
         state.executors[(key, options)] = tuning
     return result

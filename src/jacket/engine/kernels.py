@@ -55,6 +55,23 @@ def functions(call, in_structure, xs, n: int):
     return xs, f, tiled
 
 
+def push_seeds(backend, strategy: str, mode: str, jvp, f, xs, seeds: list, k: int, B: int, tiled):
+    """`k` JVPs (forward) or VJPs (reverse) of the batched model: `seeds` are `(k, B, *leaf)`;
+    returns `(k, B, *leaf)` per output (forward) or input (reverse) leaf. `tiled(k)`: `f` on the
+    batch repeated `k` times (`functions`), for "replicate"."""
+    if strategy == "replicate":
+        tiled_xs = [tile(x, k) for x in xs]
+        flat = [ops.reshape(s, (k * B,) + tuple(s.shape[2:])) for s in seeds]
+        push = (jvp or backend.jvp) if mode == "forward" else backend.vjp
+        outs = push(tiled(k), tiled_xs, flat)
+        return [ops.reshape(o, (k, B) + tuple(o.shape[1:])) for o in outs]
+    over = backend.vmap if strategy == "vmap" else backend.loop
+    if mode == "reverse":
+        _, pullback = backend.linearize_vjp(f, xs)
+        return list(over(pullback, seeds))
+    return list(over(lambda ts: (jvp or backend.jvp)(f, xs, ts), seeds))
+
+
 def flat(tensors, leading: tuple[int, ...], leaves: list[Leaf], dtype: str):
     """Concatenate tensors `(*leading, *leaf.shape)` into one `(*leading, sum of sizes)`."""
     parts = [
@@ -122,8 +139,7 @@ def jacobian_kernel(
     memo = {}  # eager backends: the seeds of each pass are made once (`start` is a Python int)
 
     def kernel(call, xs, start):
-        xs, constants = split_arguments(xs, len(in_leaves))
-        f = model_function(call, in_structure, constants)
+        xs, f, tiled = functions(call, in_structure, xs, len(in_leaves))
         if isinstance(start, int):
             if start not in memo:
                 memo[start] = make_seeds(start)
@@ -131,21 +147,7 @@ def jacobian_kernel(
         else:
             seeds = make_seeds(start)
 
-        if plan.strategy == "replicate":
-            tiled = [tile(x, k) for x in xs]
-            flat_seeds = [
-                ops.reshape(s, (k * B,) + leaf.shape) for s, leaf in zip(seeds, seed_leaves)
-            ]
-            push = backend.vjp if reverse else jvp
-            f_tiled = model_function(call, in_structure, [tile(c, k) for c in constants])
-            outs = push(f_tiled, tiled, flat_seeds)
-        else:
-            over = backend.vmap if plan.strategy == "vmap" else backend.loop
-            if reverse:
-                _, pullback = backend.linearize_vjp(f, xs)
-                outs = over(pullback, seeds)
-            else:
-                outs = over(lambda ts: jvp(f, xs, ts), seeds)
+        outs = push_seeds(backend, plan.strategy, plan.mode, jvp, f, xs, seeds, k, B, tiled)
         block = flat(outs, (k, B), other_leaves, other_dtype)
         # compiled backends fuse the finite check into the kernel; eager ones check beforehand
         finite = None if backend.EAGER else _finite(xs, B)

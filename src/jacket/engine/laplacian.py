@@ -22,7 +22,6 @@ from ..checks import check_model, choice
 from ..errors import JacketValueError
 from . import kernels, probes
 from .estimates import Estimate, hutchinson, samples_option, seed_option, unflat
-from .executor import fast_key
 from .forward_laplacian import coordinate_chunk, laplacian_kernel, scoped_kernel
 from .hessian import (
     jvp_form,
@@ -36,9 +35,9 @@ from .hessian import (
 )
 from .hessian_kernels import hessian_kernel
 from .inputs import Inputs, numpy_dtype, result_dtype
-from .measured import Measured, Prepared, to_numpy
+from .measured import Measured, Prepared, fast_runner, keep_fast, to_numpy
 from .memory import default_memory_budget
-from .state import Entry, ModelState, state_of
+from .state import Entry, ModelState
 
 __all__ = ["laplacian"]
 
@@ -87,13 +86,11 @@ def laplacian(
     samples = samples_option("laplacian", method == "hutchinson", n_samples)
     seed = seed_option("laplacian", seed)
     check_model("laplacian", model)
-    fast = fast_key(x) if method != "hutchinson" and wrt is None and of is None else None
-    if fast is not None:  # a NumPy array of a signature seen before: straight to its runner
-        runner = state_of(model, False).wrappers.get(("second_order", "laplacian", fast, method))
-        if runner is not None:
-            return runner(runner.fast_tensors("laplacian", x))
+    used = method != "hutchinson" and wrt is None and of is None
+    runner, fast = fast_runner(model, x, ("laplacian", method), used)
+    if runner is not None:  # a NumPy array of a signature seen before: straight to its runner
+        return runner(runner.fast_tensors("laplacian", x))
     state, inputs, entry = prepared("laplacian", model, x, wrt, of)
-    fast = fast if state.model is model else None
     if method == "hutchinson":
         value, stderr = hutchinson(state, inputs, entry, samples, seed, order=2)
         return Estimate(unflat(value, entry), unflat(stderr, entry))
@@ -119,8 +116,7 @@ def laplacian(
         prefer = next((name for name in candidates if name.startswith("hessian")), None)
         measured = Measured("laplacian", candidates, prefer=prefer)
         runner = state.wrappers[key] = Prepared(state, inputs, measured, entry.y_structure, True)
-    if fast is not None:
-        state.wrappers[("second_order", "laplacian", fast, method)] = runner
+    keep_fast(state, model, fast, runner)
     return runner(inputs.tensors)
 
 

@@ -24,8 +24,9 @@ import numpy as np
 
 from ..errors import JacketWarning
 from ..trees import pack
+from .executor import fast_key
 from .inputs import Inputs, check_finite_samples, numpy_dtype
-from .state import ModelState
+from .state import ModelState, state_of
 
 # warm runs timed per candidate: at least MIN_RUNS, more up to MAX_RUNS while they take under
 # RUN_FOR_S in all; the fastest counts (a single run on a loaded machine is noisy)
@@ -137,3 +138,21 @@ class Prepared:
     def __call__(self, tensors: list):
         result = self.run(tensors)
         return pack(self.pack_as, list(result)) if self.packed else result
+
+
+def fast_runner(model, x, key: tuple, used: bool = True) -> tuple[Prepared | None, tuple | None]:
+    """`(runner, key)`: the `Prepared` kept for `x` when it is one float NumPy array of a
+    signature seen before (None otherwise), and the key to keep the runner under (None where
+    the fast path does not apply: `used` False, or `x` not such an array)."""
+    fast = fast_key(x) if used else None
+    if fast is None:
+        return None, None
+    key = ("second_order",) + key[:1] + (fast,) + key[1:]
+    return state_of(model, False).wrappers.get(key), key
+
+
+def keep_fast(state: ModelState, model, key: tuple | None, runner: Prepared) -> None:
+    """Keep `runner` under the fast path's `key` (`fast_runner`), where the call was of the model
+    itself (a cut between layers has its own inputs to check)."""
+    if key is not None and state.model is model:
+        state.wrappers[key] = runner
