@@ -392,3 +392,33 @@ def test_built_in_layers_in_inference_skip_the_probe(rng):
     assert not keeps_samples_apart(keras.Sequential([keras.Input((4,)), Custom()]), False)
     lam = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x)])
     assert not keeps_samples_apart(lam, False)
+
+
+def test_keras_applications_own_layers_skip_the_probe_and_keep_samples_apart(rng):
+    from keras.src.applications.convnext import LayerScale, StochasticDepth
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    from jacket.engine.model import keeps_samples_apart
+
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, activation="tanh")(inputs)
+    h = StochasticDepth(0.5)(LayerScale(0.5, 4)(h))
+    model = keras.Model(inputs, CustomScaleLayer(0.3)([inputs, h]))
+    assert keeps_samples_apart(model, training=False)
+    assert not keeps_samples_apart(model, training=True)
+    x = rng.normal(size=(3, 4))
+    J = jacket.jacobian(model, x.astype("float32"))
+    state = model._jacket_state[False]
+    assert not any(key[0] == "vjp" for key in state.kernels)  # no probe ran
+    assert_close(J, native_jacobian(model, x), rtol=1e-5)
+    # the claim itself: the full Jacobian by central differences has no block across samples
+    full = central_differences(model, x, per_sample=False)  # (3, 4, 3, 4)
+    off = full * (1 - np.eye(3))[:, None, :, None]
+    assert np.abs(off).max() == 0.0 and np.abs(full).max() > 0.1
+
+    class Scaled(LayerScale):  # a subclass may do anything: the probe decides
+        def call(self, x):
+            return x * self.gamma
+
+    sub = keras.Sequential([keras.Input((4,)), Scaled(0.5, 4)])
+    assert not keeps_samples_apart(sub, False)

@@ -102,6 +102,10 @@ def keeps_samples_apart(model, training: bool) -> bool:
     Sequential or Functional model made only of built-in layers needs no coupling probe. Anything
     else - training mode, a subclassed model or layer, a `Lambda`, a raw `keras.ops` call in a
     Functional graph (`keras.ops.mean(h, axis=0)`) - is left to the probe in `jacket._api`.
+    The few layers that `keras.applications` defines for its own models count as built in
+    (`_APPLICATION_LAYERS`, by module and exact class): the probe traced and compiled a VJP of
+    ConvNeXtTiny at batch 2 for 8-10 s on TensorFlow, more than half of the first call, for two
+    layers that scale or pass their input through.
     """
     if isinstance(model, (Cut, Prefix)):
         model = model.model  # a cut of a model that keeps its samples apart keeps them apart
@@ -110,10 +114,25 @@ def keeps_samples_apart(model, training: bool) -> bool:
     return _built_in_only(model)
 
 
+# Layers of `keras.applications`' own models, each sample on its own in inference (read in Keras
+# 3.15): `LayerScale` is `x * gamma`, `StochasticDepth` passes `x` through (it drops paths only
+# in training), `CustomScaleLayer` is `x[0] + x[1] * scale`. An exact class: a subclass may
+# override `call`.
+_APPLICATION_LAYERS = frozenset(
+    {
+        ("keras.src.applications.convnext", "LayerScale"),
+        ("keras.src.applications.convnext", "StochasticDepth"),
+        ("keras.src.applications.inception_resnet_v2", "CustomScaleLayer"),
+    }
+)
+
+
 def _built_in_only(layer) -> bool:
     cls = type(layer)
     if not cls.__module__.startswith("keras.src.") or cls.__name__ in _OPAQUE_LAYERS:
         return False
+    if (cls.__module__, cls.__qualname__) in _APPLICATION_LAYERS:
+        return True
     if isinstance(layer, keras.Model):
         if cls.__module__ == "keras.src.models.sequential":
             children = layer.layers
