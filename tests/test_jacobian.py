@@ -394,6 +394,23 @@ def test_built_in_layers_in_inference_skip_the_probe(rng):
     assert not keeps_samples_apart(lam, False)
 
 
+def test_elementwise_ops_in_a_functional_graph_skip_the_probe_unless_broadcast_mixes(rng):
+    from jacket.engine.model import keeps_samples_apart
+
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(3)(inputs)
+    residual = keras.Model(inputs, keras.ops.tanh(h + inputs) * 2.0)  # numpy.Add, Tanh, Multiply
+    assert keeps_samples_apart(residual, training=False)
+    x = rng.normal(size=(4, 3))
+    assert_close(jacket.jacobian(residual, x.astype("float32")), native_jacobian(residual, x), rtol=1e-5)
+    # (B, 1) + (B,) broadcasts to (B, B): an elementwise op that pairs samples; the probe decides
+    scalar = keras.Input(())
+    paired = keras.Model([inputs, scalar], keras.layers.Dense(1)(inputs) + scalar)
+    assert not keeps_samples_apart(paired, training=False)
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(paired, [x.astype("float32"), x[:, 0].astype("float32")])
+
+
 def test_keras_applications_own_layers_skip_the_probe_and_keep_samples_apart(rng):
     from keras.src.applications.convnext import LayerScale, StochasticDepth
     from keras.src.applications.inception_resnet_v2 import CustomScaleLayer

@@ -127,6 +127,35 @@ _APPLICATION_LAYERS = frozenset(
 )
 
 
+# `keras.ops` that map elements to elements (`x + y` in a Functional graph is a `numpy.Add`):
+# each output sample reads only the same sample of each input, as long as broadcasting does not
+# pair one input's batch axis with another axis (`(B, 1) + (B,)` is `(B, B)`), so `_elementwise`
+# also asks that every tensor of each of its nodes has the output's rank.
+_ELEMENTWISE_OPS = frozenset(
+    [("keras.src.ops.numpy", name) for name in (
+        "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Negative",
+        "Absolute", "Square", "Sqrt", "Exp", "Log", "Power", "Tanh", "Clip",
+    )]
+    + [("keras.src.ops.nn", name) for name in (
+        "Relu", "Relu6", "Sigmoid", "Softplus", "Silu", "Gelu", "HardSigmoid", "Elu", "Selu",
+        "LeakyRelu",
+    )]
+)  # fmt: skip
+
+
+def _elementwise(operation) -> bool:
+    cls = type(operation)
+    if (cls.__module__, cls.__qualname__) not in _ELEMENTWISE_OPS:
+        return False
+    for node in getattr(operation, "_inbound_nodes", None) or [None]:
+        if node is None:
+            return False
+        tensors = list(node.input_tensors) + list(node.outputs)
+        if len({len(t.shape) for t in tensors}) != 1:
+            return False
+    return True
+
+
 def _built_in_only(layer) -> bool:
     cls = type(layer)
     if not cls.__module__.startswith("keras.src.") or cls.__name__ in _OPAQUE_LAYERS:
@@ -140,7 +169,10 @@ def _built_in_only(layer) -> bool:
             children = layer.operations  # every node, the layer-less ops included
         else:
             return False
-        return all(isinstance(child, keras.Layer) and _built_in_only(child) for child in children)
+        return all(
+            _built_in_only(child) if isinstance(child, keras.Layer) else _elementwise(child)
+            for child in children
+        )
     if not cls.__module__.startswith("keras.src.layers."):
         return False
     return all(
