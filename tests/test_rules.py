@@ -311,9 +311,14 @@ def test_the_planner_measures_the_plan_without_rules_against_the_winner(with_max
     report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
     with_rules = [d for d in report.timings if d.endswith("layer rules")]
     without = [d for d in report.timings if not d.endswith("layer rules")]
-    assert with_rules and len(without) == 1  # the winner among the ruled plans, once without
+    # without rules: the first plan (what a first call runs) and the winner among the ruled
+    # plans, once more; no other
     winner = min(with_rules, key=report.timings.get)
-    assert without[0] + ", layer rules" == winner
+    assert with_rules and winner[: -len(", layer rules")] in without
+    (tuning,) = state_of(model, False).tunings.values()
+    first = tuning.order[0]
+    assert not first.rules and first.describe() in without
+    assert len(without) <= 2
     J = jacket.jacobian(model, x)  # the plan kept, with or without rules
     np.testing.assert_array_equal(np.asarray(J), np.asarray(jacket.jacobian(model, x)))
     assert_close(J, native_jacobian(model, x), rtol=1e-6)

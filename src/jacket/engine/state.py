@@ -35,7 +35,8 @@ class Entry:
     y_structure: Any
     out_leaves: list[Leaf]
     activation_size: int | None  # elements of all layer outputs of one sample, where known
-    kind: str  # `jacket.engine.model.model_kind`
+    kind: str  # `jacket.engine.model.model_kind`, the layers that run through a rule left out
+    plain_kind: str = ""  # the same with every layer counted (the plans without layer rules)
 
     @property
     def out_size(self) -> int:
@@ -135,6 +136,7 @@ class ModelState:
                         id(layer) for layer, rule in self.rule_layers() if not rule.keeps_kind
                     ),
                 ),
+                model_kind(self.model),
             )
             self.entries[inputs.signature] = entry
             if not self.cuts_checked:  # once per model: see NOTE [Non-differentiable paths]

@@ -76,6 +76,7 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
         strategy=options.strategy,
         forward_ok=forward is not None,
         prior=prior(state.backend, entry.kind),
+        plain_prior=prior(state.backend, entry.plain_kind or entry.kind),
         rules=bool(state.rule_layers()),
     )
 
@@ -262,8 +263,9 @@ class Tuning:
 
     def _worth_trying(self, candidate: Plan) -> bool:
         """A plan without layer rules is measured only against its own twin with rules, once that
-        twin is the fastest (or could not run): NOTE: [How the plan decides]."""
-        if candidate.rules or not self.problem.rules:
+        twin is the fastest (or could not run), except the first, which the first call runs:
+        NOTE: [How the plan decides]."""
+        if candidate.rules or not self.problem.rules or candidate == self.order[0]:
             return True
         twin = dataclasses.replace(candidate, rules=True)
         trial = self.trials.get(twin)
