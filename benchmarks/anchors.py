@@ -424,8 +424,8 @@ def _skip(anchor, batch, out_size, in_size):
     """Anchors whose cost makes them pointless at this size (said in the output, not hidden)."""
     if anchor == "seed loop (fixed)" and batch * out_size > 64:
         return "one gradient per (sample, output): minutes"
-    if "jacfwd" in anchor and in_size > 4096:
-        return f"{in_size} forward passes"
+    if "jacfwd" in anchor and (in_size > 4096 or in_size > 64 * out_size):
+        return f"{in_size} forward passes (reverse mode needs {out_size})"
     if "autograd.functional" in anchor and (batch * out_size) * (batch * in_size) > 5e7:
         return "builds the full cross-sample Jacobian"
     return None
