@@ -26,11 +26,10 @@ NOTE: [How the plan decides]
   statistics must be the same for every seed) the plan never replicates, nor does it at batch 1 on
   a model that mixes its samples (the tiling probe).
 - Layer rules. Where some of the model's layers have a rule on this backend (NOTE: [Layer rules] in
-  `jacket.engine.rules`), the first call runs the prior's plan without them, the order of the
-  model's kind with every layer counted: a rule's program is larger, and compiling it cost more
-  than the framework's own one-liner (ConvNeXtTiny on JAX, batch 2: 11-15 s with the rules, 4-6 s
-  without, `jit(vmap(jacrev))` 7 s). Each later call tries a plan with the rules, and the
-  fastest of them is measured once more without them.
+  `jacket.engine.rules`), each plan runs with them, and the fastest such plan is measured once more
+  without them. Where the rules write a large program (NOTE: [A rule's program]), the first call
+  runs the plain plan of the model's kind (every layer counted) instead, and later calls try
+  the plans with the rules.
 - Chunk. The number of seeds per pass `k` is `chunk_size` when given, else the largest that keeps the
   estimated working memory (`k * batch` copies of the model's activations and of the result rows)
   within `memory_budget`; the chunks run one after the other through one compiled kernel. The
@@ -88,6 +87,7 @@ class Problem:
     prior: tuple[str, ...] = STRATEGIES  # the backend's order of preference
     rules: bool = False  # some layers of the model have a rule here (NOTE: [Layer rules])
     plain_prior: tuple[str, ...] | None = None  # the order without the rules (None: `prior`)
+    plain_first: bool = False  # the rules' program is large: the first call runs without them
 
 
 def prior(backend, kind: str) -> tuple[str, ...]:
@@ -169,13 +169,13 @@ def candidates(problem: Problem) -> list[Plan]:
     if plans[0].rows == 1:
         plans = [p for p in plans if p.mode == plans[0].mode][:1]
     if problem.rules:
-        # the first call runs the plain plan (a smaller program, compiled as fast as the
-        # framework's own one-liner); then each plan with the layer rules, and their winner's
-        # twin without them (NOTE: [Measured plans] in `jacket.engine.tuning`)
-        plain = [p for p in candidates(replace(problem, rules=False, prior=_plain(problem)))]
-        opening = plain[0]
-        plans = [opening] + [replace(p, rules=True) for p in plans]
-        plans += [p for p in plain if p != opening and p not in plans]
+        # each plan with the layer rules, then their winner's twin without them (NOTE: [Measured
+        # plans] in `jacket.engine.tuning`); where the rules' program is large, the first call
+        # runs the plain plan of the model's kind (NOTE: [A rule's program])
+        ruled = [replace(p, rules=True) for p in plans]
+        plain = candidates(replace(problem, rules=False, prior=_plain(problem)))
+        opening = [plain[0]] if problem.plain_first else []
+        plans = opening + ruled + [p for p in plain if p not in opening and p not in ruled]
     return plans
 
 

@@ -52,6 +52,9 @@ class Rule:
     # which picks the strategy a first call runs): a rule that removes what made the layer's
     # pullback slow to batch says False; an unrolled recurrence still compiles as one
     keeps_kind: bool = False
+    # layer -> how many copies of its inner operation the rule writes (a depthwise convolution's
+    # taps); None: one. The plans' opening depends on the sum (`program_size`)
+    size: Callable | None = None
 
 
 def _pooling_windows(layer) -> bool:
@@ -319,11 +322,15 @@ def _unrolled(layer, sequences, initial_state, mask, training=False):
     )
 
 
+def _taps(layer) -> int:
+    return math.prod(layer.kernel_size)
+
+
 CONV_PATCHES = Rule("conv_patches", _few_channels, _conv_patches, method="convolution_op")
 GROUPED_SLICES = Rule(
-    "depthwise_slices", _grouped_depthwise, _grouped_slices, method="convolution_op"
+    "depthwise_slices", _grouped_depthwise, _grouped_slices, method="convolution_op", size=_taps
 )
-DEPTHWISE_SLICES = Rule("depthwise_slices", _plain_depthwise, _depthwise_slices)
+DEPTHWISE_SLICES = Rule("depthwise_slices", _plain_depthwise, _depthwise_slices, size=_taps)
 BILINEAR_MATRICES = Rule("bilinear_matrices", _bilinear, _bilinear_matrices)
 EXPLICIT_ATTENTION = Rule(
     "explicit_attention", _unfused_attention, _explicit_attention, method="_compute_attention"
@@ -354,6 +361,20 @@ def enabled() -> bool:
 
 
 _FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# NOTE: [A rule's program] A rule writes a layer as several operations (a depthwise convolution
+# as one shifted slice and product per tap), and the compiler's time grows with them: ConvNeXtTiny
+# (18 grouped 7x7 convolutions, 882 taps) compiled in 11-15 s on JAX with its rules, 4-6 s
+# without, `jit(vmap(jacrev))` in 7 s; MobileNetV3Small (about 150 taps) and EfficientNetB0
+# (about 250) compiled about as fast with them as without. Above `LARGE_PROGRAM` the first call
+# runs the plan without rules, and later calls try the plans with them (`jacket.engine.plan`).
+LARGE_PROGRAM = 500
+
+
+def program_size(pairs) -> int:
+    """The operations the rules of `pairs` (`layers_with_rules`) write in all."""
+    return sum(rule.size(layer) if rule.size is not None else 1 for layer, rule in pairs)
 
 
 def layers_with_rules(model, backend) -> list[tuple[keras.Layer, Rule]]:

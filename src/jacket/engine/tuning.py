@@ -38,7 +38,7 @@ import keras
 import numpy as np
 
 from ..errors import JacketError, JacketMemoryError, JacketValueError
-from . import cache, plan, probes
+from . import cache, plan, probes, rules
 from .executor import Executor
 from .inputs import Inputs, numpy_dtype, result_dtype
 from .memory import is_out_of_memory
@@ -78,6 +78,7 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
         prior=prior(state.backend, entry.kind),
         plain_prior=prior(state.backend, entry.plain_kind or entry.kind),
         rules=bool(state.rule_layers()),
+        plain_first=rules.program_size(state.rule_layers()) > rules.LARGE_PROGRAM,
     )
 
 
