@@ -347,6 +347,9 @@ def test_a_large_rule_program_opens_with_the_plain_plan(monkeypatch):
     assert report.settled and any(d.endswith("layer rules") for d in report.timings)
     assert_close(jac(x), J, rtol=1e-6)
     assert_close(J, native_jacobian(model, x.astype("float64")), rtol=1e-5)
+    forced = jacket.jacobian_fn(model, strategy="vmap")
+    forced(x)
+    assert forced.plan(x).plan.rules  # a forced strategy runs with the rules, as asked
 
 
 def test_rules_switched_off_are_another_plan_cache_entry(with_max_pooling, monkeypatch, tmp_path):

@@ -174,7 +174,8 @@ def candidates(problem: Problem) -> list[Plan]:
         # runs the plain plan of the model's kind (NOTE: [A rule's program])
         ruled = [replace(p, rules=True) for p in plans]
         plain = candidates(replace(problem, rules=False, prior=_plain(problem)))
-        opening = [plain[0]] if problem.plain_first else []
+        forced = problem.strategy in STRATEGIES  # runs as asked: with the rules
+        opening = [plain[0]] if problem.plain_first and not forced else []
         plans = opening + ruled + [p for p in plain if p not in opening and p not in ruled]
     return plans
 
