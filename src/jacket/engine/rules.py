@@ -368,7 +368,7 @@ _FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # (18 grouped 7x7 convolutions, 882 taps) compiled in 11-15 s on JAX with its rules, 4-6 s
 # without, `jit(vmap(jacrev))` in 7 s; MobileNetV3Small (227 taps) and EfficientNetB0 (289): 7.7
 # and 9.5 s with them, 5.8 and 7.7 s without (first calls, batch 2), where the plan without
-# rules then runs 1.5-1.7x slower. Above `LARGE_PROGRAM` the first call runs the plan without
+# rules then runs 1.4-1.7x slower. Above `LARGE_PROGRAM` the first call runs the plan without
 # rules, and later calls try the plans with them (`jacket.engine.plan`).
 LARGE_PROGRAM = 500
 
