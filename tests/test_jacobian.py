@@ -402,7 +402,9 @@ def test_elementwise_ops_in_a_functional_graph_skip_the_probe_unless_broadcast_m
     residual = keras.Model(inputs, keras.ops.tanh(h + inputs) * 2.0)  # numpy.Add, Tanh, Multiply
     assert keeps_samples_apart(residual, training=False)
     x = rng.normal(size=(4, 3))
-    assert_close(jacket.jacobian(residual, x.astype("float32")), native_jacobian(residual, x), rtol=1e-5)
+    assert_close(
+        jacket.jacobian(residual, x.astype("float32")), native_jacobian(residual, x), rtol=1e-5
+    )
     # (B, 1) + (B,) broadcasts to (B, B): an elementwise op that pairs samples; the probe decides
     scalar = keras.Input(())
     paired = keras.Model([inputs, scalar], keras.layers.Dense(1)(inputs) + scalar)
