@@ -147,13 +147,11 @@ def _elementwise(operation) -> bool:
     cls = type(operation)
     if (cls.__module__, cls.__qualname__) not in _ELEMENTWISE_OPS:
         return False
-    for node in getattr(operation, "_inbound_nodes", None) or [None]:
-        if node is None:
-            return False
-        tensors = list(node.input_tensors) + list(node.outputs)
-        if len({len(t.shape) for t in tensors}) != 1:
-            return False
-    return True
+    nodes = getattr(operation, "_inbound_nodes", None)
+    return bool(nodes) and all(
+        len({len(t.shape) for t in list(node.input_tensors) + list(node.outputs)}) == 1
+        for node in nodes
+    )
 
 
 def _built_in_only(layer) -> bool:

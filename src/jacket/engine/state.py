@@ -36,7 +36,7 @@ class Entry:
     out_leaves: list[Leaf]
     activation_size: int | None  # elements of all layer outputs of one sample, where known
     kind: str  # `jacket.engine.model.model_kind`, the layers that run through a rule left out
-    plain_kind: str = ""  # the same with every layer counted (the plans without layer rules)
+    plain_kind: str  # the same with every layer counted (the plans without layer rules)
 
     @property
     def out_size(self) -> int:

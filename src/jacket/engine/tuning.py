@@ -62,6 +62,7 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
     """What the planner is told of this Jacobian (sizes, options, the verdicts known so far)."""
     itemsize = np.dtype(numpy_dtype(result_dtype(inputs.leaves + entry.out_leaves))).itemsize
     forward = state.forward.get(inputs.signature[1], "unknown")
+    ruled = state.rule_layers()
     return Problem(
         batch=inputs.batch,
         in_size=sum(leaf.size for leaf in inputs.leaves),
@@ -76,9 +77,9 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
         strategy=options.strategy,
         forward_ok=forward is not None,
         prior=prior(state.backend, entry.kind),
-        plain_prior=prior(state.backend, entry.plain_kind or entry.kind),
-        rules=bool(state.rule_layers()),
-        plain_first=rules.program_size(state.rule_layers()) > rules.LARGE_PROGRAM,
+        plain_prior=prior(state.backend, entry.plain_kind),
+        rules=bool(ruled),
+        plain_first=rules.program_size(ruled) > rules.LARGE_PROGRAM,
     )
 
 
