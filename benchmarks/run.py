@@ -108,14 +108,37 @@ def print_table(results: list[dict]) -> None:
         if ratios:
             geomean = math.exp(sum(math.log(q) for q in ratios) / len(ratios))
             print(f"geometric mean of {what} over {len(ratios)} cases: {geomean:.2f}x")
-    firsts = [
-        row["jacket_first_s"] / min(a["first_s"] for a in row["anchors"].values() if "first_s" in a)
-        for row in rows
-        if any("first_s" in a for a in row["anchors"].values())
-    ]
+    alone = [row for row in rows if len(row.get("first_alone", {})) == 3]
+    if alone:
+        print(
+            "\nfirst calls, each in a new process (NOTE: [First calls, each in its own process] "
+            "in benchmarks/anchors.py)"
+        )
+        print(
+            f"{'backend':<11}{'case':<19}{'jacket s':>9}{'cached s':>9}  {'anchor':<28}"
+            f"{'s':>7}{'jacket/anchor':>14}"
+        )
+        for row in alone:
+            first = row["first_alone"]
+            name = [n for n in first if not n.startswith("jacket")][0]
+            print(
+                f"{row['backend']:<11}{row['case']:<19}{first['jacket']:>9.2f}"
+                f"{first['jacket (plan cached)']:>9.2f}  {name[:27]:<28}{first[name]:>7.2f}"
+                f"{first['jacket'] / first[name]:>13.2f}x"
+            )
+    firsts = []
+    for row in rows:
+        first = row.get("first_alone", {})
+        if len(first) == 3:
+            name = [n for n in first if not n.startswith("jacket")][0]
+            firsts.append(first["jacket"] / first[name])
+        elif any("first_s" in a for a in row["anchors"].values()):
+            anchor_first = min(a["first_s"] for a in row["anchors"].values() if "first_s" in a)
+            firsts.append(row["jacket_first_s"] / anchor_first)
     if firsts:
         print(
-            f"first call (empty plan cache) / fastest anchor's first call: max {max(firsts):.2f}x, "
+            f"first call (empty plan cache) / fastest anchor's first call (each in a new process "
+            f"where timed so): max {max(firsts):.2f}x, "
             f"geometric mean {math.exp(sum(map(math.log, firsts)) / len(firsts)):.2f}x"
         )
 

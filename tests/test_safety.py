@@ -112,61 +112,112 @@ def test_diagonal_option_errors():
         jacket.jacobian_fn(model, per_sample="diagonal", strategy="replicate")
 
 
-def _count_probe_vjps(monkeypatch) -> list:
-    """Patch the engine so that every VJP its probe runs is counted."""
-    calls = []
+def _count_probe_runs(monkeypatch) -> dict:
+    """Patch the engine so that every forward pass and every VJP its probe runs is counted."""
+    calls = {"forward": [], "vjp": []}
     probe = probes._probe
 
     def counted_probe(state, inputs, entry):
-        vjp = state.vjp
+        def counting(kind):
+            make = getattr(state, kind)
 
-        def counting(inputs_):
-            kernel = vjp(inputs_)
+            def counted(inputs_):
+                kernel = make(inputs_)
 
-            def run(*args):
-                calls.append(inputs_.signature)
-                return kernel(*args)
+                def run(*args):
+                    calls["forward" if kind == "outputs" else "vjp"].append(inputs_.signature)
+                    return kernel(*args)
 
-            return run
+                return run
 
-        state.vjp = counting
+            return counted
+
+        state.vjp, state.outputs = counting("vjp"), counting("outputs")
         try:
             return probe(state, inputs, entry)
         finally:
-            del state.vjp
+            del state.vjp, state.outputs
 
     monkeypatch.setattr(probes, "_probe", counted_probe)
     return calls
 
 
 def test_coupling_probe_runs_once_per_model_and_shape(monkeypatch, rng):
-    calls = _count_probe_vjps(monkeypatch)
+    calls = _count_probe_runs(monkeypatch)
     f64 = dict(dtype="float64")
     model = keras.Sequential([layers.Input((3,), **f64), layers.Dense(4, **f64), Square(**f64)])
     x = rng.normal(size=(6, 3))
     J = jacket.jacobian(model, x)
-    per_signature = 2 * math.ceil(math.log2(6))  # both halves of every bit of the sample index
-    assert len(calls) == per_signature
+    # samples apart: the outputs outside each half of every bit stayed (NOTE: [Outputs that do
+    # not move]), so no VJP ran: one forward pass as it is, one per half of every bit
+    per_signature = 1 + 2 * math.ceil(math.log2(6))
+    assert len(calls["forward"]) == per_signature and not calls["vjp"]
     jacket.jacobian(model, x + 1)  # the same signature: the verdict is cached
     jacket.jacobian(model, x, flatten=True)  # other options, same model and shape
     jacket.vjp(model, x, np.ones((6, 4)))
-    assert len(calls) == per_signature
+    assert len(calls["forward"]) == per_signature and not calls["vjp"]
     jacket.jacobian(model, x[:3])  # a new shape: probed again
-    assert len(calls) == per_signature + 2 * math.ceil(math.log2(3))
+    assert len(calls["forward"]) == per_signature + 1 + 2 * math.ceil(math.log2(3))
     # the probe's verdict was right: the per-sample blocks are those of the full Jacobian
     assert_close(J, central_differences(lambda v: model(v), x), rtol=1e-6)
 
     coupled = keras.Sequential([layers.Input((3,)), layers.Dense(4), BatchMean()])
-    before = len(calls)
+    before = len(calls["forward"])
     for _ in range(2):
         with pytest.raises(jacket.CouplingError):
             jacket.jacobian(coupled, x)
-    # a coupled model stops at the first leaking bit, and only the first call probes
-    assert 1 <= len(calls) - before <= 2 * math.ceil(math.log2(6))
-    after_first = len(calls)
+    # the outputs moved at the first half, and the VJP probe, which decides, stops at the first
+    # leaking bit; only the first call probes
+    assert len(calls["forward"]) - before == 2
+    assert 1 <= len(calls["vjp"]) <= 2 * math.ceil(math.log2(6))
+    after_first = len(calls["vjp"])
     with pytest.raises(jacket.CouplingError):
         jacket.jacobian(coupled, x)
-    assert len(calls) == after_first
+    assert len(calls["vjp"]) == after_first
+
+
+def test_jvp_from_reverse_passes_at_batch_1_does_not_tile_a_model_that_mixes_samples(
+    monkeypatch, rng
+):
+    """`x - mean(x, axis=0)` at batch 1 has the Jacobian 0. Where forward mode failed its check,
+    `J v` comes from reverse passes, whose plan must not tile the batch ("replicate"): tiled,
+    the mean mixed the copies, and PyTorch returned `v`."""
+    monkeypatch.setattr(probes, "forward_method", lambda *args: None)  # the reverse route
+
+    def centre(z):
+        return z - ops.mean(z, axis=0, keepdims=True)
+
+    x, v = rng.normal(size=(1, 3)), rng.normal(size=(1, 3))
+    np.testing.assert_allclose(to_numpy(jacket.jvp(centre, x, v)), 0.0, atol=1e-6)
+
+
+class StoppedMean(layers.Layer):
+    """`x - stop_gradient(mean over the batch)`: the values depend on other samples, the
+    derivative does not (it is the identity)."""
+
+    def call(self, x):
+        return x - ops.stop_gradient(ops.mean(x, axis=0, keepdims=True))
+
+
+def test_values_that_move_without_a_derivative_leave_the_verdict_to_the_vjp_probe(monkeypatch, rng):
+    calls = _count_probe_runs(monkeypatch)
+    model = keras.Sequential([layers.Input((3,), dtype="float64"), StoppedMean(dtype="float64")])
+    x = rng.normal(size=(4, 3))
+    J = to_numpy(jacket.jacobian(model, x))
+    assert len(calls["forward"]) == 2  # the outputs moved at the first half
+    assert len(calls["vjp"]) == 2 * math.ceil(math.log2(4))  # every split probed: apart
+    np.testing.assert_array_equal(J, np.broadcast_to(np.eye(3), (4, 3, 3)))
+
+
+def test_the_vjp_probe_runs_directly_where_the_vjp_is_built_anyway(monkeypatch, rng):
+    calls = _count_probe_runs(monkeypatch)
+    f64 = dict(dtype="float64")
+    model = keras.Sequential([layers.Input((3,), **f64), layers.Dense(4, **f64), Square(**f64)])
+    x, u = rng.normal(size=(4, 3)), rng.normal(size=(4, 4))
+    grads = to_numpy(jacket.vjp(model, x, u))
+    assert not calls["forward"] and len(calls["vjp"]) == 2 * math.ceil(math.log2(4))
+    J = central_differences(lambda v: model(v), x)  # (4, 4, 3)
+    assert_close(grads, np.einsum("bo,boi->bi", u, J), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------ non-differentiable paths

@@ -197,12 +197,7 @@ def _outputs_of(fn_name: str, target, inputs: Inputs, training: bool):
     """The target's outputs at `inputs` (one compiled forward pass), in its output structure."""
     state = state_of(target, training)
     entry = state.entry(fn_name, inputs)
-    n = len(inputs.leaves)
-    kernel = state.kernel(
-        ("forward", inputs.signature),
-        lambda: kernels.forward_kernel(inputs.structure, n),
-    )
-    return pack(entry.y_structure, list(kernel(inputs.tensors)))
+    return pack(entry.y_structure, list(state.outputs(inputs)(inputs.tensors)))
 
 
 def _cut_inputs(fn_name: str, cut: Cut, x, training: bool, with_outputs: bool):

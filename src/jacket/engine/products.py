@@ -76,9 +76,10 @@ def vjp(model, x, u, *, wrt=None, of=None, per_sample: bool = True, training: bo
     state = state_of(target, training)
     entry = state.entry("vjp", inputs)
     cotangents = like_leaves("vjp", "u", u, entry.y_structure, entry.out_leaves, inputs.batch)
+    pullback = state.vjp(inputs)  # built first: the probe then runs on it
     if per_sample:
         probes.check_independent(state, "vjp", inputs, entry)
-    grads = state.vjp(inputs)(inputs.tensors, cotangents)
+    grads = pullback(inputs.tensors, cotangents)
     return inputs.pack(list(grads))
 
 
@@ -140,7 +141,17 @@ def jvp_by_reverse(
         mode="reverse",
         prior=plan.prior(state.backend, entry.kind),
     )
-    chosen = plan.plan_for(problem, "reverse", plan.strategies(problem)[0])
+    # "replicate" tiles the batch, which at batch 1 may hide a coupling (NOTE: [The coupling
+    # probe]): `x - mean(x, axis=0)` gave `J v = v` instead of 0 on PyTorch
+    strategy = next(
+        (
+            s
+            for s in plan.strategies(problem)
+            if s != "replicate" or probes.tiling_is_safe(state, "jvp", inputs)
+        ),
+        "vmap",
+    )
+    chosen = plan.plan_for(problem, "reverse", strategy)
     kernel = state.kernel(
         ("jacobian", inputs.signature, chosen, None),
         lambda: kernels.jacobian_kernel(

@@ -93,6 +93,13 @@ class ModelState:
             rules=rules,
         )
 
+    def outputs(self, inputs: Inputs) -> Callable:
+        """`xs -> ys`: the model's outputs, flat, compiled (a cut's from its inputs and constants)."""
+        return self.kernel(
+            ("forward", inputs.signature),
+            lambda: kernels.forward_kernel(inputs.structure, len(inputs.leaves)),
+        )
+
     def value_and_vjp(self, inputs: Inputs) -> Callable:
         """`(xs, cts) -> (ys, grads)`: the outputs and one VJP of the batched model, compiled."""
         return self.kernel(
