@@ -8,6 +8,9 @@ cache, and when the plan cache already has the plan (a new process after the fir
 and seconds the default took to settle its plan (NOTE: [Measured plans] in `jacket.engine.tuning`);
 and the time as a multiple of the FLOP limit: the counted forward FLOPs of the batch times
 `1 + min(in_size, out_size)` passes, over the float32 matmul rate NumPy reaches in the same run.
+A second table times the first calls again, each in new processes (`--alone N`: the median of N;
+NOTE: [First calls, each in its own process] in `benchmarks/anchors.py`): jacket's with an empty
+plan cache and with the cache its previous process left, and the best anchor's.
 
 Cases: the default set; `--cases real` the models people bring (keras.applications, a keras_hub ViT,
 attention, an image-to-image net, at two batch sizes); `--cases all` the default set and MobileNetV2.
@@ -137,8 +140,9 @@ def print_table(results: list[dict]) -> None:
             firsts.append(row["jacket_first_s"] / anchor_first)
     if firsts:
         print(
-            f"first call (empty plan cache) / fastest anchor's first call (each in a new process "
-            f"where timed so): max {max(firsts):.2f}x, "
+            f"first call (empty plan cache) / the best anchor's first call, each in new "
+            f"processes (in-process: the fastest anchor's, where not timed so): max "
+            f"{max(firsts):.2f}x, "
             f"geometric mean {math.exp(sum(map(math.log, firsts)) / len(firsts)):.2f}x"
         )
 
@@ -148,6 +152,10 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="*", default=list(FRAMEWORK))
     parser.add_argument("--cases", nargs="*", default=None, help="names, 'real', 'all'")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--alone", type=int, default=1, metavar="N",
+        help="time first calls in N new processes each (the median); 0 skips them",
+    )  # fmt: skip
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory_budget runs")
     parser.add_argument("--skip-sparse", action="store_true", help="leave out benchmarks/sparse.py")
@@ -182,7 +190,7 @@ def main(argv=None):
             continue
         path = out / f"anchors-{backend}.json"
         command = [sys.executable, str(HERE / "anchors.py"), "--json", str(path)]
-        command += ["--repeats", str(args.repeats)]
+        command += ["--repeats", str(args.repeats), "--alone", str(args.alone)]
         if args.cases:
             command += ["--cases", *args.cases]
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
