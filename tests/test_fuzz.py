@@ -591,11 +591,11 @@ def _container(data, case: Case, given: list):
             "nested": lambda: [[given[0]]],
         }[form]()
     if fam.container == "list":
-        form, bad = _choose(data, ["list", "tuple"],
-                            ["dict", "short", "long", "nested", "bare"], 20, "container")  # fmt: skip
+        # a dict keyed by input name is what Keras takes for a model of a list of inputs too
+        form, bad = _choose(data, ["list", "tuple", "dict"],
+                            ["short", "long", "nested", "bare"], 20, "container")  # fmt: skip
         if bad:
             fragments = {
-                "dict": ("dict",),
                 "short": ("1 items", "1 arrays", "takes 2"),
                 "long": ("3 items", "3 arrays"),
                 "nested": ("1 items", "arrays", "takes 2"),
@@ -611,13 +611,13 @@ def _container(data, case: Case, given: list):
             "nested": lambda: [[given[0], given[1]]],
             "bare": lambda: given[0],
         }[form]()
-    form, bad = _choose(data, ["dict", "dict_reversed"],
-                        ["missing", "extra", "list", "renamed"], 20, "container")  # fmt: skip
+    # a list in the order of the inputs is what Keras takes for a dict whose keys are sorted
+    form, bad = _choose(data, ["dict", "dict_reversed", "list"],
+                        ["missing", "extra", "renamed"], 20, "container")  # fmt: skip
     if bad:
         fragments = {
             "missing": ("missing",),
             "extra": ("unexpected",),
-            "list": ("dict of inputs", "list of"),
             "renamed": ("missing",),
         }[form]
         case.faults.append(Fault(f"container {form}", ("x",), fragments))
@@ -828,7 +828,7 @@ def _draw_products(data, case: Case) -> None:
         return
     if single:
         case.extra_arg = values[0]
-    elif name == "u" or case.family.container == "dict":
+    elif name == "u" or isinstance(case.x, dict):  # v in the structure x was given in
         case.extra_arg = dict(zip(keys, values))
     else:
         case.extra_arg = type(case.x)(values) if isinstance(case.x, (list, tuple)) else values

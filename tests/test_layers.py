@@ -221,6 +221,13 @@ def test_a_list_in_input_order_for_a_dict_model_as_keras_takes_it(rng):
     J_dict = jacket.jacobian(model, {"a": xa, "b": xb})
     assert list(J_list) == ["a", "b"]
     assert_close(J_list["b"], J_dict["b"], rtol=1e-12)
+    # `v` may come as `x` came: a list in the order of the keys
+    va, vb = rng.standard_normal((2, 2)), rng.standard_normal((2, 3))
+    expected = np.einsum("boi,bi->bo", to_numpy(J_dict["a"]), va) + np.einsum(
+        "boi,bi->bo", to_numpy(J_dict["b"]), vb
+    )
+    assert_close(jacket.jvp(model, [xa, xb], [va, vb]), expected, rtol=1e-6)  # float32 concat
+    assert_close(jacket.jvp(model, [xa, xb], {"a": va, "b": vb}), expected, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- errors

@@ -191,6 +191,16 @@ def test_jvp_from_reverse_passes_at_batch_1_does_not_tile_a_model_that_mixes_sam
     np.testing.assert_allclose(to_numpy(jacket.jvp(centre, x, v)), 0.0, atol=1e-6)
 
 
+def test_a_kept_coupling_verdict_names_non_finite_inputs_first(rng):
+    model = batch_mean_model()
+    x = rng.normal(size=(4, 3))
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(model, x)
+    x[1, 0] = np.nan  # the same signature: the verdict is kept, and the NaN is named first
+    with pytest.raises(jacket.JacketValueError, match="NaN or inf"):
+        jacket.jacobian(model, x)
+
+
 class StoppedMean(layers.Layer):
     """`x - stop_gradient(mean over the batch)`: the values depend on other samples, the
     derivative does not (it is the identity)."""

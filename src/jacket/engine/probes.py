@@ -148,6 +148,9 @@ def check_independent(state: ModelState, fn_name: str, inputs: Inputs, entry: En
             check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
         state.independent[key] = _probe(state, inputs, entry)
     if not state.independent[key]:
+        # a verdict kept from an earlier call: the inputs' own fault, if any, is named first
+        for tensor, leaf in zip(inputs.tensors, inputs.leaves):
+            check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
         raise CouplingError(
             f"{fn_name}: the model's output for one sample depends on other samples in the "
             f"batch (batch size {inputs.batch}), so per-sample Jacobians would be wrong. "

@@ -175,6 +175,20 @@ def jvp_by_reverse(
     return kernels.split(flat, (B,), entry.out_leaves)
 
 
+def _in_key_order(structure, value) -> bool:
+    """Whether `value` is a list of one array per key of the flat dict `structure` whose keys
+    are in sorted order (so the list's order is the keys' and their flattened order)."""
+    if not isinstance(structure, dict) or not isinstance(value, (list, tuple)):
+        return False
+    keys = list(structure)
+    return (
+        keys == sorted(keys)
+        and len(value) == len(keys)
+        and all(is_leaf_structure(s) for s in structure.values())
+        and all(is_leaf_structure(item) for item in value)
+    )
+
+
 def like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int) -> list:
     if value is None:
         like = "`x`" if name == "v" else "the model's output"
@@ -184,6 +198,9 @@ def like_leaves(fn_name, name, value, structure, leaves: list[Leaf], batch: int)
         )
     if is_leaf_structure(structure):
         flat = [(name, value)] if is_leaf_structure(value) else None
+    elif _in_key_order(structure, value):
+        # as for `x`: a list in the order of a dict's keys, when that order is the sorted one
+        flat = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
     else:
         try:
             keras.tree.assert_same_structure(structure, skeleton(value))
