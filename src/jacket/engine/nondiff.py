@@ -24,7 +24,6 @@ is a legal result and gets no warning: only structural cuts do.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -110,13 +109,13 @@ def model_cuts(model, structure, leaves, training: bool) -> list[str]:
         if any(path for path, _ in model.diff) or any(t.path for t in model.of):
             return []
         inputs = [tensor for _, tensor in model.diff]
-        flows = _walk(inputs, [x for t in model.of for x in t.tensors], training, 0, {})
+        flows = _walk(inputs, [x for t in model.of for x in t.tensors], training, 0)
         return _cuts_of(flows)
     if not isinstance(model, keras.Layer):
         return []
     graph = _own_graph(model)
     if graph is not None:
-        flows = _walk(*graph, training, 0, {})
+        flows = _walk(*graph, training, 0)
     else:
         if _is_builtin(model):
             return []
@@ -125,7 +124,7 @@ def model_cuts(model, structure, leaves, training: bool) -> list[str]:
         symbolic = [
             keras.KerasTensor((None,) + tuple(leaf.shape), dtype=leaf.dtype) for leaf in leaves
         ]
-        flows = _traced(model, (pack(structure, symbolic),), {}, training, 0, {})
+        flows = _traced(model, (pack(structure, symbolic),), {}, training, 0)
         if flows is None:
             return []
         flows = [
@@ -170,9 +169,8 @@ def _describe(op) -> str:
     return f"{kind} {op.name!r} ({type(op).__name__})"
 
 
-def _walk(inputs, outputs, training: bool, depth: int, seen: dict) -> list[_Flow]:
-    """The flow of gradients from `inputs` to each of `outputs` (symbolic tensors); `seen`: the
-    flows of custom layers traced so far (`_inner_flows`)."""
+def _walk(inputs, outputs, training: bool, depth: int) -> list[_Flow]:
+    """The flow of gradients from `inputs` to each of `outputs` (symbolic tensors)."""
     memo: dict[int, _Flow] = {id(t): (_INPUT if _is_float(t) else _Flow(True, False, ()))
                               for t in inputs}  # fmt: skip
     node_flows: dict[int, list[_Flow] | None] = {}
@@ -196,13 +194,13 @@ def _walk(inputs, outputs, training: bool, depth: int, seen: dict) -> list[_Flow
                 stack.extend(parents)
                 continue
             stack.pop()
-            memo[id(t)] = _node_flow(t, history, node, memo, node_flows, training, depth, seen)
+            memo[id(t)] = _node_flow(t, history, node, memo, node_flows, training, depth)
         return memo[id(tensor)]
 
     return [visit(t) for t in outputs]
 
 
-def _node_flow(tensor, history, node, memo, node_flows, training, depth, seen) -> _Flow:
+def _node_flow(tensor, history, node, memo, node_flows, training, depth) -> _Flow:
     op = history.operation
     parents = [memo[id(p)] for p in node.arguments.keras_tensors]
     reachable = any(p.reachable for p in parents)
@@ -214,7 +212,7 @@ def _node_flow(tensor, history, node, memo, node_flows, training, depth, seen) -
         return _Flow(True, False, cuts + (f"{_describe(op)}, {_IDS}",))
     if through:
         if id(node) not in node_flows:
-            node_flows[id(node)] = _inner_flows(op, node, training, depth, seen)
+            node_flows[id(node)] = _inner_flows(op, node, training, depth)
         inner = node_flows[id(node)]
         if inner is not None and history.tensor_index < len(inner):
             flow = inner[history.tensor_index]
@@ -228,45 +226,19 @@ def _node_flow(tensor, history, node, memo, node_flows, training, depth, seen) -
     return _Flow(True, through and _is_float(tensor), cuts)
 
 
-def _inner_flows(op, node, training: bool, depth: int, seen: dict) -> list[_Flow] | None:
-    """For a layer whose inside can be read: the flow from its inputs to each of its outputs.
-
-    A custom layer is traced once per class, configuration and input specs: its copies (the
-    blocks of a transformer) run the same code. Only flows without cuts are shared, since a cut
-    names the copy's own operations. (The four encoder blocks of a small keras_hub ViT took 0.46 s
-    of its first call on JAX, every one traced.)"""
+def _inner_flows(op, node, training: bool, depth: int) -> list[_Flow] | None:
+    """For a layer whose inside can be read: the flow from its inputs to each of its outputs."""
     if not isinstance(op, keras.Layer) or depth >= _MAX_DEPTH:
         return None
     graph = _own_graph(op)
     if graph is not None:
-        return _walk(*graph, training, depth + 1, seen)
+        return _walk(*graph, training, depth + 1)
     if _is_builtin(op):
         return None  # built-in layers pass gradients (integer outputs are caught by their dtype)
-    key = _call_key(op, node, training)
-    if key is not None and key in seen:
-        return seen[key]
-    flows = _traced(op, node.arguments.args, node.arguments.kwargs, training, depth + 1, seen)
-    if key is not None and flows is not None and not any(flow.cuts for flow in flows):
-        seen[key] = flows
-    return flows
+    return _traced(op, node.arguments.args, node.arguments.kwargs, training, depth + 1)
 
 
-def _call_key(layer, node, training: bool) -> tuple | None:
-    """What decides the operations of a call of `layer`: its class and configuration, and the
-    shapes and dtypes of its arguments (the Python values among them as they are). None where
-    the configuration cannot be read."""
-    try:
-        config = json.dumps(layer.get_config(), sort_keys=True, default=repr)
-    except Exception:  # noqa: BLE001 - a layer without a config: traced every time
-        return None
-    args = tuple(
-        (tuple(t.shape), t.dtype) if isinstance(t, keras.KerasTensor) else repr(t)
-        for t in keras.tree.flatten((node.arguments.args, node.arguments.kwargs))
-    )
-    return type(layer), config, args, training
-
-
-def _traced(layer, args, kwargs, training: bool, depth: int, seen: dict) -> list[_Flow] | None:
+def _traced(layer, args, kwargs, training: bool, depth: int) -> list[_Flow] | None:
     """Call `layer.call` on symbolic tensors and walk the graph its `keras.ops` record."""
     kwargs = dict(kwargs)
     if getattr(layer, "_call_has_training_arg", False):
@@ -279,7 +251,7 @@ def _traced(layer, args, kwargs, training: bool, depth: int, seen: dict) -> list
             outputs = keras.tree.flatten(outputs)
             if not all(isinstance(t, keras.KerasTensor) for t in outputs):
                 return None
-            return _walk(inputs, outputs, training, depth, seen)
+            return _walk(inputs, outputs, training, depth)
     except Exception:  # noqa: BLE001 - code Keras cannot trace symbolically: unknown
         return None
 
