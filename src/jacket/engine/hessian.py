@@ -256,9 +256,7 @@ def usable_strategies(state: ModelState, inputs: Inputs, entry: Entry):
     """The backend's strategies for this kind of model, in order (NOTE: [How the plan decides]),
     without "replicate" where tiling the batch would change the model's output (probed only when
     "replicate" is reached)."""
-    for strategy in prior(state.backend, entry.kind):
-        if strategy != "replicate" or probes.tiling_is_safe(state, "divergence", inputs):
-            yield strategy
+    yield from probes.tileable(state, "divergence", inputs, prior(state.backend, entry.kind))
 
 
 def first_strategy(state: ModelState, inputs: Inputs, entry: Entry) -> str:

@@ -142,15 +142,14 @@ def check_independent(state: ModelState, fn_name: str, inputs: Inputs, entry: En
     key = inputs.signature
     if key not in state.independent and keeps_samples_apart(state.model, state.training):
         state.independent[key] = True  # built-in layers in inference: no probe needed
-    if key not in state.independent:
-        # a probe on NaN inputs proves nothing, and its verdict is kept: refuse them first
+    if not state.independent.get(key, False):
+        # a probe on NaN inputs proves nothing, and its verdict is kept: refuse them first (and
+        # before a kept verdict of coupling, so that the inputs' own fault is named first)
         for tensor, leaf in zip(inputs.tensors, inputs.leaves):
             check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
+    if key not in state.independent:
         state.independent[key] = _probe(state, inputs, entry)
     if not state.independent[key]:
-        # a verdict kept from an earlier call: the inputs' own fault, if any, is named first
-        for tensor, leaf in zip(inputs.tensors, inputs.leaves):
-            check_finite_samples(fn_name, leaf.label, tensor, inputs.batch)
         raise CouplingError(
             f"{fn_name}: the model's output for one sample depends on other samples in the "
             f"batch (batch size {inputs.batch}), so per-sample Jacobians would be wrong. "
@@ -229,6 +228,14 @@ def _vjp_probe(state: ModelState, inputs: Inputs, entry: Entry) -> bool:
         if size[~inside].max(initial=0.0) > eps * size[inside].max(initial=0.0):
             return False
     return True
+
+
+def tileable(state: ModelState, fn_name: str, inputs: Inputs, strategies):
+    """`strategies` without "replicate" where tiling the batch would change the model's output
+    (`tiling_is_safe`, probed only when "replicate" is reached)."""
+    for strategy in strategies:
+        if strategy != "replicate" or tiling_is_safe(state, fn_name, inputs):
+            yield strategy
 
 
 def tiling_is_safe(state: ModelState, fn_name: str, inputs: Inputs) -> bool:

@@ -143,14 +143,7 @@ def jvp_by_reverse(
     )
     # "replicate" tiles the batch, which at batch 1 may hide a coupling (NOTE: [The coupling
     # probe]): `x - mean(x, axis=0)` gave `J v = v` instead of 0 on PyTorch
-    strategy = next(
-        (
-            s
-            for s in plan.strategies(problem)
-            if s != "replicate" or probes.tiling_is_safe(state, "jvp", inputs)
-        ),
-        "vmap",
-    )
+    strategy = next(probes.tileable(state, "jvp", inputs, plan.strategies(problem)), "vmap")
     chosen = plan.plan_for(problem, "reverse", strategy)
     kernel = state.kernel(
         ("jacobian", inputs.signature, chosen, None),
