@@ -8,12 +8,20 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ["KERAS_BACKEND"] == "jax":
     os.environ.setdefault("JAX_ENABLE_X64", "1")  # float64 models need it on JAX
+# Measured plans go to a folder of this run, never the user's; under pytest-xdist, one per
+# worker (a worker inherits the controller's environment, so the worker's name keys it).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if (
     "JACKET_CACHE_DIR" not in os.environ
-):  # measured plans go to a folder of this run, never the user's
+    or os.environ.get("JACKET_TEST_CACHE_OF", _WORKER) != _WORKER
+):
     import tempfile
 
-    os.environ["JACKET_CACHE_DIR"] = tempfile.mkdtemp(prefix="jacket-test-cache-")
+    os.environ["JACKET_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"jacket-test-cache-{_WORKER}")
+    os.environ["JACKET_TEST_CACHE_OF"] = _WORKER
+if _WORKER:  # xdist's workers get COLUMNS=80, which Rich's console would keep from its import on
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 import matplotlib
 

@@ -413,6 +413,31 @@ def test_a_zero_jacobian_without_a_cut_is_legal_and_silent(rng):
     assert np.all(to_numpy(J) == 0.0)
 
 
+def test_the_walk_runs_only_where_the_jacobian_leaves_room_for_a_cut(rng, monkeypatch):
+    # NOTE: [A Jacobian that moves has no cut]: a dense Jacobian whose every block has a finite
+    # non-zero entry needs no walk; a zero block (here: a weight of zero) walks, and so does the
+    # first entry of any other call
+    from jacket.engine import state as state_module
+
+    walks = []
+    monkeypatch.setattr(state_module, "warn_if_cut", lambda *args: walks.append(args[0]))
+    x = rng.normal(size=(2, 3))
+    jacket.jacobian(_functional(ops.tanh), x)
+    assert walks == []
+    model = keras.Model(*_two_outputs())
+    model.layers[-1].kernel.assign(np.zeros((4, 2)))
+    jacket.jacobian(model, x)
+    assert walks == ["jacobian"]
+    jacket.jvp(_functional(ops.tanh), x, np.ones_like(x))
+    assert walks == ["jacobian", "jvp"]
+
+
+def _two_outputs():
+    x = keras.Input((3,), dtype="float64")
+    h = layers.Dense(4, activation="tanh", dtype="float64")(x)
+    return x, [h, layers.Dense(2, dtype="float64")(h)]
+
+
 def test_the_walk_leaves_the_models_graph_as_it_was(rng):
     model = Subclassed()
     model(rng.normal(size=(2, 3)))

@@ -10,6 +10,8 @@ calls here and sparse ones to `jacket.sparse`.
 
 from __future__ import annotations
 
+import keras
+
 from ..checks import check_model, positive_int
 from .executor import fast_key, remember_tensor, tensor_key
 from .inputs import example_inputs
@@ -185,12 +187,13 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     target, inputs = resolve(fn_name, model, x, wrt, of, options.training)
     own = own and target is model
     state = state_of(target, options.training)
-    entry = state.entry(fn_name, inputs)
+    entry = state.entry(fn_name, inputs, check_cuts=False)  # the result is asked first, below
     if options.per_sample is True:
         check_independent(state, fn_name, inputs, entry)
     check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
     tuning = tuning_for(state, fn_name, inputs, entry, options)
     result = tuning(fn_name, inputs.tensors)
+    state.cuts_checked_by(fn_name, inputs, keras.tree.flatten(result))
     if own and key is None and remember_tensor(x, inputs.tensors):  # `x` went through unchanged
         key = tensor_key(x)
     if own and key is not None:

@@ -18,7 +18,9 @@ recursively. Built-in Keras layers pass gradients (those with integer outputs, l
 calling its `call` on symbolic tensors, which records the `keras.ops` it uses as a graph of their
 own; code that Keras cannot trace symbolically (a backend's own ops, NumPy) is not seen, and no
 warning is given for it. A Jacobian that is zero for other reasons (a weight of zero, a dead ReLU)
-is a legal result and gets no warning: only structural cuts do.
+is a legal result and gets no warning: only structural cuts do. The dense Jacobian walks only where
+its result leaves room for a cut (NOTE: [A Jacobian that moves has no cut] in
+`jacket.engine.state`); every other call walks on its first entry.
 """
 
 from __future__ import annotations
