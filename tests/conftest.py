@@ -23,7 +23,7 @@ if _WORKER:  # xdist's workers get COLUMNS=80, which Rich's console would keep f
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
 
-import matplotlib
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
