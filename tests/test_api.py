@@ -237,6 +237,33 @@ def test_backend_tensors_take_a_fast_path_that_still_checks(monkeypatch, rng):
     assert_close(jacket.jacobian(model, as64), first, rtol=1e-6)
 
 
+def test_a_settled_plan_takes_the_shortest_path_and_reads_the_weights_each_call(rng, monkeypatch):
+    # NOTE: [The per-call path]: a prepared callable, once its plan settled, runs a NumPy array
+    # of the signature through the executor's `array_call` alone
+    import importlib
+
+    engine_jacobian = importlib.import_module("jacket.engine.jacobian")
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), keras.layers.Dense(3, "tanh", dtype="float64")]
+    )
+    fn = jacket.jacobian_fn(model)
+    x = rng.standard_normal((2, 4))
+    fn.tune(x)
+    fn(x)  # the whole way once more, which leaves the shortcut behind
+    monkeypatch.setattr(engine_jacobian, "run", lambda *a, **k: pytest.fail("the whole way"))
+    values = rng.standard_normal((2, 4))
+    assert_close(fn(values), central_differences(model, values), rtol=1e-7, atol=1e-9)
+    model.layers[0].kernel.assign(2.0 * model.layers[0].kernel)  # new weights, same kernel
+    assert_close(fn(values), central_differences(model, values), rtol=1e-7, atol=1e-9)
+    bad = values.copy()
+    bad[1, 2] = np.inf
+    with pytest.raises(jacket.JacketValueError, match=r"sample\(s\) 1 \(1 of 2\)"):
+        fn(bad)
+    monkeypatch.undo()
+    wider = rng.standard_normal((3, 4))  # another signature: the whole way
+    assert_close(fn(wider), central_differences(model, wider), rtol=1e-7, atol=1e-9)
+
+
 def test_long_loop_passes_agree_in_both_modes(rng):
     # more seeds per pass than the TensorFlow backend unrolls (a while_loop runs them there)
     model = keras.Sequential(

@@ -29,6 +29,7 @@ Every backend module defines:
   run instead of a layer's `call`, those measured to give a faster batched pullback here (NOTE:
   [Layer rules] in `jacket.engine.rules`).
 - `device_description()`: the device kernels run on, as the plan cache keys plans by it.
+- `host_view(tensor)`: a NumPy view of a tensor that lives in host memory (no copy), else None.
 - `block_until_ready(tree)`: wait until results are computed (JAX dispatches asynchronously, and
   accelerators run behind the host), so that timings measure the work.
 

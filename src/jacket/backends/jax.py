@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from .memory import cpu_description
@@ -66,6 +67,13 @@ def device_description() -> str:
 
 def block_until_ready(tree) -> None:
     jax.block_until_ready(tree)
+
+
+def host_view(tensor):
+    """A NumPy view of `tensor` where it lives in host memory (no copy), else None."""
+    if all(device.platform == "cpu" for device in tensor.devices()):
+        return np.asarray(tensor)
+    return None
 
 
 def as_input(array, dtype):

@@ -76,6 +76,13 @@ def block_until_ready(tree) -> None:
         tf.test.experimental.sync_devices()
 
 
+def host_view(tensor):
+    """A NumPy view of `tensor` where it lives in host memory (no copy), else None."""
+    if "GPU" in tensor.device.upper() or "TPU" in tensor.device.upper():
+        return None
+    return tensor.numpy()
+
+
 def as_input(array, dtype):
     return tf.convert_to_tensor(array)  # already of `dtype` (jacket._api casts it in NumPy)
 

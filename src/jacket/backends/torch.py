@@ -64,6 +64,13 @@ def block_until_ready(tree) -> None:
         torch.cuda.synchronize()
 
 
+def host_view(tensor):
+    """A NumPy view of `tensor` where it lives in host memory (no copy), else None."""
+    if tensor.device.type != "cpu":
+        return None
+    return tensor.detach().numpy()
+
+
 def _same_draws(call, seed: int):
     """`call`, each run on a fork of torch's generators reseeded with `seed`."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -13,7 +13,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from ..trees import pack
+from ..trees import is_leaf_structure, pack
 from . import kernels
 from .inputs import Inputs, Leaf, check_finite_samples, dtype_name, numpy_dtype
 from .plan import Plan
@@ -70,6 +70,30 @@ class Executor:
             check_finite_samples(fn_name, self.leaves[0].label, x, self.batch)
         array = x if x.dtype == self.dtype else x.astype(self.dtype)
         return [self.state.backend.as_input(array, self.leaves[0].dtype)]
+
+    def array_call(self, fn_name: str):
+        """`x -> Jacobian` for one float NumPy array of this signature, the fewest steps the
+        call can take (NOTE: [The per-call path]); None where the plan needs more than one pass
+        or a diagonal."""
+        if not self.whole or self.diagonal or len(self.leaves) != 1:
+            return None
+        kernel, start, dtype, batch = self.kernel, self.starts[0], self.dtype, self.batch
+        (leaf,) = self.leaves
+        as_input = self.state.backend.as_input
+        y_structure, structure = self.entry.y_structure, self.structure
+        single = is_leaf_structure(y_structure) and is_leaf_structure(structure)
+
+        def call(x: np.ndarray):
+            if not np.isfinite(x).all():
+                check_finite_samples(fn_name, leaf.label, x, batch)
+            _, blocks = kernel(
+                [as_input(x if x.dtype == dtype else x.astype(dtype), leaf.dtype)], start
+            )
+            if single:
+                return blocks[0]
+            return pack(y_structure, [pack(structure, [block]) for block in blocks])
+
+        return call
 
     def __call__(self, fn_name: str, tensors: list, checked: bool = False):
         """The Jacobian in the structure of the model's outputs of its inputs."""
