@@ -129,6 +129,11 @@ def print_table(results: list[dict]) -> None:
                 f"{first['jacket (plan cached)']:>9.2f}  {name[:27]:<28}{first[name]:>7.2f}"
                 f"{first['jacket'] / first[name]:>13.2f}x"
             )
+    for row in rows:
+        for failure in row.get("first_alone_failures", []):
+            print(
+                f"{row['backend']} {row['case']}: a first call in a new process failed: {failure}"
+            )
     firsts = []
     for row in rows:
         first = row.get("first_alone", {})
