@@ -66,7 +66,7 @@ def block_until_ready(tree) -> None:
 
 def host_view(tensor):
     """A NumPy view of `tensor` where it lives in host memory (no copy), else None."""
-    if tensor.device.type != "cpu":
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16
         return None
     return tensor.detach().numpy()
 
