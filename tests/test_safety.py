@@ -125,18 +125,18 @@ def _count_probe_runs(monkeypatch) -> dict:
                 kernel = make(inputs_)
 
                 def run(*args):
-                    calls["forward" if kind == "outputs" else "vjp"].append(inputs_.signature)
+                    calls["forward" if kind == "few_outputs" else "vjp"].append(inputs_.signature)
                     return kernel(*args)
 
                 return run
 
             return counted
 
-        state.vjp, state.outputs = counting("vjp"), counting("outputs")
+        state.vjp, state.few_outputs = counting("vjp"), counting("few_outputs")
         try:
             return probe(state, inputs, entry)
         finally:
-            del state.vjp, state.outputs
+            del state.vjp, state.few_outputs
 
     monkeypatch.setattr(probes, "_probe", counted_probe)
     return calls

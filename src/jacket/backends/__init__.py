@@ -6,6 +6,8 @@ Every backend module defines:
 - `NAME`: the Keras backend name.
 - `EAGER`: True where kernels run as Python each call (PyTorch): constants are then made once and
   kept, and checks that a compiler would fuse into the kernel run before it instead.
+- `FEW_PASSES_EAGERLY`: True where a few forward passes (the coupling probe's) cost less run
+  eagerly than traced and compiled once.
 - `compile(kernel, model, training, make_call)`: a callable `(*args) -> kernel(call, *args)`, compiled and traced
   once per argument signature (`tf.function`, `jax.jit`; PyTorch runs eagerly). `call` maps the model's
   input structure to its output structure and reads the model's current weights on every run; it is

@@ -20,6 +20,7 @@ from .memory import cpu_description
 
 NAME = "torch"
 EAGER = True  # kernels run as written, not traced and compiled
+FEW_PASSES_EAGERLY = True  # kernels run eagerly anyway
 # The planner's first candidate strategies, in order (NOTE: [Measured plans]): one pass over the
 # replicated batch (one Python-level model call instead of one per seed), then autograd's batched
 # backward.

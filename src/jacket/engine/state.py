@@ -101,6 +101,15 @@ class ModelState:
             lambda: kernels.forward_kernel(inputs.structure, len(inputs.leaves)),
         )
 
+    def few_outputs(self, inputs: Inputs) -> Callable:
+        """`outputs` for a few passes (the coupling probe's): run eagerly, without a trace, where
+        the backend says that costs less (`FEW_PASSES_EAGERLY`)."""
+        if not self.backend.FEW_PASSES_EAGERLY:
+            return self.outputs(inputs)
+        kernel = kernels.forward_kernel(inputs.structure, len(inputs.leaves))
+        call = eager_call(self.model, self.training)
+        return lambda tensors: kernel(call, tensors)
+
     def value_and_vjp(self, inputs: Inputs) -> Callable:
         """`(xs, cts) -> (ys, grads)`: the outputs and one VJP of the batched model, compiled."""
         return self.kernel(
