@@ -1,4 +1,4 @@
-"""Non-differentiable paths: where a model's gradient stops, found on its graph before computing.
+"""Non-differentiable paths: where a model's gradient stops, found on its graph.
 
 NOTE: [Non-differentiable paths]
 argmax, round, floor, ceil, sign, integer casts, comparisons and `stop_gradient` have a zero (or no)
