@@ -200,8 +200,8 @@ def _moves(block, backend) -> bool:
     layers. A Jacobian with an all-zero or non-finite block (a cut, a dead ReLU, a NaN) still walks.
     The block is read in place where it is in host memory, else in slices of 64 Ki entries
     until one moves (the first, as a rule), so the check copies no more than that off an
-    accelerator. On the CPU it takes well under a millisecond, where slicing with the backend's
-    ops took 60 ms on JAX (eager slices of new shapes are compiled).
+    accelerator. On a 1M-entry block on the CPU the first check took 5-9 ms on each backend,
+    where slicing with the backend's ops took 60 ms on JAX (eager slices of new shapes compile).
     """
     view = backend.host_view(block) if not isinstance(block, np.ndarray) else block
     flat = keras.ops.reshape(block, (-1,)) if view is None else view.reshape(-1)
