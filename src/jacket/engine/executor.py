@@ -77,18 +77,12 @@ class Executor:
         or a diagonal."""
         if not self.whole or self.diagonal or len(self.leaves) != 1:
             return None
-        kernel, start, dtype, batch = self.kernel, self.starts[0], self.dtype, self.batch
-        (leaf,) = self.leaves
-        as_input = self.state.backend.as_input
+        kernel, start, as_tensors = self.kernel, self.starts[0], self.as_tensors
         y_structure, structure = self.entry.y_structure, self.structure
         single = is_leaf_structure(y_structure) and is_leaf_structure(structure)
 
         def call(x: np.ndarray):
-            if not np.isfinite(x).all():
-                check_finite_samples(fn_name, leaf.label, x, batch)
-            _, blocks = kernel(
-                [as_input(x if x.dtype == dtype else x.astype(dtype), leaf.dtype)], start
-            )
+            _, blocks = kernel(as_tensors(fn_name, x), start)
             if single:
                 return blocks[0]
             return pack(y_structure, [pack(structure, [block]) for block in blocks])
