@@ -19,7 +19,7 @@ from scenarios import seed_cnn, seed_mlp
 
 import jacket
 from jacket import backends
-from jacket.engine import cache, plan
+from jacket.engine import cache, plan, probes
 from jacket.engine.rules import layers_with_rules
 
 
@@ -142,6 +142,48 @@ print(json.dumps([report.source, report.strategy, jac.trace_count, report.descri
     assert "measured" in described  # the cached timings come along
 
 
+class _Doubled(keras.layers.Layer):
+    """A layer of the tests' own: not built in, so the coupling probe runs on models with it."""
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def _probed_mlp():
+    """A float64 MLP with a `_Doubled` layer, the same names and weights every time."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,), dtype="float64")
+    h = layers.Dense(8, activation="tanh", dtype="float64")(inputs)
+    return keras.Model(inputs, layers.Dense(3, dtype="float64")(_Doubled(dtype="float64")(h)))
+
+
+def test_a_cached_plan_brings_the_probes_verdict_so_a_new_process_skips_the_probe(
+    cache_dir, rng, monkeypatch
+):
+    x = rng.random((4, 5))
+    runs = []
+    probe = probes._probe
+    monkeypatch.setattr(probes, "_probe", lambda *args: runs.append(1) or probe(*args))
+    jacket.jacobian_fn(_probed_mlp()).tune(x)  # (what `jacket tune` runs)
+    assert runs == [1]  # probed once, and the verdict kept with the plan
+    model = _probed_mlp()  # what a new process builds: the same architecture, no state
+    jac = jacket.jacobian_fn(model)
+    J = jac(x)
+    assert jac.plan(x).source == "cache"
+    assert runs == [1]  # no probe: the verdict came from the cache, before the probe would run
+    assert_close(J, central_differences(model, x), rtol=1e-7, atol=1e-9)
+
+
+def test_tuning_a_model_that_mixes_samples_says_so(cache_dir, rng):
+    inputs = keras.Input((5,))
+    h = layers.Dense(3)(inputs)
+    mixed = keras.Model(inputs, _Doubled()(h - keras.ops.mean(h, axis=0, keepdims=True)))
+    with pytest.raises(jacket.CouplingError, match="depends on other samples"):
+        jacket.jacobian_fn(mixed).tune(rng.random((4, 5)).astype("float32"))
+    assert not _entries(cache_dir)
+
+
 def test_corrupt_stale_and_foreign_entries_are_ignored_with_a_warning(cache_dir, rng):
     x = rng.random((4, 5)).astype("float32")
     jacket.jacobian_fn(_same_mlp()).tune(x)
@@ -229,7 +271,7 @@ import os, sys, json
 from types import SimpleNamespace
 os.environ["KERAS_BACKEND"] = "numpy"
 sys.path.insert(0, {str(Path(jacket.__file__).parents[1])!r})
-from jacket.engine import cache, plan
+from jacket.engine import cache, plan, probes
 key = cache.Key("ab" * 32, {{"format": cache.FORMAT, "writer": "any"}})
 state = SimpleNamespace(forward={{}}, independent={{}})
 inputs = SimpleNamespace(signature=(4, ((5,), "float32")))

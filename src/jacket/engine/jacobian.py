@@ -124,8 +124,12 @@ class JacobianFn:
     def tune(self, x) -> PlanReport:
         """Measure every candidate plan for inputs like `x` now, instead of over the next calls
         (NOTE: [Measured plans]), keep the fastest (in the plan cache too) and report it."""
-        tuning = self._tuning(x)
-        _, inputs = self._resolve(x, check_finite=True)
+        target, inputs = self._resolve(x, check_finite=True)
+        state = state_of(target, self.options.training)
+        entry = state.entry("jacobian_fn", inputs)
+        tuning = tuning_for(state, "jacobian_fn", inputs, entry, self.options)
+        if self.options.per_sample is True:  # (its verdict is kept with the plan it measures)
+            check_independent(state, "jacobian_fn", inputs, entry)
         if tuning.executor is None:
             tuning("jacobian_fn", inputs.tensors)
         while not tuning.settled:
@@ -225,10 +229,11 @@ def run(fn_name: str, model, x, options: Options, wrt=None, of=None):
     own = own and target is model
     state = state_of(target, options.training)
     entry = state.entry(fn_name, inputs, check_cuts=False)  # the result is asked first, below
+    check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
+    # (before the probe: a plan read from the plan cache brings the probe's verdict with it)
+    tuning = tuning_for(state, fn_name, inputs, entry, options)
     if options.per_sample is True:
         check_independent(state, fn_name, inputs, entry)
-    check_result_fits(fn_name, inputs, entry.out_leaves, options.per_sample is not False)
-    tuning = tuning_for(state, fn_name, inputs, entry, options)
     result = tuning(fn_name, inputs.tensors)
     state.cuts_checked_by(fn_name, inputs, keras.tree.flatten(result))
     if own and key is None and remember_tensor(x, inputs.tensors):  # `x` went through unchanged

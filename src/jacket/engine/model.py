@@ -7,6 +7,9 @@ import contextlib
 import hashlib
 import inspect
 import json
+import pathlib
+import sys
+import weakref
 
 import keras
 
@@ -216,7 +219,8 @@ def model_kind(model, ruled: frozenset = frozenset()) -> str:
 def architecture(model) -> str | None:
     """A digest of what decides how `model` computes, never its weights: for every layer, its
     class, its configuration, the shapes and dtypes of its variables, and for a class that is not
-    Keras's own the hash of its source code; for a Functional model its graph (in its config).
+    Keras's own the hash of the code that defines it (`_source_digest`); for a Functional model
+    its graph (in its config).
     None for what is not a Keras layer or model, or a class whose source cannot be read: such a
     model's plans are measured in every process (NOTE: [The plan cache]). A cut between layers
     (`jacket.engine.cut`) adds its `wrt`, `of` and constants to its model's."""
@@ -233,11 +237,9 @@ def architecture(model) -> str | None:
         cls = type(layer)
         item = {"class": f"{cls.__module__}.{cls.__qualname__}"}
         if not cls.__module__.startswith("keras.src."):
-            try:
-                source = inspect.getsource(cls)
-            except (OSError, TypeError):
+            item["source"] = _source_digest(cls)
+            if item["source"] is None:
                 return None
-            item["source"] = hashlib.sha256(source.encode()).hexdigest()
         try:
             item["config"] = layer.get_config()
         except Exception:  # noqa: BLE001 - a layer without a config: its class and source tell
@@ -248,3 +250,33 @@ def architecture(model) -> str | None:
         parts.append(item)
     text = json.dumps(parts, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _source_digest(cls) -> str | None:
+    """A hash of the code that defines `cls`: the whole file of its module where it has one (any
+    change there changes the hash, a superset of the class's own lines), else the class's source
+    as `inspect` finds it (a notebook's cell); None where neither can be read.
+
+    NOTE: [The source of a layer class]
+    `inspect.getsource` finds a class's lines by scanning and tokenizing its file: 0.155 s for the
+    eleven keras_hub classes of the benchmark's ViT, most of the plan-cache key and a third of its
+    first call on PyTorch (2-core CPU). Reading and hashing those files takes a few milliseconds.
+    The digest is kept per class for the process.
+    """
+    digest = _SOURCES.get(cls)
+    if digest is not None:
+        return digest
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    try:
+        if isinstance(path, str) and path.endswith(".py"):
+            text = cls.__qualname__.encode() + b"\0" + pathlib.Path(path).read_bytes()
+        else:
+            text = inspect.getsource(cls).encode()
+    except (OSError, TypeError):
+        return None
+    digest = _SOURCES[cls] = hashlib.sha256(text).hexdigest()
+    return digest
+
+
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # class -> `_source_digest`
