@@ -5,8 +5,9 @@ NOTE: [The plan cache]
   `JACKET_CACHE_DIR=off` turns it off (nothing read, nothing written).
 - Key: a SHA-256 of the model's architecture (its layers' classes and configurations, the code
   (its module's file) of any class that is not Keras's own, the variables' shapes and dtypes;
-  never the weights: see `jacket.engine.model.architecture`), the input signature, the options that change the plan
-  (mode, chunk_size, per_sample, training, memory_budget or "default", flatten), the backend, the
+  never the weights: see `jacket.engine.model.architecture`), the input signature, the options
+  that change the plan (mode, chunk_size, per_sample, training, memory_budget or "default",
+  flatten), the backend, the
   layer rules that may run on the model (NOTE: [Layer rules] in `jacket.engine.rules`), the
   device (its name and the CPU cores this process may use) and the versions of jacket, Keras and the
   framework. A model jacket cannot describe (a plain function) is never cached.
