@@ -394,6 +394,70 @@ def test_built_in_layers_in_inference_skip_the_probe(rng):
     assert not keeps_samples_apart(lam, False)
 
 
+class _Backbone(keras.Model):
+    """Built as a Functional graph by its own class, its call left to Keras (as keras_hub's
+    backbones are)."""
+
+    def __init__(self, **kwargs):
+        inputs = keras.Input((3, 4))
+        super().__init__(inputs, keras.layers.Dense(4, activation="tanh")(inputs), **kwargs)
+
+
+def test_a_functional_subclass_and_an_index_that_keeps_the_batch_skip_the_probe(rng):
+    from jacket.engine.model import keeps_samples_apart
+
+    inputs = keras.Input((3, 4))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_Backbone()(inputs)[:, 0]))
+    assert keeps_samples_apart(model, training=False)
+    x = rng.normal(size=(3, 3, 4))
+    J = jacket.jacobian(model, x.astype("float32"))
+    assert not any(key[0] == "vjp" for key in model._jacket_state[False].kernels)
+    assert_close(J, native_jacobian(model, x), rtol=1e-5)
+    full = central_differences(model, x, per_sample=False)  # (3, 2, 3, 3, 4)
+    off = full * (1 - np.eye(3))[:, None, :, None, None]
+    assert np.abs(off).max() == 0.0 and np.abs(full).max() > 0.1
+
+    class Mixing(_Backbone):  # a subclass that overrides `call` is the probe's to judge
+        def call(self, x):
+            h = super().call(x)
+            return h - keras.ops.mean(h, axis=0, keepdims=True)
+
+    inputs = keras.Input((3, 4))
+    mixing = keras.Model(inputs, Mixing()(inputs))
+    assert not keeps_samples_apart(mixing, False)
+    with pytest.raises(jacket.CouplingError):
+        jacket.jacobian(mixing, x.astype("float32"))
+    # an index into the batch axis is not one that keeps it
+    inputs = keras.Input((4,), batch_size=3)
+    for index in (0, (slice(1, None), 0), (1, slice(None))):
+        sliced = keras.Model(inputs, keras.layers.Dense(2)(inputs)[index])
+        assert not keeps_samples_apart(sliced, False), index
+
+
+def test_keras_hub_vit_layers_skip_the_probe(rng):
+    keras_hub = pytest.importorskip("keras_hub")  # (installed with the `bench` extra)
+    from keras_hub.src.models.vit.vit_layers import ViTEncoderBlock
+
+    from jacket.engine.model import keeps_samples_apart
+
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8
+    )
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(3)(backbone(inputs)[:, 0]))
+    assert keeps_samples_apart(model, training=False)
+    x = rng.normal(size=(2, 8, 8, 3))
+    J = jacket.jacobian(model, x.astype("float32"))
+    assert not any(key[0] == "vjp" for key in model._jacket_state[False].kernels)
+    assert_close(J, native_jacobian(model, x), rtol=1e-4)
+
+    class Block(ViTEncoderBlock):  # a subclass may do anything: the probe decides
+        pass
+
+    sub = keras.Sequential([keras.Input((5, 8)), Block(num_heads=2, hidden_dim=8, mlp_dim=8)])
+    assert not keeps_samples_apart(sub, False)
+
+
 def test_elementwise_ops_in_a_functional_graph_skip_the_probe_unless_broadcast_mixes(rng):
     from jacket.engine.model import keeps_samples_apart
 

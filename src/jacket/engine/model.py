@@ -108,7 +108,10 @@ def keeps_samples_apart(model, training: bool) -> bool:
     The few layers that `keras.applications` defines for its own models count as built in
     (`_APPLICATION_LAYERS`, by module and exact class): the probe traced and compiled a VJP of
     ConvNeXtTiny at batch 2 for 8-10 s on TensorFlow, more than half of the first call, for two
-    layers that scale or pass their input through.
+    layers that scale or pass their input through. So do the layers of keras_hub's ViT
+    (`_HUB_LAYERS`, read the same way), a Functional model of any class that leaves its call to
+    Keras (a keras_hub backbone: `_runs_its_graph`), and an index that keeps the batch axis
+    (`h[:, 0]`, the class token).
     """
     if isinstance(model, (Cut, Prefix)):
         model = model.model  # a cut of a model that keeps its samples apart keeps them apart
@@ -130,6 +133,20 @@ _APPLICATION_LAYERS = frozenset(
 )
 
 
+# Layers of keras_hub's ViT (`keras_hub.models.ViTBackbone`), each sample on its own in inference
+# (read in keras_hub 0.32): `MLP` is two Dense layers with Dropout between; `ViTEncoderBlock` is
+# LayerNormalization, MultiHeadAttention over the tokens of one sample, Dropout and that `MLP`
+# with residual sums; `ViTEncoder` a stack of them and a LayerNormalization;
+# `ViTPatchingAndEmbedding` a strided Conv2D, a reshape that keeps the batch axis, the class token
+# tiled over the batch and concatenated on the token axis, and position embeddings added. The
+# coupling probe took 0.9 s of the ViT's 3.9 s first call on JAX (batch 2, 2-core CPU).
+_HUB_LAYERS = frozenset(
+    ("keras_hub.src.models.vit.vit_layers", name)
+    for name in ("MLP", "ViTEncoderBlock", "ViTEncoder", "ViTPatchingAndEmbedding")
+)
+_KNOWN_LAYERS = _APPLICATION_LAYERS | _HUB_LAYERS
+
+
 # `keras.ops` that map elements to elements (`x + y` in a Functional graph is a `numpy.Add`):
 # each output sample reads only the same sample of each input, as long as broadcasting does not
 # pair one input's batch axis with another axis (`(B, 1) + (B,)` is `(B, B)`), so `_elementwise`
@@ -146,6 +163,27 @@ _ELEMENTWISE_OPS = frozenset(
 )  # fmt: skip
 
 
+def _per_sample_op(operation) -> bool:
+    """A layer-less node of a Functional graph that keeps each sample on its own: an elementwise
+    op (`_elementwise`) or an index that keeps the whole batch axis (`h[:, 0]`)."""
+    cls = type(operation)
+    if (cls.__module__, cls.__qualname__) == ("keras.src.ops.numpy", "GetItem"):
+        nodes = getattr(operation, "_inbound_nodes", None)
+        return bool(nodes) and all(_keeps_batch(node.arguments.args) for node in nodes)
+    return _elementwise(operation)
+
+
+def _keeps_batch(args) -> bool:
+    """`x[key]` with a key whose first entry takes the whole batch axis and whose others are
+    Python ints and slices (a tensor index may pick samples)."""
+    if len(args) != 2 or not isinstance(args[1], tuple) or not args[1]:
+        return False
+    first, *rest = args[1]
+    return first == slice(None) and all(
+        isinstance(k, (int, slice)) and not isinstance(k, bool) for k in rest
+    )
+
+
 def _elementwise(operation) -> bool:
     cls = type(operation)
     if (cls.__module__, cls.__qualname__) not in _ELEMENTWISE_OPS:
@@ -159,19 +197,21 @@ def _elementwise(operation) -> bool:
 
 def _built_in_only(layer) -> bool:
     cls = type(layer)
-    if not cls.__module__.startswith("keras.src.") or cls.__name__ in _OPAQUE_LAYERS:
-        return False
-    if (cls.__module__, cls.__qualname__) in _APPLICATION_LAYERS:
+    if (cls.__module__, cls.__qualname__) in _KNOWN_LAYERS:
         return True
-    if isinstance(layer, keras.Model):
+    if cls.__module__.startswith("keras.src.") and cls.__name__ in _OPAQUE_LAYERS:
+        return False
+    if _runs_its_graph(layer) or (
+        isinstance(layer, keras.Model) and cls.__module__.startswith("keras.src.")
+    ):
         if cls.__module__ == "keras.src.models.sequential":
             children = layer.layers
-        elif cls.__module__ == "keras.src.models.functional" or hasattr(layer, "operations"):
+        elif hasattr(layer, "operations"):
             children = layer.operations  # every node, the layer-less ops included
         else:
             return False
         return all(
-            _built_in_only(child) if isinstance(child, keras.Layer) else _elementwise(child)
+            _built_in_only(child) if isinstance(child, keras.Layer) else _per_sample_op(child)
             for child in children
         )
     if not cls.__module__.startswith("keras.src.layers."):
@@ -180,6 +220,17 @@ def _built_in_only(layer) -> bool:
         _built_in_only(child)
         for child in layer._flatten_layers(include_self=False, recursive=False)
     )
+
+
+def _runs_its_graph(layer) -> bool:
+    """Whether `layer` is a Functional model whose class, wherever it comes from, leaves the
+    call to Keras's Functional (a keras_hub backbone): it computes its graph and nothing else."""
+    for klass in type(layer).__mro__:
+        if (klass.__module__, klass.__name__) == ("keras.src.models.functional", "Functional"):
+            return True
+        if {"call", "__call__", "_run_through_graph", "_standardize_inputs"} & vars(klass).keys():
+            return False
+    return False
 
 
 _RECURRENT = ("RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
