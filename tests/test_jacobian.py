@@ -434,6 +434,44 @@ def test_a_functional_subclass_and_an_index_that_keeps_the_batch_skip_the_probe(
         assert not keeps_samples_apart(sliced, False), index
 
 
+def test_a_graph_of_per_sample_layers_gives_its_declared_outputs_without_a_trace(rng, monkeypatch):
+    from jacket.engine import state as states
+
+    traced = []
+    original = states._symbolic_output
+
+    def symbolic(model, inputs):
+        y = original(model, inputs)
+        traced.append(states._declared_output(model, inputs) is None)
+        return y
+
+    monkeypatch.setattr(states, "_symbolic_output", symbolic)
+    inputs = keras.Input((3, 4))
+    h = keras.layers.Dense(5, activation="tanh")(inputs)
+    outputs = {"a": h[:, 0], "b": keras.layers.Flatten()(h)}
+    model = keras.Model(inputs, outputs)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the declared outputs need no symbolic call")
+
+    monkeypatch.setattr(model, "compute_output_spec", no_trace)
+    x = rng.normal(size=(2, 3, 4))
+    J = jacket.jacobian(model, x.astype("float32"))
+    assert traced == [False]
+    assert set(J) == {"a", "b"} and J["a"].shape == (2, 5, 3, 4) and J["b"].shape == (2, 15, 3, 4)
+    for name in ("a", "b"):
+        assert_close(J[name], native_jacobian(keras.Model(inputs, outputs[name]), x), rtol=1e-5)
+    # a declared batch size, or a layer that is not known to keep samples apart: traced
+    fixed = keras.Input((3, 4), batch_size=2)
+    for model in (
+        keras.Model(fixed, keras.layers.Dense(2)(fixed)),
+        keras.Sequential([keras.Input((3, 4)), keras.layers.Lambda(lambda t: 2.0 * t)]),
+    ):
+        traced.clear()
+        jacket.jacobian(model, x.astype("float32"))
+        assert traced == [True]
+
+
 def test_keras_hub_vit_layers_skip_the_probe(rng):
     keras_hub = pytest.importorskip("keras_hub")  # (installed with the `bench` extra)
     from keras_hub.src.models.vit.vit_layers import ViTEncoderBlock

@@ -110,7 +110,7 @@ def keeps_samples_apart(model, training: bool) -> bool:
     ConvNeXtTiny at batch 2 for 8-10 s on TensorFlow, more than half of the first call, for two
     layers that scale or pass their input through. So do the layers of keras_hub's ViT
     (`_HUB_LAYERS`, read the same way), a Functional model of any class that leaves its call to
-    Keras (a keras_hub backbone: `_runs_its_graph`), and an index that keeps the batch axis
+    Keras (a keras_hub backbone: `runs_its_graph`), and an index that keeps the batch axis
     (`h[:, 0]`, the class token).
     """
     if isinstance(model, (Cut, Prefix)):
@@ -201,7 +201,7 @@ def _built_in_only(layer) -> bool:
         return True
     if cls.__module__.startswith("keras.src.") and cls.__name__ in _OPAQUE_LAYERS:
         return False
-    if _runs_its_graph(layer) or (
+    if runs_its_graph(layer) or (
         isinstance(layer, keras.Model) and cls.__module__.startswith("keras.src.")
     ):
         if cls.__module__ == "keras.src.models.sequential":
@@ -222,7 +222,7 @@ def _built_in_only(layer) -> bool:
     )
 
 
-def _runs_its_graph(layer) -> bool:
+def runs_its_graph(layer) -> bool:
     """Whether `layer` is a Functional model whose class, wherever it comes from, leaves the
     call to Keras's Functional (a keras_hub backbone): it computes its graph and nothing else."""
     for klass in type(layer).__mro__:
