@@ -352,6 +352,29 @@ def test_a_large_rule_program_opens_with_the_plain_plan(monkeypatch):
     assert forced.plan(x).plan.rules  # a forced strategy runs with the rules, as asked
 
 
+def test_a_model_whose_rules_do_not_open_starts_with_the_plain_plan():
+    """NOTE: [A rule's program]: the convolution as patches (`Rule.opens` False) costs a first
+    call more than it saves it; a max pooling rule beside it opens with the rules."""
+    conv = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(3, 3, padding="same")])
+    pairs = rules.layers_with_rules(conv, backends.current())
+    if not pairs:
+        pytest.skip("no convolution rule on this backend")
+    assert [rule.name for _, rule in pairs] == ["conv_patches"] and rules.plain_first(pairs)
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 1)).astype("float32")
+    jac = jacket.jacobian_fn(conv)
+    J = jac(x)
+    (tuning,) = state_of(conv, False).tunings.values()
+    assert not tuning.order[0].rules and jac.plan(x).plan == tuning.order[0]
+    assert any(p.rules for p in tuning.order[1:])  # tried on later calls
+    assert_close(J, native_jacobian(conv, x.astype("float64")), rtol=1e-5)
+    pooled = keras.Sequential(conv.layers + [layers.MaxPooling2D(2)])
+    if any(
+        rule.name == "max_pooling"
+        for _, rule in rules.layers_with_rules(pooled, backends.current())
+    ):
+        assert not rules.plain_first(rules.layers_with_rules(pooled, backends.current()))
+
+
 def test_rules_switched_off_are_another_plan_cache_entry(with_max_pooling, monkeypatch, tmp_path):
     monkeypatch.setenv("JACKET_CACHE_DIR", str(tmp_path))
 

@@ -79,7 +79,7 @@ def problem(state: ModelState, inputs: Inputs, entry: Entry, options: Options) -
         prior=prior(state.backend, entry.kind),
         plain_prior=prior(state.backend, entry.plain_kind),
         rules=bool(ruled),
-        plain_first=rules.program_size(ruled) > rules.LARGE_PROGRAM,
+        plain_first=rules.plain_first(ruled),
     )
 
 
