@@ -6,10 +6,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512; without them its
-# CPU gradient of a grouped convolution is not implemented ("Gradients for grouped convolutions
-# are not supported on CPU"), which the oracles' `batch_jacobian` needs (an AMD EPYC without
-# AVX-512 here). jacket's own planner drops the plans that hit it and runs one that does not.
+# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 neural-network
+# features (VNNI, BF16) or AMX; without them its CPU gradient of a grouped convolution is not
+# implemented ("Gradients for grouped convolutions are not supported on CPU"), which the oracles'
+# `batch_jacobian` needs (an AMD EPYC without AVX-512 here). jacket's own planner drops the plans
+# that hit it and runs one that does not.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 if os.environ["KERAS_BACKEND"] == "jax":
     os.environ.setdefault("JAX_ENABLE_X64", "1")  # float64 models need it on JAX
