@@ -90,11 +90,18 @@ def files(tmp_path_factory):
     return Files
 
 
-def _same(actual, expected):
+def _same(actual, expected, rtol=1e-6):
     """Equal to what the library computes here: same code, same data, same backend."""
     np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=1e-6, atol=1e-9
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=1e-9
     )
+
+
+# An attack iterates on float32 Jacobians, and the two processes' planners may run different
+# plans on some of its calls (the command's first calls measure them; the library here starts
+# from the plan the command left in the cache), each rounding its own way: on JAX, DeepFool's
+# examples differed by up to 6.7e-6 (relative) on 4 of 384 values.
+ATTACK_RTOL = 1e-4
 
 
 def _is_png(path: Path):
@@ -295,7 +302,7 @@ def test_attack_on_the_digits_matches_the_library(files, tmp_path, name):
     )
     x_adv = np.load(out / "x_adv.npy")
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    _same(x_adv, expected.x_adv)
+    _same(x_adv, expected.x_adv, ATTACK_RTOL)
     assert summary["attack"] == name and summary["samples"] == 6 and summary["backend"] == BACKEND
     assert summary["norm"] == expected.norm
     assert summary["success_rate"] == expected.success_rate

@@ -310,7 +310,9 @@ def test_the_planner_measures_the_plan_without_rules_against_the_winner(with_max
     x = np.random.default_rng(1).standard_normal((4, 8, 8, 2)).astype("float32")
     report = jacket.jacobian_fn(model, strategy="autotune").tune(x)
     with_rules = [d for d in report.timings if d.endswith("layer rules")]
-    without = [d for d in report.timings if not d.endswith("layer rules")]
+    # (timed, or dropped by its lower bound: on a loaded machine one VJP's time may rule it out)
+    tried = list(report.timings) + list(report.failures)
+    without = [d for d in tried if not d.endswith("layer rules")]
     assert with_rules and len(without) == 1  # the winner among the ruled plans, once without
     winner = min(with_rules, key=report.timings.get)
     assert without[0] + ", layer rules" == winner
