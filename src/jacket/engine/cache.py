@@ -7,10 +7,9 @@ NOTE: [The plan cache]
   (its module's file) of any class that is not Keras's own, the variables' shapes and dtypes;
   never the weights: see `jacket.engine.model.architecture`), the input signature, the options
   that change the plan (mode, chunk_size, per_sample, training, memory_budget or "default",
-  flatten), the backend, the
-  layer rules that may run on the model (NOTE: [Layer rules] in `jacket.engine.rules`), the
-  device (its name and the CPU cores this process may use) and the versions of jacket, Keras and the
-  framework. A model jacket cannot describe (a plain function) is never cached.
+  flatten), the backend, the layer rules that may run on the model (NOTE: [Layer rules] in
+  `jacket.engine.rules`), the device (its name and the CPU cores this process may use) and the
+  versions of jacket, Keras and the framework. A model jacket cannot describe (a plain function) is never cached.
 - Entry: one JSON file per key holding the key's material itself, the chosen plan, the measured
   candidates and the probes' verdicts that are safe to keep (the forward-mode check and the
   coupling probe: both follow from the architecture). It is written under a temporary name in the

@@ -124,10 +124,7 @@ class JacobianFn:
     def tune(self, x) -> PlanReport:
         """Measure every candidate plan for inputs like `x` now, instead of over the next calls
         (NOTE: [Measured plans]), keep the fastest (in the plan cache too) and report it."""
-        target, inputs = self._resolve(x, check_finite=True)
-        state = state_of(target, self.options.training)
-        entry = state.entry("jacobian_fn", inputs)
-        tuning = tuning_for(state, "jacobian_fn", inputs, entry, self.options)
+        state, inputs, entry, tuning = self._prepared(x, check_finite=True)
         if self.options.per_sample is True:  # (its verdict is kept with the plan it measures)
             check_independent(state, "jacobian_fn", inputs, entry)
         if tuning.executor is None:
@@ -143,10 +140,14 @@ class JacobianFn:
         )  # fmt: skip
 
     def _tuning(self, x) -> Tuning:
-        target, inputs = self._resolve(x)
+        return self._prepared(x)[3]
+
+    def _prepared(self, x, check_finite: bool = False):
+        """(state, inputs, entry, the planner's record) for inputs like `x`."""
+        target, inputs = self._resolve(x, check_finite)
         state = state_of(target, self.options.training)
         entry = state.entry("jacobian_fn", inputs)
-        return tuning_for(state, "jacobian_fn", inputs, entry, self.options)
+        return state, inputs, entry, tuning_for(state, "jacobian_fn", inputs, entry, self.options)
 
     @property
     def trace_count(self) -> int:

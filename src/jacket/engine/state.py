@@ -265,14 +265,9 @@ def _declared_output(model, inputs: Inputs):
     float64 where Keras demotes it, training mode) is traced as before.
     """
     graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
-    if (
-        graph is None
-        or not runs_its_graph(graph)
-        or len(inputs.leaves) != 1
-        or len(graph.inputs) != 1
-        or lifts_float64(model)
-        or not keeps_samples_apart(model, training=False)
-    ):
+    if graph is None or not runs_its_graph(graph) or len(inputs.leaves) != 1:
+        return None
+    if len(graph.inputs) != 1:
         return None
     spec, leaf = graph.inputs[0], inputs.leaves[0]
     if spec.shape[0] is not None or tuple(spec.shape[1:]) != tuple(leaf.shape):
@@ -281,6 +276,9 @@ def _declared_output(model, inputs: Inputs):
         return None
     outputs = keras.tree.flatten(graph._outputs_struct)
     if any(o.shape[0] is not None or None in tuple(o.shape[1:]) for o in outputs):
+        return None
+    # (the walks over the layers last, where the signature already matches)
+    if lifts_float64(model) or not keeps_samples_apart(model, training=False):
         return None
     return keras.tree.map_structure(
         lambda o: keras.KerasTensor((inputs.batch,) + tuple(o.shape[1:]), dtype=o.dtype),
